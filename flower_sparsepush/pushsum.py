@@ -1,0 +1,144 @@
+"""Push-sum node state and the gossip update rules (SGP, Sparse-Push). No Flower imports.
+
+Every node i holds a numerator ``x`` (model-shaped, flat) and a scalar weight ``y``; the model it trains and
+evaluates is the de-biased ``z = x / y``. In a gossip round, :meth:`PushSum.send` makes one message per
+out-neighbour and debits from ``x`` and ``y`` exactly the mass those messages carry; :meth:`PushSum.receive`
+credits the mass of received messages. So ``sum_i x_i`` and ``sum_i y_i`` are conserved whatever the compressor
+(docs/algorithm.md has the equations). Two forms share this interface:
+
+- ``"ef"`` (the Sparse-Push authors' form): error feedback on the numerator itself. The node compresses
+  ``v = x + e``, keeps the remainder in ``e`` and sends ``a * C(v)`` with ``a = gamma / (d_out + 1)``.
+  With the identity compressor and ``gamma = 1`` this is SGP exactly.
+- ``"ref"`` (this project's default): per-edge references in de-biased space. For each out-edge (i -> j) both ends
+  hold the same copy ``zhat_ij``; the sender sends ``C(z_i - zhat_ij)``, both ends add it to their copy, and the
+  edge moves weight ``a * y_i`` together with numerator ``a * y_i * zhat_ij``. The ratio of moved numerator to
+  moved weight tracks ``z_i``, so the de-biased models reach the exact average also when the weights ``y`` change
+  every round (random directed graphs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from flower_sparsepush.codec import CodecError, Message, decode, encode
+from flower_sparsepush.compression import Identity, compress_with_feedback
+
+FORMS = ("ref", "ef")
+
+
+@dataclass
+class NodeState:
+    """Everything one node keeps between rounds (compact: it is pickled with every Flower message)."""
+
+    x: torch.Tensor
+    y: float = 1.0
+    error: torch.Tensor | None = None
+    refs_out: dict[int, torch.Tensor] = field(default_factory=dict)
+    refs_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    momentum: torch.Tensor | None = None
+
+    @property
+    def z(self) -> torch.Tensor:
+        """The de-biased model used for gradients and evaluation."""
+        return self.x / self.y
+
+
+class PushSum:
+    """The gossip rule shared by all nodes: compressor, consensus step size ``gamma`` and form.
+
+    ``ref_init`` is the value both ends of a new edge start their reference from (the common initial model in
+    training; zeros when None).
+    """
+
+    def __init__(self, compressor=None, gamma: float = 1.0, form: str = "ref", ref_init: torch.Tensor | None = None):
+        if form not in FORMS:
+            raise ValueError(f"push-sum form must be one of {FORMS}, got {form!r}")
+        if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
+            raise ValueError(f"gamma (consensus step size) must be in (0, 1], got {gamma!r}")
+        self.compressor = compressor or Identity()
+        self.gamma = float(gamma)
+        self.form = form
+        self.ref_init = ref_init
+
+    def init_state(self, x0: torch.Tensor) -> NodeState:
+        """A node that starts from model ``x0`` with weight 1."""
+        return NodeState(x=x0.detach().clone(), y=1.0)
+
+    def _new_ref(self, like: torch.Tensor) -> torch.Tensor:
+        if self.ref_init is None:
+            return torch.zeros_like(like)
+        return self.ref_init.to(like.dtype).clone()
+
+    def send(self, state: NodeState, sender: int, out_neighbours: list[int], rnd: int) -> dict[int, bytes]:
+        """Messages for this round's out-neighbours, as encoded bytes; debits the mass they carry from the state."""
+        if not out_neighbours:
+            return {}
+        a = self.gamma / (len(out_neighbours) + 1)
+        y_sent = a * state.y
+        out: dict[int, bytes] = {}
+        if self.form == "ef":
+            c, state.error = compress_with_feedback(self.compressor, state.x, state.error)
+            if isinstance(self.compressor, Identity):
+                state.error = None  # nothing is ever left out
+            data = encode(Message(sender, rnd, a, y_sent, c))
+            c.add_to_(state.x, alpha=-a * len(out_neighbours))
+            out = dict.fromkeys(out_neighbours, data)
+        else:
+            z = state.z
+            for j in out_neighbours:
+                ref = state.refs_out.get(j)
+                if ref is None:
+                    ref = state.refs_out[j] = self._new_ref(z)
+                c = self.compressor(z - ref)
+                c.add_to_(ref)
+                state.x.sub_(ref, alpha=y_sent)
+                out[j] = encode(Message(sender, rnd, a, y_sent, c, reference_form=True))
+        state.y -= y_sent * len(out_neighbours)
+        return out
+
+    def receive(self, state: NodeState, messages: list[bytes]) -> list[str]:
+        """Credit the mass of received messages. Invalid ones change nothing; their reasons are returned."""
+        rejected = []
+        for data in messages:
+            try:
+                msg = decode(data, expected_dim=len(state.x))
+                if msg.reference_form != (self.form == "ref"):
+                    raise CodecError(f"message of the {'ref' if msg.reference_form else 'ef'} form sent to a {self.form!r} node")
+            except CodecError as err:
+                rejected.append(str(err))
+                continue
+            if self.form == "ef":
+                msg.payload.add_to_(state.x, alpha=msg.a)
+            else:
+                ref = state.refs_in.get(msg.sender)
+                if ref is None:
+                    ref = state.refs_in[msg.sender] = self._new_ref(state.x)
+                msg.payload.add_to_(ref)
+                state.x.add_(ref, alpha=msg.y)
+            state.y += msg.y
+        return rejected
+
+    @staticmethod
+    def local_update(state: NodeState, z_new: torch.Tensor) -> None:
+        """Apply a local training step that moved the de-biased model to ``z_new``: ``x += y * (z_new - z)``."""
+        state.x = state.y * z_new.detach().to(state.x.dtype)
+
+
+def gossip_round(algo: PushSum, states: list[NodeState], out_lists: list[list[int]], rnd: int) -> int:
+    """One synchronous round for all nodes in this process: everyone sends, then everyone receives.
+
+    Returns the bits sent in total (8 x the encoded length of every message).
+    """
+    inbox: list[list[bytes]] = [[] for _ in states]
+    bits = 0
+    for i, (state, outs) in enumerate(zip(states, out_lists)):
+        for j, data in algo.send(state, i, outs, rnd).items():
+            inbox[j].append(data)
+            bits += 8 * len(data)
+    for state, msgs in zip(states, inbox):
+        rejected = algo.receive(state, msgs)
+        if rejected:
+            raise CodecError(f"in-process gossip produced a message that does not decode: {rejected[0]}")
+    return bits

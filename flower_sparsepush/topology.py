@@ -1,0 +1,177 @@
+"""Communication graphs: who sends to whom in round t.
+
+A graph is a schedule of directed edges. ``graph.out_neighbours(t)`` returns, for round ``t``, one sorted
+list of out-neighbours per node. Mixing weights are uniform and column-stochastic: a node with ``d`` out-neighbours
+keeps ``1/(d+1)`` of its mass and sends ``1/(d+1)`` to each out-neighbour. No Flower imports here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+
+GRAPH_NAMES = ("ring", "exponential", "exponential-multi:P", "random-out:K", "complete", "undirected-ring", "torus")
+
+
+class GraphError(ValueError):
+    """A graph name, size or schedule that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A (possibly time-varying) directed communication graph over ``n`` nodes.
+
+    ``kind`` is one of the names in :data:`GRAPH_NAMES` (without the parameter), ``param`` its integer parameter
+    (peers per round or out-degree), ``seed`` the seed of random graphs.
+    """
+
+    kind: str
+    n: int
+    param: int = 0
+    seed: int = 0
+    edges: tuple[tuple[int, ...], ...] | None = None
+
+    @classmethod
+    def static(cls, out_lists: list[list[int]]) -> Graph:
+        """A fixed graph from explicit out-neighbour lists (one list per node)."""
+        n = len(out_lists)
+        for i, outs in enumerate(out_lists):
+            if any(not 0 <= j < n or j == i for j in outs) or len(set(outs)) != len(outs):
+                raise GraphError(f"static graph: node {i} has invalid out-neighbours {outs} (need distinct ids in 0..{n - 1}, not {i})")
+        return cls("static", n, 0, 0, tuple(tuple(sorted(o)) for o in out_lists))
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.param}" if self.kind in ("exponential-multi", "random-out") else self.kind
+
+    @property
+    def period(self) -> int | None:
+        """Rounds after which the schedule repeats (None for random graphs)."""
+        if self.kind in ("exponential", "exponential-multi"):
+            return _log2_ceil(self.n)
+        if self.kind == "random-out":
+            return None
+        return 1
+
+    @property
+    def default_window(self) -> int:
+        """Rounds whose union must be strongly connected: the schedule's period, or log2(n) for random graphs."""
+        if self.kind == "exponential-multi":
+            return math.ceil(_log2_ceil(self.n) / self.param)
+        return self.period or _log2_ceil(self.n)
+
+    def out_neighbours(self, t: int) -> list[list[int]]:
+        """Out-neighbours of every node in round ``t`` (sorted, no self-loops, no repeats)."""
+        n, k = self.n, self.kind
+        if k == "static":
+            return [list(o) for o in self.edges]
+        if k == "ring":
+            return [[(i + 1) % n] for i in range(n)]
+        if k == "exponential":
+            shift = 2 ** (t % _log2_ceil(n))
+            return [[(i + shift) % n] for i in range(n)]
+        if k == "exponential-multi":
+            m = _log2_ceil(n)
+            shifts = [2 ** ((t * self.param + p) % m) for p in range(self.param)]
+            return [sorted((i + s) % n for s in shifts) for i in range(n)]
+        if k == "random-out":
+            rng = np.random.default_rng([self.seed, t])
+            out = []
+            for i in range(n):
+                others = rng.choice(n - 1, size=self.param, replace=False)
+                out.append(sorted(int(j + (j >= i)) for j in others))
+            return out
+        if k == "complete":
+            return [[j for j in range(n) if j != i] for i in range(n)]
+        if k == "undirected-ring":
+            return [sorted({(i - 1) % n, (i + 1) % n}) for i in range(n)]
+        if k == "torus":
+            rows, cols = torus_shape(n)
+            out = []
+            for i in range(n):
+                r, c = divmod(i, cols)
+                nb = {((r - 1) % rows) * cols + c, ((r + 1) % rows) * cols + c, r * cols + (c - 1) % cols, r * cols + (c + 1) % cols}
+                nb.discard(i)
+                out.append(sorted(nb))
+            return out
+        raise GraphError(f"unknown graph kind {k!r}")  # unreachable through make_graph
+
+    def mixing_weights(self, t: int) -> list[float]:
+        """The weight ``1/(d_out+1)`` each node gives to itself and to each out-neighbour in round ``t``."""
+        return [1.0 / (len(o) + 1) for o in self.out_neighbours(t)]
+
+    def mixing_matrix(self, t: int) -> sp.csr_matrix:
+        """Column-stochastic P(t) with ``P[j, i]`` the fraction of node i's mass that goes to node j."""
+        rows, cols, vals = [], [], []
+        for i, outs in enumerate(self.out_neighbours(t)):
+            w = 1.0 / (len(outs) + 1)
+            for j in [i, *outs]:
+                rows.append(j)
+                cols.append(i)
+                vals.append(w)
+        return sp.csr_matrix((vals, (rows, cols)), shape=(self.n, self.n))
+
+
+def _log2_ceil(n: int) -> int:
+    return max(1, math.ceil(math.log2(n)))
+
+
+def torus_shape(n: int) -> tuple[int, int]:
+    """The most square ``rows x cols = n`` with both sides at least 2."""
+    for rows in range(int(math.isqrt(n)), 1, -1):
+        if n % rows == 0:
+            return rows, n // rows
+    raise GraphError(f"torus needs a node count that factors as rows x cols with both >= 2; {n} does not (try 16 or 12)")
+
+
+def make_graph(spec: str, n: int, seed: int = 0) -> Graph:
+    """Parse a graph name such as ``exponential`` or ``random-out:2`` for ``n`` nodes."""
+    if not isinstance(n, int) or n < 2:
+        raise GraphError(f"a graph needs at least 2 nodes, got {n!r}")
+    kind, _, arg = str(spec).partition(":")
+    valid = ", ".join(GRAPH_NAMES)
+    if kind in ("exponential-multi", "random-out"):
+        try:
+            param = int(arg)
+        except ValueError:
+            raise GraphError(f"graph {spec!r}: {kind} needs an integer after ':', e.g. {kind}:2") from None
+        limit = _log2_ceil(n) if kind == "exponential-multi" else n - 1
+        if not 1 <= param <= limit:
+            raise GraphError(f"graph {spec!r}: the parameter must be in 1..{limit} for {n} nodes")
+        return Graph(kind, n, param, seed)
+    if arg:
+        raise GraphError(f"graph {spec!r}: {kind!r} takes no parameter; valid graphs: {valid}")
+    if kind not in ("ring", "exponential", "complete", "undirected-ring", "torus"):
+        raise GraphError(f"unknown graph {spec!r}; valid graphs: {valid}")
+    if kind == "undirected-ring" and n < 3:
+        raise GraphError("undirected-ring needs at least 3 nodes")
+    if kind == "torus":
+        torus_shape(n)
+    return Graph(kind, n, 0, seed)
+
+
+def check_strongly_connected(graph: Graph, window: int | None = None, rounds: int | None = None) -> None:
+    """Raise :class:`GraphError` unless the union of every ``window`` consecutive rounds is strongly connected.
+
+    Windows starting at rounds ``0 .. rounds-window`` are checked (by default one period, or 4 windows for random
+    graphs), which is what push-sum needs to reach the average.
+    """
+    window = window or graph.default_window
+    if window < 1:
+        raise GraphError(f"window must be >= 1, got {window}")
+    starts = graph.period if graph.period is not None else 4 * window
+    if rounds is not None:
+        starts = max(1, min(starts, rounds - window + 1))
+    for t0 in range(starts):
+        union = sum(graph.mixing_matrix(t) for t in range(t0, t0 + window))
+        count, _ = connected_components(union, directed=True, connection="strong")
+        if count > 1:
+            raise GraphError(
+                f"graph {graph.name!r} with {graph.n} nodes is not strongly connected over rounds "
+                f"{t0}..{t0 + window - 1} (window {window}: {count} strongly connected components); "
+                "push-sum cannot reach the average: use a larger window or another graph"
+            )
