@@ -2,15 +2,16 @@
 
 Layout (little-endian), format version 1::
 
-    magic b"SP" | version u8 | flags u8 | sender u32 | round u32 | dim u32 | k u32 | a f64 | y f64
+    magic b"SP" | version u8 | flags u8 | value bits u8 | sender u32 | round u32 | dim u32 | k u32 | a f64 | y f64
     [index section]  present when sparse (flag bit 0); coding in flag bits 1-2:
         0 bitmap: ceil(dim/8) bytes, bit j set when entry j is kept
         1 rice:   param r u8 | unary-part length u32 | unary bytes | k remainders of r bits
                   (gaps g_i = idx_i - idx_{i-1} - 1 with idx_{-1} = -1; unary part: g_i >> r ones then a zero)
         2 fixed:  width u8 | k indices of `width` bits
-    [value section]  quantized (flag bit 3): bits u8 | scale f32 | k codes of `bits` bits
-                     raw: k values, float32, or float64 when flag bit 4 is set
-    flag bit 5: the message belongs to the reference form (see pushsum.py); a receiver of the other form rejects it
+    [value section]  quantized (flag bit 3): scale f32 | k codes of `value bits` bits (1..8)
+                     raw: k values of `value bits` bits: float32 (32) or float64 (64, flag bit 4)
+    flag bits 5-6: the push-sum form the message belongs to (0 ef, 1 ref, 2 ref-x; see pushsum.py); a receiver of
+    another form rejects it
 
 The index coding is chosen per message as the smallest of the three. Bit counts are ``8 * len(bytes)`` of real
 messages. No Flower imports.
@@ -28,10 +29,12 @@ from flower_sparsepush.compression import Compressed
 
 VERSION = 1
 MAGIC = b"SP"
-HEADER = struct.Struct("<2sBBIIIIdd")
+HEADER = struct.Struct("<2sBBBIIIIdd")
 MAX_DIM = 2**32 - 1
 BITMAP, RICE, FIXED = 0, 1, 2
 CODING_NAMES = {BITMAP: "bitmap", RICE: "rice", FIXED: "fixed"}
+FORMS = ("ef", "ref", "ref-x")  # push-sum forms, by their code on the wire
+FORM_CODES = {name: code for code, name in enumerate(FORMS)}
 
 
 class CodecError(ValueError):
@@ -47,7 +50,7 @@ class Message:
     a: float
     y: float
     payload: Compressed
-    reference_form: bool = False
+    form: str = "ef"
 
 
 # -- bit packing ---------------------------------------------------------------------------------------------------
@@ -163,16 +166,17 @@ def encode(msg: Message) -> bytes:
         parts.append(ibytes)
     if c.codes is not None:
         flags |= 8
-        parts.append(struct.pack("<Bf", c.bits, c.scale) + pack_uint(c.codes, c.bits))
+        vbits = c.bits
+        parts.append(struct.pack("<f", c.scale) + pack_uint(c.codes, c.bits))
+    elif c.values.dtype == np.float64:
+        flags |= 16
+        vbits = 64
+        parts.append(c.values.astype("<f8").tobytes())
     else:
-        if c.values.dtype == np.float64:
-            flags |= 16
-            parts.append(c.values.astype("<f8").tobytes())
-        else:
-            parts.append(c.values.astype("<f4").tobytes())
-    if msg.reference_form:
-        flags |= 32
-    head = HEADER.pack(MAGIC, VERSION, flags, msg.sender, msg.round, c.dim, c.k, msg.a, msg.y)
+        vbits = 32
+        parts.append(c.values.astype("<f4").tobytes())
+    flags |= FORM_CODES[msg.form] << 5
+    head = HEADER.pack(MAGIC, VERSION, flags, vbits, msg.sender, msg.round, c.dim, c.k, msg.a, msg.y)
     return head + b"".join(parts)
 
 
@@ -181,13 +185,15 @@ def decode(data: bytes, expected_dim: int | None = None) -> Message:
     buf = memoryview(bytes(data))
     if len(buf) < HEADER.size:
         raise CodecError(f"truncated message: {len(buf)} bytes, shorter than the {HEADER.size}-byte header")
-    magic, version, flags, sender, rnd, dim, k, a, y = HEADER.unpack_from(buf, 0)
+    magic, version, flags, vbits, sender, rnd, dim, k, a, y = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise CodecError("not a sparse-push message (bad magic bytes)")
     if version != VERSION:
         raise CodecError(f"message format version {version} is not supported (this build reads version {VERSION})")
-    if flags & ~63:
+    if flags & ~127 or (flags >> 5) >= len(FORM_CODES):
         raise CodecError(f"corrupt message: unknown flag bits {flags:#x}")
+    if vbits != (64 if flags & 16 else 32) and not (flags & 8 and 1 <= vbits <= 8):
+        raise CodecError(f"corrupt message: {vbits} bits per value does not match the value format")
     if expected_dim is not None and dim != expected_dim:
         raise CodecError(f"message is for a vector of {dim} entries, the model has {expected_dim}")
     if dim == 0 or k > dim or (not flags & 1 and k != dim):
@@ -224,16 +230,16 @@ def decode(data: bytes, expected_dim: int | None = None) -> Message:
             if k and (idx[0] < 0 or idx[-1] >= dim or np.any(np.diff(idx) <= 0)):
                 raise CodecError("corrupt message: indices out of range, repeated or unsorted")
         if flags & 8:
-            bits, scale = struct.unpack_from("<Bf", buf, pos)
-            n = _nbytes(bits * k)
-            if not 1 <= bits <= 8 or not math.isfinite(scale) or scale < 0:
-                raise CodecError(f"corrupt message: quantization bits={bits}, scale={scale}")
-            if pos + 5 + n != len(buf):
+            (scale,) = struct.unpack_from("<f", buf, pos)
+            n = _nbytes(vbits * k)
+            if not math.isfinite(scale) or scale < 0:
+                raise CodecError(f"corrupt message: quantization scale {scale} is not finite and >= 0")
+            if pos + 4 + n != len(buf):
                 raise CodecError("truncated or oversize message: the value section has the wrong length")
-            codes = unpack_uint(bytes(buf[pos + 5 : pos + 5 + n]), k, bits).astype(np.uint8)
-            if bits >= 2 and codes.max(initial=0) > 2 ** bits - 2:
+            codes = unpack_uint(bytes(buf[pos + 4 : pos + 4 + n]), k, vbits).astype(np.uint8)
+            if vbits >= 2 and codes.max(initial=0) > 2**vbits - 2:
                 raise CodecError("corrupt message: a quantization code is out of range")
-            payload = Compressed(dim, idx, codes=codes, scale=float(scale), bits=bits)
+            payload = Compressed(dim, idx, codes=codes, scale=float(scale), bits=vbits)
         else:
             dtype = np.dtype("<f8") if flags & 16 else np.dtype("<f4")
             if len(buf) - pos != k * dtype.itemsize:
@@ -244,13 +250,21 @@ def decode(data: bytes, expected_dim: int | None = None) -> Message:
             payload = Compressed(dim, idx, values=values)
     except struct.error:
         raise CodecError("truncated message: a section header is cut short") from None
-    return Message(sender, rnd, a, y, payload, bool(flags & 32))
+    return Message(sender, rnd, a, y, payload, FORMS[flags >> 5])
 
 
 def entropy_bits(dim: int, k: int, value_bits: int) -> float:
     """The entropy bound for a message: ``log2 C(dim, k)`` for the positions plus the value bits."""
-    positions = 0.0 if k in (0, dim) else (math.lgamma(dim + 1) - math.lgamma(k + 1) - math.lgamma(dim - k + 1)) / math.log(2)
+    positions = (
+        0.0 if k in (0, dim) else (math.lgamma(dim + 1) - math.lgamma(k + 1) - math.lgamma(dim - k + 1)) / math.log(2)
+    )
     return positions + value_bits
+
+
+def message_entropy_bits(data: bytes) -> float:
+    """Entropy bound of an encoded message, read from its header alone (positions plus value bits)."""
+    _, _, flags, vbits, _, _, dim, k, _, _ = HEADER.unpack_from(data, 0)
+    return entropy_bits(dim, k, k * vbits + (32 if flags & 8 else 0))
 
 
 def payload_entropy_bits(c: Compressed) -> float:

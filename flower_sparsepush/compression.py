@@ -64,8 +64,11 @@ class Compressed:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Compressed):
             return NotImplemented
-        same = lambda a, b: (a is None and b is None) or (  # noqa: E731
-            a is not None and b is not None and a.dtype == b.dtype and np.array_equal(a, b)
+        same = lambda a, b: (
+            (a is None and b is None)
+            or (  # noqa: E731
+                a is not None and b is not None and a.dtype == b.dtype and np.array_equal(a, b)
+            )
         )
         return (self.dim, self.scale, self.bits) == (other.dim, other.scale, other.bits) and all(
             same(getattr(self, f), getattr(other, f)) for f in ("indices", "values", "codes")
@@ -195,6 +198,8 @@ def make_compressor(spec: str, segments: list[int] | None = None, seed: int = 0)
         name, _, arg = part.partition(":")
         if name == "none" and not arg and len(parts) == 1:
             return Identity()
+        if name not in ("topk", "topk-layer", "randk", "q"):
+            raise CompressionError(f"unknown compressor {spec!r}; valid: {valid}")
         try:
             number = float(arg)
         except ValueError:

@@ -14,6 +14,9 @@ credits the mass of received messages. So ``sum_i x_i`` and ``sum_i y_i`` are co
   edge moves weight ``a * y_i`` together with numerator ``a * y_i * zhat_ij``. The ratio of moved numerator to
   moved weight tracks ``z_i``, so the de-biased models reach the exact average also when the weights ``y`` change
   every round (random directed graphs).
+- ``"ref-x"`` (kept for comparison): the same per-edge references on the numerator ``x`` itself (CHOCO-style
+  difference compression for push-sum); the edge moves ``a * xhat_ij`` and ``a * y_i``. It is exact on graphs
+  whose weights settle, but lags where ``y`` keeps changing (docs/algorithm.md has the measurements).
 """
 
 from __future__ import annotations
@@ -22,10 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flower_sparsepush.codec import CodecError, Message, decode, encode
+from flower_sparsepush.codec import FORMS, CodecError, Message, decode, encode
 from flower_sparsepush.compression import Identity, compress_with_feedback
-
-FORMS = ("ref", "ef")
 
 
 @dataclass
@@ -86,15 +87,16 @@ class PushSum:
             c.add_to_(state.x, alpha=-a * len(out_neighbours))
             out = dict.fromkeys(out_neighbours, data)
         else:
-            z = state.z
+            z_space = self.form == "ref"
+            target = state.z if z_space else state.x.clone()  # the values at the start of the round
             for j in out_neighbours:
                 ref = state.refs_out.get(j)
                 if ref is None:
-                    ref = state.refs_out[j] = self._new_ref(z)
-                c = self.compressor(z - ref)
+                    ref = state.refs_out[j] = self._new_ref(target)
+                c = self.compressor(target - ref)
                 c.add_to_(ref)
-                state.x.sub_(ref, alpha=y_sent)
-                out[j] = encode(Message(sender, rnd, a, y_sent, c, reference_form=True))
+                state.x.sub_(ref, alpha=y_sent if z_space else a)
+                out[j] = encode(Message(sender, rnd, a, y_sent, c, form=self.form))
         state.y -= y_sent * len(out_neighbours)
         return out
 
@@ -104,8 +106,8 @@ class PushSum:
         for data in messages:
             try:
                 msg = decode(data, expected_dim=len(state.x))
-                if msg.reference_form != (self.form == "ref"):
-                    raise CodecError(f"message of the {'ref' if msg.reference_form else 'ef'} form sent to a {self.form!r} node")
+                if msg.form != self.form:
+                    raise CodecError(f"message of the {msg.form!r} form sent to a {self.form!r} node")
             except CodecError as err:
                 rejected.append(str(err))
                 continue
@@ -116,7 +118,7 @@ class PushSum:
                 if ref is None:
                     ref = state.refs_in[msg.sender] = self._new_ref(state.x)
                 msg.payload.add_to_(ref)
-                state.x.add_(ref, alpha=msg.y)
+                state.x.add_(ref, alpha=msg.y if self.form == "ref" else msg.a)
             state.y += msg.y
         return rejected
 

@@ -41,7 +41,10 @@ class Graph:
         n = len(out_lists)
         for i, outs in enumerate(out_lists):
             if any(not 0 <= j < n or j == i for j in outs) or len(set(outs)) != len(outs):
-                raise GraphError(f"static graph: node {i} has invalid out-neighbours {outs} (need distinct ids in 0..{n - 1}, not {i})")
+                raise GraphError(
+                    f"static graph: node {i} has invalid out-neighbours {outs} "
+                    f"(need distinct ids in 0..{n - 1}, not {i})"
+                )
         return cls("static", n, 0, 0, tuple(tuple(sorted(o)) for o in out_lists))
 
     @property
@@ -94,7 +97,12 @@ class Graph:
             out = []
             for i in range(n):
                 r, c = divmod(i, cols)
-                nb = {((r - 1) % rows) * cols + c, ((r + 1) % rows) * cols + c, r * cols + (c - 1) % cols, r * cols + (c + 1) % cols}
+                nb = {
+                    ((r - 1) % rows) * cols + c,
+                    ((r + 1) % rows) * cols + c,
+                    r * cols + (c - 1) % cols,
+                    r * cols + (c + 1) % cols,
+                }
                 nb.discard(i)
                 out.append(sorted(nb))
             return out
@@ -125,7 +133,9 @@ def torus_shape(n: int) -> tuple[int, int]:
     for rows in range(int(math.isqrt(n)), 1, -1):
         if n % rows == 0:
             return rows, n // rows
-    raise GraphError(f"torus needs a node count that factors as rows x cols with both >= 2; {n} does not (try 16 or 12)")
+    raise GraphError(
+        f"torus needs a node count that factors as rows x cols with both >= 2; {n} does not (try 16 or 12)"
+    )
 
 
 def make_graph(spec: str, n: int, seed: int = 0) -> Graph:

@@ -1,0 +1,47 @@
+# Two commands for users: `make demo` and `make test`. Both set up what they need first.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export FLWR_TELEMETRY_ENABLED=0
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
+
+.PHONY: demo test setup data lint consensus clean
+
+demo: setup data
+	$(VENV)/bin/sparsepush demo
+
+test: setup data lint
+	$(PY) -m pytest -q
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (MIT licence, the upstream IDX files).
+data:
+	@if [ -f $(FMNIST) ] || [ -n "$$SPARSEPUSH_DATA" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing Fashion-MNIST: $$SUDO apt-get install -y dataset-fashion-mnist"; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+	  echo "Fashion-MNIST is missing and apt-get is not available: put the four IDX files (train-images-idx3-ubyte.gz, ...)"; \
+	  echo "in a folder and set SPARSEPUSH_DATA=<folder>; tests that need it are skipped."; \
+	fi
+
+lint: setup
+	$(VENV)/bin/ruff check flower_sparsepush strategies simulations tests
+
+# The averaging-only experiment behind docs/algorithm.md's table.
+consensus: setup
+	$(VENV)/bin/sparsepush consensus --nodes 16 --graph exponential --compressor topk:0.01 --gamma 0.02 --rounds 6000 --dim 1000
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info runs
