@@ -234,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 DEMO = {
     "dataset": "fashion_mnist", "model": "cnn", "num-nodes": 16, "graph": "exponential", "partition": "iid",
-    "batch-size": 32, "local-steps": 10, "num-rounds": 40, "eval-every": 10, "lr": 0.05, "momentum": 0.9,
+    "batch-size": 32, "local-steps": 10, "num-rounds": 30, "eval-every": 10, "lr": 0.05, "momentum": 0.9,
     "eval-node-samples": 1000,
 }
 DEMO_RUNS = (("sparse-push", {"compressor": "topk:0.01+q:4", "gamma": 0.1}), ("sgp", {}), ("fedavg", {}))

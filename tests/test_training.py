@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from flower_sparsepush.config import validate
 from flower_sparsepush.models import flat_params
 from flower_sparsepush.training import (
-    batch_indices, get_setup, local_sgd, lr_at, node_batch, run_inprocess, generator,
+    batch_indices,
+    generator,
+    get_setup,
+    local_sgd,
+    lr_at,
+    node_batch,
+    run_inprocess,
 )
 
 BASE = {"dataset": "synthetic", "model": "mlp", "num-nodes": 4, "graph": "exponential", "num-rounds": 6,
