@@ -30,6 +30,10 @@ def _consensus(args: argparse.Namespace) -> int:
         seed=args.seed,
         form=args.form,
         trace_every=args.trace_every,
+        drop=args.drop,
+        link_down=args.link_down,
+        churn=args.churn,
+        bounce=not args.no_bounce,
     )
     if args.json:
         print(json.dumps(result))
@@ -53,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dim", type=int, default=1000, help="vector length")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--trace-every", type=int, default=0, help="record the consensus error every N rounds")
+    c.add_argument("--drop", type=float, default=0.0, help="probability that a link drops a message, in [0, 1)")
+    c.add_argument("--link-down", type=float, default=0.0, help="probability that a link is down for a span of rounds")
+    c.add_argument("--churn", type=float, default=0.0, help="fraction of nodes offline in each round, in [0, 1)")
+    c.add_argument(
+        "--no-bounce", action="store_true", help="lose dropped messages instead of returning them (mass drifts)"
+    )
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=_consensus)
     try:

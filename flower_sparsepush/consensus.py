@@ -10,6 +10,7 @@ import torch
 from flower_sparsepush.codec import message_entropy_bits
 from flower_sparsepush.compression import make_compressor
 from flower_sparsepush.pushsum import PushSum
+from flower_sparsepush.router import Network, Router
 from flower_sparsepush.topology import check_strongly_connected, make_graph
 
 
@@ -23,17 +24,25 @@ def run_consensus(
     seed: int = 0,
     form: str = "ref",
     trace_every: int = 0,
+    drop: float = 0.0,
+    link_down: float = 0.0,
+    churn: float = 0.0,
+    bounce: bool = True,
 ) -> dict:
     """Run ``rounds`` gossip rounds from random float64 vectors and report how close every node got to the average.
 
     ``consensus_error`` is ``max_i ||z_i - mean_0|| / ||mean_0||``; ``mass_error`` the relative change of
-    ``sum_i x_i``; ``weight_mass_error`` that of ``sum_i y_i``; bits are 8 x encoded message lengths.
+    ``sum_i x_i``; ``weight_mass_error`` that of ``sum_i y_i``; bits are 8 x encoded message lengths. Each round
+    every online node absorbs its mailbox (and takes back bounced messages), then sends. ``drop``, ``link_down``
+    and ``churn`` model the network (router.py); messages still held after the last round are delivered before
+    the errors are measured.
     """
     g = make_graph(graph, nodes, seed)
     check_strongly_connected(g, rounds=rounds)
     if dim < 1 or rounds < 1:
         raise ValueError(f"dim and rounds must be >= 1, got dim={dim}, rounds={rounds}")
     algo = PushSum(make_compressor(compressor, seed=seed), gamma, form)
+    router = Router(nodes, Network(drop=drop, link_down=link_down, churn=churn, seed=seed), bounce=bounce)
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(nodes, dim, generator=gen, dtype=torch.float64)
     mean0, total0 = x0.mean(0), x0.sum(0)
@@ -42,24 +51,30 @@ def run_consensus(
     def error() -> float:
         return max(float((s.z - mean0).norm() / mean0.norm()) for s in states)
 
+    def absorb(i: int) -> None:
+        inbox, bounced = router.collect(i)
+        for dest, data in bounced:
+            algo.bounce(states[i], dest, data)
+        algo.receive(states[i], inbox)
+
     bits = entropy = 0.0
     trace = []
     start = time.perf_counter()
     for t in range(rounds):
+        online = [i for i in range(nodes) if router.network.online(t, i)]
+        for i in online:
+            absorb(i)
         outs = g.out_neighbours(t)
-        sent = [algo.send(s, i, o, t) for i, (s, o) in enumerate(zip(states, outs))]
-        for msgs in sent:
+        for i in online:
+            msgs = algo.send(states[i], i, outs[i], t)
+            router.post(i, t, msgs)
             for data in msgs.values():
                 bits += 8 * len(data)
                 entropy += message_entropy_bits(data)
-        inbox = [[] for _ in states]
-        for msgs in sent:
-            for j, data in msgs.items():
-                inbox[j].append(data)
-        for s, box in zip(states, inbox):
-            algo.receive(s, box)
         if trace_every and (t + 1) % trace_every == 0:
             trace.append({"round": t + 1, "consensus_error": error()})
+    for i in range(nodes):  # deliver what is still in flight
+        absorb(i)
     wall = time.perf_counter() - start
     total = sum(s.x for s in states)
     result = {
@@ -76,6 +91,11 @@ def run_consensus(
         "weight_mass_error": abs(sum(s.y for s in states) - nodes) / nodes,
         "bits_per_node_per_round": bits / nodes / rounds,
         "entropy_ratio": bits / entropy if entropy else float("nan"),
+        "drop": drop,
+        "link_down": link_down,
+        "churn": churn,
+        "bounce": bounce,
+        "messages_dropped": router.dropped,
         "wall_s": wall,
     }
     if trace:

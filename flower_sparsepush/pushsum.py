@@ -122,6 +122,22 @@ class PushSum:
             state.y += msg.y
         return rejected
 
+    def bounce(self, state: NodeState, dest: int, data: bytes) -> None:
+        """Take back a message this node sent to ``dest`` that was never delivered (see router.py).
+
+        Must come before the node's next message to ``dest``: the router returns bounces at the start of the next
+        round. Undoes exactly the debit of :meth:`send` (and, in the reference forms, the reference update), so no
+        mass is lost and both ends of the edge keep the same reference (up to floating-point rounding).
+        """
+        msg = decode(data, expected_dim=len(state.x))
+        if self.form == "ef":
+            msg.payload.add_to_(state.x, alpha=msg.a)
+        else:
+            ref = state.refs_out[dest]
+            state.x.add_(ref, alpha=msg.y if self.form == "ref" else msg.a)
+            msg.payload.add_to_(ref, alpha=-1.0)
+        state.y += msg.y
+
     @staticmethod
     def local_update(state: NodeState, z_new: torch.Tensor) -> None:
         """Apply a local training step that moved the de-biased model to ``z_new``: ``x += y * (z_new - z)``."""

@@ -1,0 +1,70 @@
+"""Lossy links and offline nodes: bounced messages keep the mass exact; lost ones do not."""
+
+import pytest
+import torch
+
+from flower_sparsepush.compression import make_compressor
+from flower_sparsepush.consensus import run_consensus
+from flower_sparsepush.pushsum import PushSum
+from flower_sparsepush.router import Network, Router
+
+# Documented budget (docs/algorithm.md): 8 nodes, d = 100, top-5%, gamma 0.05, drop 0.3: 2500 rounds reach 1e-6.
+LOSSY = dict(nodes=8, compressor="topk:0.05", gamma=0.05, rounds=2500, dim=100, seed=1, drop=0.3)
+
+
+@pytest.mark.parametrize("graph", ["exponential", "random-out:2"])
+def test_bounced_messages_keep_mass_exact_and_consensus_is_reached(graph):
+    r = run_consensus(graph=graph, **LOSSY)
+    assert r["messages_dropped"] > 0.25 * 2500 * 8
+    assert r["mass_error"] < 1e-9 and r["weight_mass_error"] < 1e-9
+    assert r["consensus_error"] < 1e-6
+
+
+@pytest.mark.parametrize("graph", ["exponential", "random-out:2"])
+def test_unprotected_push_sum_drifts_under_the_same_loss(graph):
+    r = run_consensus(graph=graph, **(LOSSY | {"rounds": 300, "bounce": False}))
+    assert r["mass_error"] > 0.1 and r["weight_mass_error"] > 0.1
+    assert r["consensus_error"] > 1e-2
+
+
+def test_offline_nodes_and_down_links_keep_the_mass():
+    r = run_consensus(graph="random-out:2", churn=0.25, **(LOSSY | {"rounds": 300, "drop": 0.1}) | {"link_down": 0.2})
+    assert r["mass_error"] < 1e-9 and r["weight_mass_error"] < 1e-9
+
+
+@pytest.mark.parametrize("form", ["ref", "ref-x", "ef"])
+def test_bounce_undoes_the_send_exactly(form):
+    algo = PushSum(make_compressor("topk:0.2+q:4"), 0.5, form)
+    s = algo.init_state(torch.randn(50, dtype=torch.float64))
+    x_before, y_before = s.x.clone(), s.y
+    refs_before = {k: v.clone() for k, v in s.refs_out.items()}
+    msgs = algo.send(s, 0, [1, 2], 0)
+    for dest, data in msgs.items():
+        algo.bounce(s, dest, data)
+    assert torch.allclose(s.x, x_before, atol=1e-12) and s.y == pytest.approx(y_before, rel=1e-15)
+    for k, v in s.refs_out.items():
+        assert torch.allclose(v, refs_before.get(k, torch.zeros_like(v)), atol=1e-7)
+
+
+def test_router_holds_messages_for_offline_nodes_in_order():
+    net = Network(churn=0.5, seed=0)
+    router = Router(3, net)
+    router.post(0, 0, {2: b"a"})
+    router.post(1, 0, {2: b"b"})
+    router.post(0, 1, {2: b"c"})
+    inbox, bounced = router.collect(2)
+    assert inbox == [b"a", b"b", b"c"] and bounced == []
+    assert router.delivered_bits[2] == 24
+
+
+def test_network_is_a_pure_function_of_the_seed():
+    a, b = Network(drop=0.3, churn=0.2, seed=5), Network(drop=0.3, churn=0.2, seed=5)
+    pattern = [(a.delivers(t, 0, 1), a.online(t, 3)) for t in range(200)]
+    assert pattern == [(b.delivers(t, 0, 1), b.online(t, 3)) for t in range(200)]
+    assert 0.6 < sum(d for d, _ in pattern) / 200 < 0.8
+
+
+@pytest.mark.parametrize("kwargs", [{"drop": 1.0}, {"churn": -0.1}, {"link_down": "x"}, {"down_span": 0}])
+def test_bad_network_settings(kwargs):
+    with pytest.raises(ValueError, match="must be"):
+        Network(**kwargs)
