@@ -10,7 +10,7 @@ export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
 .PHONY: demo test setup data lint consensus clean
 
 demo: setup data
-	$(VENV)/bin/sparsepush demo
+	$(VENV)/bin/sparsepush demo --out-dir runs
 
 test: setup data lint
 	$(PY) -m pytest -q

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -10,6 +11,7 @@ from flower_sparsepush.compression import COMPRESSOR_SPECS
 from flower_sparsepush.topology import GRAPH_NAMES
 
 EXIT_USAGE = 2
+SUBCOMMAND_MODULES = ("launch",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,12 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=_consensus)
-    try:
-        from flower_sparsepush import launch
-    except ImportError:
-        pass
-    else:
-        launch.register(sub)
+    for name in SUBCOMMAND_MODULES:  # each module adds its own subcommands with register(subparsers)
+        importlib.import_module(f"flower_sparsepush.{name}").register(sub)
     return parser
 
 
