@@ -40,6 +40,8 @@ def save_state(context: Context, state: NodeState) -> None:
         arrays["m"] = _np(state.momentum)
     if state.error is not None:
         arrays["e"] = _np(state.error)
+    if state.anchor is not None:
+        arrays["a"] = _np(state.anchor)
     for j, ref in state.refs_out.items():
         arrays[f"ro.{j}"] = _np(ref)
     for j, ref in state.refs_in.items():
@@ -59,6 +61,7 @@ def load_state(context: Context) -> NodeState | None:
     state = NodeState(x=t("x"), y=float(context.state[STATE_META]["y"]))
     state.momentum = t("m") if "m" in arr else None
     state.error = t("e") if "e" in arr else None
+    state.anchor = t("a") if "a" in arr else None
     for key in arr:
         if key.startswith("ro."):
             state.refs_out[int(key[3:])] = t(key)

@@ -13,7 +13,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-STRATEGIES = ("fedavg", "sgp", "sparse-push")
+STRATEGIES = ("fedavg", "sgp", "sparse-push", "scsp")
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "synthetic")
 MODELS = ("cnn", "mlp", "logreg", "resnet20", "vgg11")
 LR_SCHEDULES = ("constant", "cosine", "step:F1,F2,...")
@@ -35,7 +35,7 @@ class Key:
 
 
 KEYS: dict[str, Key] = {
-    "strategy": Key("sparse-push", str, "fedavg | sgp | sparse-push", choices=STRATEGIES),
+    "strategy": Key("sparse-push", str, "fedavg | sgp | sparse-push | scsp", choices=STRATEGIES),
     "num-nodes": Key(16, int, "number of nodes (virtual clients); must equal the federation's num-supernodes", 2, 4096),
     "graph": Key("exponential", str, "communication graph (topology.GRAPH_NAMES), e.g. exponential, ring, random-out:2"),
     "compressor": Key("topk:0.05", str, "message compressor, e.g. none, topk:0.01, topk:0.01+q:4 (sgp forces none)"),
@@ -48,6 +48,8 @@ KEYS: dict[str, Key] = {
     "weight-decay": Key(1e-4, float, "L2 weight decay (>= 0)", 0.0, 1.0),
     "batch-size": Key(32, int, "per-node batch size", 1, 65536),
     "local-steps": Key(1, int, "SGD steps per node between two gossip rounds (amortizes Flower's per-round cost)", 1, 100000),
+    "qgm": Key(False, bool, "quasi-global momentum (Lin et al. 2021): momentum fed by the post-gossip model change; scsp turns it on unless set"),
+    "final-gossip-rounds": Key(0, int, "gossip-only rounds (no SGD, compressed, counted) after num-rounds; scsp: 50 unless set", 0, 1_000_000),
     "num-rounds": Key(20, int, "gossip (or FedAvg) rounds", 1, 10_000_000),
     "dataset": Key("fashion_mnist", str, "fashion_mnist | mnist | cifar10 | synthetic", choices=DATASETS),
     "data-dir": Key("", str, "dataset folder ('' = the data module's default search path)"),
@@ -182,6 +184,12 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
             if key in cfg and out[key] != want:
                 raise ConfigError(f"run-config {key}={cfg[key]!r}: strategy sgp uses {key}={want} (use sparse-push)")
         out["compressor"], out["gamma"] = "none", 1.0
+    if out["strategy"] == "scsp":
+        # SCSP = Sparse-Push + quasi-global momentum + a final gossip-only phase (docs/algorithm.md); each is a switch
+        out["qgm"] = out["qgm"] if "qgm" in cfg else True
+        out["final-gossip-rounds"] = out["final-gossip-rounds"] if "final-gossip-rounds" in cfg else 50
+    if out["strategy"] == "fedavg" and (out["qgm"] or out["final-gossip-rounds"]):
+        raise ConfigError("run-config qgm / final-gossip-rounds: these belong to the gossip strategies, not fedavg")
     if not out["run-name"]:
         out["run-name"] = f"{out['strategy']}-{out['graph']}-{out['compressor']}-s{out['seed']}".replace(":", "")
     if "/" in out["run-name"] or out["run-name"] in (".", ".."):

@@ -39,6 +39,7 @@ class NodeState:
     refs_out: dict[int, torch.Tensor] = field(default_factory=dict)
     refs_in: dict[int, torch.Tensor] = field(default_factory=dict)
     momentum: torch.Tensor | None = None
+    anchor: torch.Tensor | None = None  # the training layer's previous-round model (quasi-global momentum)
 
     @property
     def z(self) -> torch.Tensor:

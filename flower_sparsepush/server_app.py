@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_sparsepush.config import validate
 from flower_sparsepush.results import Recorder
-from flower_sparsepush.strategies.routing import SGP, CountingFedAvg, SparsePush
+from flower_sparsepush.strategies.routing import SCSP, SGP, CountingFedAvg, SparsePush
 from flower_sparsepush.training import evaluate, get_setup
 
 ROUND_TIMEOUT_S = 3600.0
@@ -31,7 +31,7 @@ def build_strategy(cfg: dict[str, Any]):
     n = cfg["num-nodes"]
     if cfg["strategy"] == "fedavg":
         return CountingFedAvg(n, fraction_train=1.0, min_train_nodes=n)
-    cls = SGP if cfg["strategy"] == "sgp" else SparsePush
+    cls = {"sgp": SGP, "sparse-push": SparsePush, "scsp": SCSP}[cfg["strategy"]]
     return cls(n, eval_every=cfg["eval-every"], sample_seed=cfg["seed"])
 
 
@@ -42,7 +42,7 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
     setup = get_setup(cfg)
     rec = Recorder(cfg)
     strategy = build_strategy(cfg)
-    n, last = cfg["num-nodes"], cfg["num-rounds"]
+    n, last = cfg["num-nodes"], cfg["num-rounds"] + cfg["final-gossip-rounds"]
 
     def row(rnd: int, acc_c: float, loss: float, node_mean: float, node_min: float, dist: float, **extra) -> dict:
         return rec.log(extra | {

@@ -161,9 +161,13 @@ def load_flat(model: torch.nn.Module, vec: torch.Tensor) -> None:
     load_flat_params_(model, vec.to(torch.float32))
 
 
-def local_sgd(setup: Setup, z: torch.Tensor, momentum: torch.Tensor | None, node: int, rnd: int
+def local_sgd(setup: Setup, z: torch.Tensor, momentum: torch.Tensor | None, node: int, rnd: int, qgm: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """``local-steps`` SGD steps from ``z``; returns (z_new, momentum buffer, mean loss). Same math as torch SGD."""
+    """``local-steps`` SGD steps from ``z``; returns (z_new, momentum buffer, mean loss). Same math as torch SGD.
+
+    With ``qgm`` the buffer is the quasi-global momentum m (updated once per round by :func:`qgm_update`, from the
+    post-gossip model change): every step moves by ``lr * (g + momentum * m)`` and the buffer is returned unchanged.
+    """
     cfg = setup.cfg
     lr, mu, wd = lr_at(cfg, rnd), cfg["momentum"], cfg["weight-decay"]
     model = setup.model
@@ -181,7 +185,9 @@ def local_sgd(setup: Setup, z: torch.Tensor, momentum: torch.Tensor | None, node
         g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters()])
         if wd:
             g = g.add(z, alpha=wd)
-        if buf is not None:
+        if buf is not None and qgm:
+            d = g.add(buf, alpha=mu)
+        elif buf is not None:
             buf.mul_(mu).add_(g)
             d = g.add(buf, alpha=mu) if cfg["nesterov"] else buf
         else:
@@ -189,6 +195,22 @@ def local_sgd(setup: Setup, z: torch.Tensor, momentum: torch.Tensor | None, node
         z.sub_(d, alpha=lr)
         losses.append(float(loss.detach()))
     return z, buf, float(np.mean(losses))
+
+
+def qgm_update(setup: Setup, state: NodeState, rnd: int) -> None:
+    """Quasi-global momentum (Lin et al. 2021): ``m <- mu m + (1 - mu) (z_prev - z) / lr`` at the start of a round.
+
+    ``z_prev`` (``state.anchor``) is the model at the start of the previous round and ``z`` the model now, after
+    that round's local steps and gossip, so the buffer follows the change of the model that gossip agreed on
+    rather than the local gradient, which is biased under label skew.
+    """
+    mu = setup.cfg["momentum"]
+    z = state.z.to(torch.float32)
+    if state.anchor is not None and rnd > 0 and mu > 0:
+        change = (state.anchor - z) / lr_at(setup.cfg, rnd - 1)
+        m = torch.zeros_like(z) if state.momentum is None else state.momentum
+        state.momentum = m.mul_(mu).add_(change, alpha=1 - mu)
+    state.anchor = z.clone()
 
 
 @dataclass
@@ -199,11 +221,19 @@ class RoundOut:
 
 
 def node_round(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list[bytes]) -> RoundOut:
-    """One gossip round of one node: absorb ``inbox`` (sender order), local SGD, send. Mutates ``state``."""
+    """One gossip round of one node: absorb ``inbox`` (sender order), local SGD, send. Mutates ``state``.
+
+    Rounds from ``num-rounds`` on belong to the final gossip-only phase: absorb and send, no SGD (loss is NaN).
+    """
     algo = setup.algo(node, rnd)
     rejected = algo.receive(state, inbox)
-    z_new, state.momentum, loss = local_sgd(setup, state.z, state.momentum, node, rnd)
-    PushSum.local_update(state, z_new)
+    loss = float("nan")
+    if rnd < setup.cfg["num-rounds"]:  # after that: the final gossip-only phase (no SGD)
+        qgm = setup.cfg["qgm"]
+        if qgm:
+            qgm_update(setup, state, rnd)
+        z_new, state.momentum, loss = local_sgd(setup, state.z, state.momentum, node, rnd, qgm=qgm)
+        PushSum.local_update(state, z_new)
     outs = setup.graph.out_neighbours(rnd)[node]
     msgs = algo.send(state, node, outs, rnd)
     return RoundOut(msgs, loss, rejected)
@@ -265,10 +295,10 @@ def run_inprocess(cfg: dict[str, Any], num_rounds: int | None = None, eval_every
                   log=None) -> InProcessResult:
     """The reference loop: the same :func:`node_round` for all nodes of a validated config, in this process."""
     if cfg["strategy"] == "fedavg":
-        raise ValueError("the in-process loop runs the gossip strategies (sgp, sparse-push), not fedavg")
+        return run_fedavg_inprocess(cfg, num_rounds, eval_every, log)
     setup = get_setup(cfg)
     n = setup.n
-    rounds = cfg["num-rounds"] if num_rounds is None else num_rounds
+    rounds = cfg["num-rounds"] + cfg["final-gossip-rounds"] if num_rounds is None else num_rounds
     states = [init_state(setup) for _ in range(n)]
     inbox: list[list[bytes]] = [[] for _ in range(n)]
     sent, recv = [0] * n, [0] * n
@@ -293,3 +323,39 @@ def run_inprocess(cfg: dict[str, Any], num_rounds: int | None = None, eval_every
             if log:
                 log(m)
     return InProcessResult(states, inbox, sent, recv, history, secs)
+
+
+def run_fedavg_inprocess(cfg: dict[str, Any], num_rounds: int | None = None, eval_every: int | None = None,
+                         log=None) -> InProcessResult:
+    """FedAvg on the same local training code: every round all nodes start from the global model, take
+    ``local-steps`` steps (keeping their own momentum buffers, as the ClientApp does) and the server averages the
+    results weighted by shard size. Bits: the dense float32 model each way per node per round, as CountingFedAvg."""
+    setup = get_setup(cfg)
+    n = setup.n
+    rounds = cfg["num-rounds"] if num_rounds is None else num_rounds
+    sizes = torch.tensor([len(y) for _, y in setup.shards], dtype=torch.float64)
+    weights = (sizes / sizes.sum()).tolist()
+    w = setup.x0.clone()
+    moms: list[torch.Tensor | None] = [None] * n
+    dense_bits = 32 * w.numel()
+    sent, recv = [0] * n, [0] * n
+    history, secs = [], []
+    for t in range(rounds):
+        t0 = time.perf_counter()
+        acc = torch.zeros_like(w, dtype=torch.float64)
+        for i in range(n):
+            z_new, moms[i], _ = local_sgd(setup, w, moms[i], i, t)
+            acc.add_(z_new.to(torch.float64), alpha=weights[i])
+            sent[i] += dense_bits
+            recv[i] += dense_bits
+        w = acc.to(torch.float32)
+        secs.append(time.perf_counter() - t0)
+        if eval_every and ((t + 1) % eval_every == 0 or t + 1 == rounds):
+            a, loss = evaluate(setup, w, 0)
+            m = {"acc_consensus": a, "loss": loss, "acc_node_mean": a, "acc_node_min": a, "consensus_distance": 0.0,
+                 "round": t + 1, "bits_sent_per_node": float(np.mean(sent))}
+            history.append(m)
+            if log:
+                log(m)
+    states = [NodeState(x=w.clone(), y=1.0) for _ in range(n)]
+    return InProcessResult(states, [[] for _ in range(n)], sent, recv, history, secs)

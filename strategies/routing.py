@@ -266,6 +266,18 @@ class SparsePush(_Router):
     label = "Sparse-Push"
 
 
+class SCSP(_Router):
+    """Skew-Compensated Sparse-Push routed through the ServerApp (docs/algorithm.md has what SCSP is here).
+
+    The routing is that of :class:`SparsePush`; the ingredients run in the ClientApp and are switched by run-config
+    keys: quasi-global momentum (``qgm``) and a final phase of ``final-gossip-rounds`` gossip-only rounds after
+    ``num-rounds`` training rounds, with the same compressed messages (their bits are counted like all others).
+    Pass the total number of rounds (training plus final gossip) to :meth:`start`.
+    """
+
+    label = "SCSP"
+
+
 class CountingFedAvg(FedAvg):
     """Flower's own FedAvg, counting communication the same way as the routers: dense model bytes each way.
 
