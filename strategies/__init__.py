@@ -1,0 +1,1 @@
+from flower_sparsepush.strategies.dropin import DecentralizedFedAvg as DecentralizedFedAvg

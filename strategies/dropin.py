@@ -1,0 +1,514 @@
+"""Drop-in decentralized strategy: compressed push-sum for an unchanged FedAvg-style Flower ClientApp.
+
+Swap ``FedAvg(...)`` for ``DecentralizedFedAvg(...)`` in a ServerApp and the same ClientApp (``@app.train()`` takes
+an ``ArrayRecord`` under ``"arrays"`` and a ``ConfigRecord``, returns the trained ``ArrayRecord`` and a
+``MetricRecord`` with ``"num-examples"``) trains decentralized: there is no global average that any node sees.
+
+The ServerApp holds every node's push-sum state (:class:`~flower_sparsepush.pushsum.NodeState`: numerator x,
+weight y, error memory, per-edge references) and plays the nodes' gossip with the project's own code
+(:class:`~flower_sparsepush.pushsum.PushSum` encodes real messages, :class:`~flower_sparsepush.router.Router`
+delivers them). Round t (``server_round = t + 1``) for every sampled node i:
+
+1. the state absorbs the messages sent to i in earlier rounds (``PushSum.receive``; bounces first);
+2. the node is sent its own de-biased model ``z_i = x_i / y_i`` as the usual ``"arrays"`` record;
+3. the ClientApp trains and replies ``z_i'``; the strategy sets ``x_i = y_i z_i'`` (``PushSum.local_update``);
+4. the state sends to ``graph.out_neighbours(t)[i]`` (``PushSum.send``): encoded bytes go into the router's
+   mailboxes and ``8 * len(bytes)`` is counted as peer-to-peer bits.
+
+This is exactly the order of ``training.node_round`` (the native mode), so with an equivalent ClientApp both modes
+give the same node models. Two kinds of traffic are counted apart: ``peer_bits_*`` (what the peers would exchange
+over the graph: real encoded messages) and ``flower_bits_*`` (the dense arrays Flower actually moves between the
+ServerApp and the nodes, both ways; Flower's own envelopes are not counted).
+
+Node identity: by default node i is the i-th Flower node id in sorted order (the node ids of the run are fixed at
+:meth:`DecentralizedFedAvg.start`). With ``node_order="partition-id"`` the strategy first sends one query message
+(``{"q": ConfigRecord}``) and expects ``content["info"]["partition-id"]`` in each reply (0..n-1), the protocol of
+this project's ClientApp, so that node i holds data partition i.
+
+The ArrayRecord the strategy returns to ``Strategy.start`` (``Result.arrays``, the ``arrays`` given to
+``evaluate_fn``) is the consensus model ``z_bar = mean_i z_i``: a measurement; no node is ever sent it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore import log
+
+from flower_sparsepush.codec import FORMS, decode
+from flower_sparsepush.compression import CompressionError, Identity, make_compressor
+from flower_sparsepush.pushsum import NodeState, PushSum
+from flower_sparsepush.router import Network, Router
+from flower_sparsepush.topology import Graph, GraphError, make_graph
+from flower_sparsepush.training import seed_for
+
+from .routing import wait_and_register
+
+NODE_ORDERS = ("node-id", "partition-id")
+MetricsAggr = Callable[[list[RecordDict], str], MetricRecord]
+NodesEval = Callable[[int, list[ArrayRecord]], MetricRecord | None]
+
+
+class DecentralizedFedAvg(Strategy):
+    """Decentralized (push-sum gossip) training as a drop-in replacement for Flower's ``FedAvg``.
+
+    Parameters
+    ----------
+    fraction_train : float (default: 1.0)
+        Fraction of nodes that train in a round, in (0, 1]. A node left out is idle: it keeps its inbox (absorbed
+        when it next takes part), does not train and does not send; mass is conserved either way. At least
+        ``min_train_nodes`` nodes are sampled. With 1.0 every node takes part every round (synchronous push-sum).
+    fraction_evaluate : float (default: 1.0)
+        Fraction of nodes that evaluate their own model ``z_i`` on an evaluation round, in [0, 1]; 0 skips
+        federated evaluation.
+    min_train_nodes : int (default: 2)
+        Minimum number of nodes sampled for training.
+    min_evaluate_nodes : int (default: 2)
+        Minimum number of nodes sampled for evaluation (when ``fraction_evaluate > 0``).
+    min_available_nodes : int (default: 2)
+        Nodes to wait for before round 1. Unless ``num_nodes`` is given, the nodes connected at that moment are
+        the run's nodes (set it to the federation's size to use all of them).
+    weighted_by_key : str (default: "num-examples")
+        MetricRecord key used as the weight when averaging the nodes' metrics (as in FedAvg).
+    arrayrecord_key : str (default: "arrays")
+        Key of the ArrayRecord (the model) in messages to and from the ClientApp.
+    configrecord_key : str (default: "config")
+        Key of the ConfigRecord in messages to the ClientApp (``"server-round"`` is added, as FedAvg does).
+    train_metrics_aggr_fn : callable, optional
+        ``(list[RecordDict], str) -> MetricRecord`` for the train replies' metrics; default: weighted average.
+    evaluate_metrics_aggr_fn : callable, optional
+        ``(list[RecordDict], str) -> MetricRecord`` for the evaluate replies' metrics; default: weighted average.
+    graph : str or Graph (default: "exponential")
+        Directed, possibly time-varying communication graph: a name for ``topology.make_graph`` (built for the
+        number of nodes at start) or a ``Graph`` with the same number of nodes.
+    compressor : str or compressor object (default: "topk:0.1")
+        Message compressor: a spec for ``compression.make_compressor`` (``none``, ``topk:0.01``,
+        ``topk:0.01+q:4``, ``randk:0.1``...; random ones draw from a (seed, node, round) generator, as the native
+        mode does) or an object with ``__call__(vector) -> Compressed`` shared by all nodes.
+    gamma : float (default: 0.1)
+        Consensus step size in (0, 1]. ``compressor="none"`` with ``gamma=1`` is SGP.
+    form : str (default: "ref")
+        Push-sum form (``pushsum.FORMS``): ``ref`` (per-edge references in z-space), ``ef`` (error feedback),
+        ``ref-x``.
+    seed : int (default: 0)
+        Seed of the graph (random graphs), of random compressors and of node sampling.
+    num_nodes : int, optional
+        Exact number of nodes to wait for and use (instead of ``min_available_nodes``).
+    node_order : str (default: "node-id")
+        ``"node-id"``: node i is the i-th sorted Flower node id. ``"partition-id"``: ask each node for its
+        partition id with one query message (the ClientApp needs an ``@app.query()`` that answers
+        ``{"info": ConfigRecord({"partition-id": p})}``).
+    network : router.Network, optional
+        Simulated link failures between peers (``drop``, ``link_down``); a lost message is bounced to its sender,
+        who takes its mass back. Node churn is not supported here (use ``fraction_train``).
+    evaluate_nodes_fn : callable, optional
+        ``(server_round, [ArrayRecord of z_i for every node]) -> MetricRecord | None``, called after every
+        round's federated evaluation; its metrics are merged into the evaluation metrics.
+    register_timeout : float (default: 120.0)
+        Seconds to wait for the nodes to connect (and answer the partition-id query).
+    """
+
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: MetricsAggr | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggr | None = None,
+        *,
+        graph: str | Graph = "exponential",
+        compressor: Any = "topk:0.1",
+        gamma: float = 0.1,
+        form: str = "ref",
+        seed: int = 0,
+        num_nodes: int | None = None,
+        node_order: str = "node-id",
+        network: Network | None = None,
+        evaluate_nodes_fn: NodesEval | None = None,
+        register_timeout: float = 120.0,
+    ) -> None:
+        def number(name: str, v: Any) -> float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise ValueError(f"{name} must be a number, got {v!r}")
+            return float(v)
+
+        def count(name: str, v: Any, low: int) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+            return v
+
+        if not 0 < number("fraction_train", fraction_train) <= 1:
+            raise ValueError(f"fraction_train must be in (0, 1] (every round trains), got {fraction_train!r}")
+        if not 0 <= number("fraction_evaluate", fraction_evaluate) <= 1:
+            raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate!r}")
+        count("min_train_nodes", min_train_nodes, 1)
+        count("min_evaluate_nodes", min_evaluate_nodes, 0)
+        count("min_available_nodes", min_available_nodes, 2)
+        if num_nodes is not None:
+            count("num_nodes", num_nodes, 2)
+        for name, v in (
+            ("weighted_by_key", weighted_by_key),
+            ("arrayrecord_key", arrayrecord_key),
+            ("configrecord_key", configrecord_key),
+        ):
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"{name} must be a non-empty string, got {v!r}")
+        if arrayrecord_key == configrecord_key:
+            raise ValueError(f"arrayrecord_key and configrecord_key must differ, both are {arrayrecord_key!r}")
+        if not 0 < number("gamma", gamma) <= 1:
+            raise ValueError(f"gamma (consensus step size) must be in (0, 1], got {gamma!r}")
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        count("seed", seed, 0)
+        if node_order not in NODE_ORDERS:
+            raise ValueError(f"node_order must be one of {NODE_ORDERS}, got {node_order!r}")
+        if isinstance(graph, str):
+            try:  # catch a bad name now, not after the nodes connected (the size is checked again at start)
+                make_graph(graph, max(num_nodes or min_available_nodes, 2), seed)
+            except GraphError as err:
+                raise ValueError(f"graph {graph!r}: {err}") from None
+        elif not isinstance(graph, Graph):
+            raise ValueError(f"graph must be a graph name (e.g. 'exponential') or a topology.Graph, got {graph!r}")
+        elif num_nodes is not None and graph.n != num_nodes:
+            raise ValueError(f"graph has {graph.n} nodes but num_nodes={num_nodes}")
+        if compressor is None:
+            compressor = Identity()
+        if isinstance(compressor, str):
+            try:
+                make_compressor(compressor, segments=[1], seed=0)
+            except CompressionError as err:
+                raise ValueError(f"compressor {compressor!r}: {err}") from None
+        elif not callable(compressor):
+            raise ValueError(f"compressor must be a spec such as 'topk:0.1' or a compressor object, got {compressor!r}")
+        if network is not None and (not isinstance(network, Network) or network.churn):
+            raise ValueError("network must be a router.Network without churn (idle nodes: use fraction_train)")
+        for name, fn in (
+            ("train_metrics_aggr_fn", train_metrics_aggr_fn),
+            ("evaluate_metrics_aggr_fn", evaluate_metrics_aggr_fn),
+            ("evaluate_nodes_fn", evaluate_nodes_fn),
+        ):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"{name} must be callable, got {fn!r}")
+
+        self.fraction_train = float(fraction_train)
+        self.fraction_evaluate = float(fraction_evaluate)
+        self.min_train_nodes = min_train_nodes
+        self.min_evaluate_nodes = min_evaluate_nodes
+        self.min_available_nodes = min_available_nodes
+        self.weighted_by_key = weighted_by_key
+        self.arrayrecord_key = arrayrecord_key
+        self.configrecord_key = configrecord_key
+        self.train_metrics_aggr_fn = train_metrics_aggr_fn or aggregate_metricrecords
+        self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn or aggregate_metricrecords
+        self.graph_spec = graph
+        self.compressor = compressor
+        self.gamma = float(gamma)
+        self.form = form
+        self.seed = seed
+        self.num_nodes = num_nodes
+        self.node_order = node_order
+        self.network = network or Network()
+        self.evaluate_nodes_fn = evaluate_nodes_fn
+        self.register_timeout = float(register_timeout)
+        self._rng = random.Random(seed)
+
+        # filled in by start()
+        self.node_ids: list[int] = []  # node index i -> Flower node id
+        self.index_of: dict[int, int] = {}  # Flower node id -> node index
+        self.graph: Graph | None = None
+        self.states: list[NodeState] = []
+        self.router: Router | None = None
+        self.layout: list[tuple[str, tuple[int, ...], np.dtype, bool]] = []  # (key, shape, dtype, mixed?)
+        self.segments: list[int] = []
+        self.x0: torch.Tensor | None = None
+        self.fixed: list[dict[str, np.ndarray]] = []  # per node: non-floating arrays, passed through unmixed
+        self.peer_bits_sent: list[int] = []
+        self.flower_bits_down: list[int] = []  # dense arrays ServerApp -> node
+        self.flower_bits_up: list[int] = []  # dense arrays node -> ServerApp
+        self.failures: list[str] = []
+        self._training: list[int] = []
+
+    # -- set-up -------------------------------------------------------------------------------------------------------
+
+    @property
+    def n(self) -> int:
+        return len(self.node_ids)
+
+    def _connect(self, grid: Grid) -> list[int]:
+        """Wait for the nodes; returns the Flower node ids in node-index order."""
+        want = self.num_nodes or self.min_available_nodes
+        end = time.time() + self.register_timeout
+        while len(ids := sorted(grid.get_node_ids())) < want:
+            if time.time() > end:
+                raise RuntimeError(f"only {len(ids)} of {want} nodes connected after {self.register_timeout:.0f} s")
+            time.sleep(0.2)
+        if self.num_nodes is not None:
+            ids = ids[: self.num_nodes]
+        if self.node_order == "node-id":
+            return ids
+        part_of = wait_and_register(grid, len(ids), self.register_timeout)
+        return [nid for nid, _ in sorted(part_of.items(), key=lambda kv: kv[1])]
+
+    def setup(self, node_ids: list[int], initial_arrays: ArrayRecord) -> None:
+        """Fix the node set and give every node the initial model with weight 1 (called by :meth:`start`)."""
+        if len(node_ids) < 2:
+            raise ValueError(f"decentralized training needs at least 2 nodes, got {len(node_ids)}")
+        self.node_ids = list(node_ids)
+        self.index_of = {nid: i for i, nid in enumerate(self.node_ids)}
+        n = self.n
+        if isinstance(self.graph_spec, Graph):
+            if self.graph_spec.n != n:
+                raise ValueError(f"the graph has {self.graph_spec.n} nodes but {n} nodes take part")
+            self.graph = self.graph_spec
+        else:
+            try:
+                self.graph = make_graph(self.graph_spec, n, self.seed)
+            except GraphError as err:
+                raise ValueError(f"graph {self.graph_spec!r} for {n} nodes: {err}") from None
+        self.layout = []
+        for key, arr in initial_arrays.items():
+            a = arr.numpy()
+            self.layout.append((key, tuple(a.shape), a.dtype, bool(np.issubdtype(a.dtype, np.floating))))
+        if not any(mixed for *_, mixed in self.layout):
+            raise ValueError("initial_arrays holds no floating-point array: nothing to train")
+        self.segments = [int(np.prod(shape)) for _, shape, _, mixed in self.layout if mixed]
+        self.x0 = self._flatten(initial_arrays)
+        self.states = [NodeState(x=self.x0.clone(), y=1.0) for _ in range(n)]
+        fixed = {k: np.array(a.numpy()) for k, a in initial_arrays.items() if not self._mixed(k)}
+        self.fixed = [dict(fixed) for _ in range(n)]
+        self.router = Router(n, self.network, bounce=True)
+        self.peer_bits_sent = [0] * n
+        self.flower_bits_down = [0] * n
+        self.flower_bits_up = [0] * n
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs):
+        """Wait for the nodes, fix their order, initialise their states, then run Flower's round loop."""
+        self.setup(self._connect(grid), initial_arrays)
+        return super().start(grid, initial_arrays, num_rounds=num_rounds, **kwargs)
+
+    def summary(self) -> None:
+        log(
+            INFO,
+            "\t├──> Decentralized push-sum (drop-in): %d nodes, graph %s, compressor %s, gamma %g, form %s",
+            self.n,
+            self.graph.name if self.graph else self.graph_spec,
+            self.compressor,
+            self.gamma,
+            self.form,
+        )
+        log(
+            INFO,
+            "\t├──> Sampling: fraction train %.2f | evaluate %.2f; min nodes train %d | evaluate %d",
+            self.fraction_train,
+            self.fraction_evaluate,
+            self.min_train_nodes,
+            self.min_evaluate_nodes,
+        )
+        log(
+            INFO,
+            "\t└──> Keys: weighted by '%s', ArrayRecord '%s', ConfigRecord '%s'; node order %s",
+            self.weighted_by_key,
+            self.arrayrecord_key,
+            self.configrecord_key,
+            self.node_order,
+        )
+
+    # -- models <-> flat vectors ---------------------------------------------------------------------------------------
+
+    def _mixed(self, key: str) -> bool:
+        return next(m for k, _, _, m in self.layout if k == key)
+
+    def _flatten(self, record: ArrayRecord, who: str = "initial_arrays") -> torch.Tensor:
+        keys = [k for k, *_ in self.layout]
+        if list(record.keys()) != keys and sorted(record.keys()) != sorted(keys):
+            raise ValueError(f"{who}: expected arrays {keys}, got {list(record.keys())}")
+        parts = []
+        for key, shape, _, mixed in self.layout:
+            if not mixed:
+                continue
+            a = record[key].numpy()
+            if tuple(a.shape) != shape:
+                raise ValueError(f"{who}: array {key!r} has shape {tuple(a.shape)}, expected {shape}")
+            parts.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(-1))
+        return torch.cat(parts)
+
+    def _record(self, vec: torch.Tensor, fixed: dict[str, np.ndarray]) -> ArrayRecord:
+        """A flat vector back into an ArrayRecord with the initial keys, shapes and dtypes."""
+        v = vec.detach().cpu().numpy()
+        out, off = {}, 0
+        for key, shape, dtype, mixed in self.layout:
+            if mixed:
+                size = int(np.prod(shape))
+                out[key] = Array(np.ascontiguousarray(v[off : off + size].reshape(shape).astype(dtype)))
+                off += size
+            else:
+                out[key] = Array(np.ascontiguousarray(fixed[key]))
+        return ArrayRecord(out)
+
+    def node_vectors(self) -> list[torch.Tensor]:
+        """Every node's de-biased model z_i as a flat float32 vector (node-index order)."""
+        return [s.z.to(torch.float32) for s in self.states]
+
+    def node_arrays(self) -> list[ArrayRecord]:
+        """Every node's de-biased model z_i with the initial keys, shapes and dtypes (node-index order)."""
+        return [self._record(z, f) for z, f in zip(self.node_vectors(), self.fixed)]
+
+    def consensus_arrays(self) -> ArrayRecord:
+        """The consensus model mean_i z_i (non-floating arrays are node 0's)."""
+        zbar = torch.stack([s.z.to(torch.float64) for s in self.states]).mean(0)
+        return self._record(zbar, self.fixed[0])
+
+    def mass(self) -> dict[str, float]:
+        """Push-sum weight held by the nodes and by messages in transit; together they are always n."""
+        y_nodes = float(sum(s.y for s in self.states))
+        y_transit = float(sum(decode(d).y for d in self.router.in_transit())) if self.router else 0.0
+        return {"y_nodes": y_nodes, "y_in_transit": y_transit, "y_total": y_nodes + y_transit}
+
+    @property
+    def peer_bits_received(self) -> list[int]:
+        return list(self.router.delivered_bits) if self.router else []
+
+    # -- sampling and the push-sum rule --------------------------------------------------------------------------------
+
+    def _sample(self, fraction: float, minimum: int) -> list[int]:
+        if fraction >= 1:
+            return list(range(self.n))
+        k = min(self.n, max(minimum, int(fraction * self.n)))
+        return sorted(self._rng.sample(range(self.n), k))
+
+    def _algo(self, node: int, rnd: int) -> PushSum:
+        comp = self.compressor
+        if isinstance(comp, str):  # as training.Setup.algo: random-k draws depend on (seed, node, round) only
+            comp = make_compressor(comp, segments=self.segments, seed=seed_for(self.seed, node, "compress", rnd))
+        return PushSum(comp, gamma=self.gamma, form=self.form, ref_init=self.x0)
+
+    def _message(self, node: int, config: ConfigRecord, mtype: str) -> Message:
+        record = self._record(self.states[node].z, self.fixed[node])
+        self.flower_bits_down[node] += 8 * sum(a.numpy().nbytes for a in record.values())
+        content = RecordDict({self.arrayrecord_key: record, self.configrecord_key: config})
+        return Message(content=content, message_type=mtype, dst_node_id=self.node_ids[node])
+
+    # -- train ---------------------------------------------------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Each sampled node absorbs its inbox, then is sent its own de-biased model z_i."""
+        t = server_round - 1
+        self._training = self._sample(self.fraction_train, self.min_train_nodes)
+        config["server-round"] = server_round
+        messages = []
+        for i in self._training:
+            inbox, bounced = self.router.collect(i)
+            algo = self._algo(i, t)
+            for dest, data in bounced:
+                algo.bounce(self.states[i], dest, data)
+            rejected = algo.receive(self.states[i], inbox)
+            if rejected:
+                raise RuntimeError(f"round {server_round}: node {i} rejected a message: {rejected[0]}")
+            messages.append(self._message(i, config, MessageType.TRAIN))
+        log(INFO, "configure_train: %d of %d nodes train", len(messages), self.n)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """x_i = y_i z_i' for every node that replied, then every one of them sends to its out-neighbours.
+
+        A node whose reply is an error (or malformed) keeps its state and skips this round's sending: no mass is
+        lost, since the state lives here. Returns the consensus model and the aggregated metrics.
+        """
+        t = server_round - 1
+        trained, contents = [], []
+        for r in replies:
+            i = self.index_of.get(r.metadata.src_node_id)
+            if i is None:
+                continue
+            if r.has_error():
+                self._fail(server_round, i, r.error.reason)
+                continue
+            try:
+                record = r.content[self.arrayrecord_key]
+                z_new = self._flatten(record, who=f"node {i}'s reply")
+            except (KeyError, ValueError, TypeError) as err:
+                self._fail(server_round, i, f"bad reply: {err}")
+                continue
+            self.flower_bits_up[i] += 8 * sum(a.numpy().nbytes for a in record.values())
+            PushSum.local_update(self.states[i], z_new)
+            self.fixed[i] = {k: np.array(record[k].numpy()) for k, *_, m in self.layout if not m}
+            trained.append(i)
+            contents.append(r.content)
+        outs = self.graph.out_neighbours(t)
+        for i in sorted(trained):
+            msgs = self._algo(i, t).send(self.states[i], i, outs[i], t)
+            self.router.post(i, t, msgs)
+            self.peer_bits_sent[i] += sum(8 * len(d) for d in msgs.values())
+        metrics = MetricRecord()
+        if contents:
+            try:
+                metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+            except Exception as err:  # noqa: BLE001 - metrics are a report; the training step already happened
+                log(WARNING, "train metrics could not be aggregated: %s", err)
+        metrics.update(self.traffic())
+        return self.consensus_arrays(), metrics
+
+    def _fail(self, server_round: int, i: int, reason: str) -> None:
+        self.failures.append(f"round {server_round}: node {i}: {reason}")
+        log(WARNING, "round %d: node %d did not train (%s); its state is kept", server_round, i, reason)
+
+    def traffic(self) -> dict[str, float]:
+        """Bits so far, per node on average: peer-to-peer (what the graph carries) and dense Flower arrays."""
+        n = max(self.n, 1)
+        return {
+            "peer_bits_sent_per_node": sum(self.peer_bits_sent) / n,
+            "peer_bits_received_per_node": sum(self.peer_bits_received) / n,
+            "flower_bits_down_per_node": sum(self.flower_bits_down) / n,
+            "flower_bits_up_per_node": sum(self.flower_bits_up) / n,
+        }
+
+    # -- evaluate ------------------------------------------------------------------------------------------------------
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sampled nodes evaluate their own model z_i (not the consensus model)."""
+        if self.fraction_evaluate == 0:
+            return []
+        config["server-round"] = server_round
+        nodes = self._sample(self.fraction_evaluate, self.min_evaluate_nodes)
+        return [self._message(i, config, MessageType.EVALUATE) for i in nodes]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        contents = []
+        for r in replies:
+            if r.has_error():
+                log(
+                    WARNING,
+                    "round %d: evaluation failed on node %s: %s",
+                    server_round,
+                    self.index_of.get(r.metadata.src_node_id),
+                    r.error.reason,
+                )
+            else:
+                contents.append(r.content)
+        metrics = self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
+        if self.evaluate_nodes_fn is not None:
+            extra = self.evaluate_nodes_fn(server_round, self.node_arrays())
+            if extra is not None:
+                metrics = MetricRecord({**(metrics or {}), **extra})
+        return metrics
