@@ -23,7 +23,7 @@ PARTITIONS = ("iid", "skew:0.8", "dirichlet:0.1")
 SCHEDULES: dict[str, dict[str, Any]] = {
     "fashion_mnist": {
         "model": "cnn",
-        "epochs": 3.0,
+        "epochs": 2.0,
         "num-nodes": 16,
         "graph": "exponential",
         "batch-size": 32,
@@ -32,7 +32,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
         "momentum": 0.9,
         "weight-decay": 1e-4,
         "lr-schedule": "cosine",
-        "evals": 6,
+        "evals": 4,
     },
     "cifar10": {
         "model": "resnet20",
@@ -45,7 +45,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
         "momentum": 0.9,
         "weight-decay": 1e-4,
         "lr-schedule": "cosine",
-        "evals": 3,
+        "evals": 2,
     },
 }
 QUICK = {"epochs": 0.1, "evals": 2}
