@@ -45,3 +45,9 @@ consensus: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info runs
+
+# Deployment Engine on loopback: a SuperLink + 4 SuperNodes (own ports, partition-id node configs), one short
+# synthetic Sparse-Push run through `flwr run`, then every started process stopped by PID (docs/deployment.md).
+.PHONY: deploy-demo
+deploy-demo: setup
+	$(VENV)/bin/sparsepush deploy-local --nodes 4 --rounds 3 --dataset synthetic --model mlp --out-dir runs/deploy

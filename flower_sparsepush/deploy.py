@@ -1,0 +1,401 @@
+"""The same ServerApp/ClientApp on Flower's Deployment Engine: one SuperLink and N SuperNodes on loopback.
+
+``sparsepush deploy-local`` (and :class:`LocalDeployment`) starts, all on 127.0.0.1 and on ports the OS reports free:
+
+- ``flower-superlink --insecure --isolation subprocess --host 127.0.0.1 --port P
+  --disable-runtime-dependency-installation`` (no ``--simulation``: the Deployment Engine);
+- per node i, ``flower-supernode --insecure --superlink 127.0.0.1:P --port Q_i
+  --node-config "partition-id=i num-partitions=N"`` (each SuperNode needs its own runtime port on one host);
+- ``flwr run <project> sparsepush --stream --run-config ...`` with a temporary ``$FLWR_HOME/config.toml`` holding
+  ``[superlink.sparsepush] address = "127.0.0.1:P" insecure = true``.
+
+Every process is started in its own session and remembered by PID. At the end, also after errors, Ctrl-C or a
+timeout, each started process and every descendant found under it in /proc (the SuperExec, ServerApp and ClientApp
+processes Flower spawns) gets SIGTERM, then SIGKILL after a grace period; :meth:`LocalDeployment.stop` returns only
+when all of them are gone and :attr:`LocalDeployment.seen_pids` lists them for checking. Nothing is killed by name.
+
+Results are written by the ServerApp exactly as in a simulation run (config.json, metrics.jsonl, summary.json,
+accuracy.png in ``<out-dir>/<run-name>/``); the process logs go to a separate log folder (a temporary one unless
+``--log-dir`` is given), which is kept and named when the run fails. See docs/deployment.md for real deployments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from flower_sparsepush.config import KEYS, ConfigError, validate
+from flower_sparsepush.launch import PROJECT_DIR, _descendants, _free_port, _quiet_env, _toml_value, check_data
+
+FEDERATION = "sparsepush"
+# deploy-local's defaults (a short synthetic Sparse-Push run); every run-config key can still be overridden
+DEPLOY_DEFAULTS = {
+    "strategy": "sparse-push",
+    "dataset": "synthetic",
+    "model": "mlp",
+    "num-nodes": 4,
+    "num-rounds": 3,
+    "eval-every": 1,
+    "compressor": "topk:0.1+q:4",
+    "gamma": 0.3,
+    "local-steps": 2,
+    "batch-size": 16,
+    "out-dir": "runs/deploy",
+    "run-name": "sparse-push-deploy",
+}
+DEPLOY_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_config_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``--run-config`` overrides for ``cfg``: every key pyproject.toml declares, plus any other key whose value
+    differs from its default (``flwr run`` refuses keys that pyproject's [tool.flwr.app.config] lacks)."""
+    import tomllib
+
+    declared = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return {k: v for k, v in cfg.items() if k in declared or k not in KEYS or v != KEYS[k].default}
+
+
+def _exe(name: str) -> str:
+    exe = Path(sys.executable).with_name(name)
+    return str(exe) if exe.exists() else name
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class DeploymentError(RuntimeError):
+    """A SuperLink/SuperNode that failed to start or died, a failed ``flwr run``, or a timeout."""
+
+
+class LocalDeployment:
+    """A SuperLink and ``num_nodes`` SuperNodes on loopback (insecure), a FLWR_HOME pointing at them, and cleanup.
+
+    Use as a context manager; :meth:`run` submits one run with ``flwr run``. ``seen_pids`` holds every PID this
+    object started or found below one it started; after :meth:`stop` none of them is alive.
+    """
+
+    def __init__(
+        self, num_nodes: int, log_dir: str | os.PathLike | None = None, port: int = 0, start_timeout: float = 60.0
+    ) -> None:
+        if num_nodes < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+        self.num_nodes = num_nodes
+        self.home = tempfile.mkdtemp(prefix="sparsepush-deploy-")
+        self.log_dir = Path(log_dir) if log_dir else Path(self.home, "logs")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or _free_port()
+        self.node_ports: list[int] = []
+        self.start_timeout = start_timeout
+        self.procs: dict[str, subprocess.Popen] = {}  # name -> process, in start order
+        self.seen_pids: set[int] = set()
+        self._logs: list[Any] = []
+
+    # ------------------------------------------------------------------ start / stop
+
+    def _env(self) -> dict[str, str]:
+        return os.environ | DEPLOY_ENV | {"FLWR_HOME": self.home}
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "w")
+        self._logs.append(log)
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._env(),
+            cwd=self.home,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        self.seen_pids.add(proc.pid)
+        return proc
+
+    def start(self) -> LocalDeployment:
+        _quiet_env()
+        Path(self.home, "config.toml").write_text(
+            f'[superlink.{FEDERATION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        link = self._spawn(
+            "superlink",
+            [
+                _exe("flower-superlink"),
+                "--insecure",
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        end = time.time() + self.start_timeout
+        while not _port_open(self.port):
+            if link.poll() is not None:
+                raise DeploymentError(f"flower-superlink exited ({link.returncode}); {self.tail('superlink')}")
+            if time.time() > end:
+                raise DeploymentError(f"flower-superlink did not open port {self.port} in {self.start_timeout:.0f} s")
+            time.sleep(0.2)
+        for i in range(self.num_nodes):
+            port = _free_port()
+            while port == self.port or port in self.node_ports:
+                port = _free_port()
+            self.node_ports.append(port)
+            self._spawn(
+                f"supernode-{i}",
+                [
+                    _exe("flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{self.port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={i} num-partitions={self.num_nodes}",
+                ],
+            )
+        # each SuperNode opens its runtime port once it is up; the ServerApp itself waits for all to register
+        for i, port in enumerate(self.node_ports):
+            while not _port_open(port):
+                self.check_alive()
+                if time.time() > end:
+                    raise DeploymentError(
+                        f"supernode-{i} did not open port {port} in {self.start_timeout:.0f} s; "
+                        f"{self.tail(f'supernode-{i}')}"
+                    )
+                time.sleep(0.2)
+        return self
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def check_alive(self) -> None:
+        """Raise :class:`DeploymentError` if the SuperLink or a SuperNode has exited."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise DeploymentError(f"{name} exited with code {proc.returncode}; {self.tail(name)}")
+
+    def collect_pids(self) -> set[int]:
+        """Add the current descendants of every started process to ``seen_pids``; returns ``seen_pids``."""
+        for proc in self.procs.values():
+            self.seen_pids.update(_descendants(proc.pid))
+        return self.seen_pids
+
+    def alive_pids(self) -> list[int]:
+        return sorted(p for p in self.seen_pids if pid_alive(p))
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every started process tree (its session and every descendant), SIGKILL what is left after
+        ``grace`` seconds, reap our children; returns when none of ``seen_pids`` is alive."""
+        self.collect_pids()
+        for proc in self.procs.values():  # the sessions we created (each started process leads its own)
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in self.alive_pids():  # SuperExec & co. start their own sessions: by PID
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        end = time.time() + grace
+        while time.time() < end:
+            for proc in self.procs.values():
+                proc.poll()  # reap
+            self.collect_pids()  # catch a process spawned while we were stopping
+            if not self.alive_pids():
+                break
+            time.sleep(0.2)
+        for pid in self.alive_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        end = time.time() + 5
+        while self.alive_pids() and time.time() < end:
+            time.sleep(0.1)
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    # ------------------------------------------------------------------ run
+
+    def tail(self, name: str, lines: int = 15) -> str:
+        path = self.log_dir / f"{name}.log"
+        try:
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return f"(no log at {path})"
+        return f"last lines of {path}:\n" + "\n".join(text)
+
+    def run(self, cfg: dict[str, Any], timeout: float | None = None, stream_to=None) -> int:
+        """``flwr run <project> sparsepush --stream --run-config ...``; returns its exit code.
+
+        While it runs, the SuperLink and SuperNodes are watched: if one exits, or ``timeout`` passes, ``flwr run`` is
+        stopped and :class:`DeploymentError` is raised (the caller's ``stop()`` then ends the rest).
+        """
+        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config_overrides(cfg).items())
+        cmd = [_exe("flwr"), "run", str(PROJECT_DIR), FEDERATION, "--stream", "--run-config", overrides]
+        env = self._env() | {"SPARSEPUSH_COMMAND": os.environ.get("SPARSEPUSH_COMMAND", "")}
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=PROJECT_DIR,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=stream_to,
+            stderr=subprocess.STDOUT if stream_to else None,
+        )
+        self.procs["flwr-run"] = proc
+        self.seen_pids.add(proc.pid)
+        end = None if timeout is None else time.time() + timeout
+        try:
+            while proc.poll() is None:
+                self.collect_pids()
+                for name, p in self.procs.items():
+                    if name != "flwr-run" and p.poll() is not None:
+                        raise DeploymentError(
+                            f"{name} exited with code {p.returncode} during the run; {self.tail(name)}"
+                        )
+                if end is not None and time.time() > end:
+                    raise DeploymentError(f"flwr run did not finish in {timeout:.0f} s")
+                time.sleep(0.5)
+            return proc.returncode
+        except BaseException:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            raise
+
+
+def deploy_run(
+    raw_cfg: dict[str, Any], log_dir: str | None = None, port: int = 0, timeout: float | None = 1800.0, stream_to=None
+) -> tuple[Path, LocalDeployment]:
+    """Validate ``raw_cfg``, start a SuperLink and ``num-nodes`` SuperNodes, run it, stop everything.
+
+    Returns (results folder, the stopped deployment: ``seen_pids``, ``log_dir``). Raises :class:`DeploymentError`
+    when the run fails; every process is stopped in either case.
+    """
+    from flower_sparsepush.results import run_dir
+
+    cfg = validate(raw_cfg)
+    cfg["out-dir"] = str(Path(cfg["out-dir"]).resolve())
+    out = run_dir(cfg)
+    stale = out / "summary.json"
+    if stale.exists():
+        stale.unlink()  # so that a failed run is never mistaken for a finished one
+    dep = LocalDeployment(cfg["num-nodes"], log_dir=log_dir, port=port)
+    with dep:
+        rc = dep.run(cfg, timeout=timeout, stream_to=stream_to)
+    if rc != 0 or not (out / "summary.json").exists():
+        raise DeploymentError(
+            f"flwr run failed (exit {rc}); no summary.json in {out}. Logs: {dep.log_dir}\n{dep.tail('superlink', 30)}"
+        )
+    return out, dep
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    os.environ["SPARSEPUSH_COMMAND"] = shlex.join(["sparsepush", *sys.argv[1:]])
+    raw = dict(DEPLOY_DEFAULTS)
+    raw.update(
+        {k: getattr(args, k.replace("-", "_")) for k in KEYS if getattr(args, k.replace("-", "_"), None) is not None}
+    )
+    raw["num-nodes"], raw["num-rounds"] = args.nodes, args.rounds
+    try:
+        cfg = validate(raw)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    msg = check_data(cfg)
+    if msg:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    try:
+        out, dep = deploy_run(cfg, log_dir=args.log_dir, port=args.port, timeout=args.timeout or None)
+    except DeploymentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"results: {out}\nprocess logs: {dep.log_dir}\n"
+        f"{len(dep.seen_pids)} processes started and stopped; {time.time() - t0:.0f}s in all"
+    )
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``deploy-local`` to the ``sparsepush`` CLI."""
+    p = subparsers.add_parser(
+        "deploy-local",
+        help="a SuperLink and N SuperNodes on 127.0.0.1 (Flower Deployment Engine), one `flwr run`, then stop all",
+    )
+    p.add_argument("--nodes", type=int, default=DEPLOY_DEFAULTS["num-nodes"], help="number of SuperNodes (>= 2)")
+    p.add_argument("--rounds", type=int, default=DEPLOY_DEFAULTS["num-rounds"], help="gossip rounds")
+    p.add_argument("--port", type=int, default=0, help="SuperLink port on 127.0.0.1 (0: a free one)")
+    p.add_argument("--log-dir", default=None, help="folder for the process logs (default: a temporary folder)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is stopped (0: none)")
+    for key, spec in KEYS.items():
+        if key in ("num-nodes", "num-rounds"):
+            continue
+        extra = f" (one of: {', '.join(spec.choices)})" if spec.choices else ""
+        default = DEPLOY_DEFAULTS.get(key, spec.default)
+        p.add_argument(
+            f"--{key}",
+            dest=key.replace("-", "_"),
+            default=None,
+            metavar="V",
+            help=f"{spec.help}{extra}; default {default!r}",
+        )
+    p.set_defaults(func=cmd_deploy_local)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparsepush")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

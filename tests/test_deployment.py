@@ -1,0 +1,120 @@
+"""Deployment Engine end to end: a SuperLink and 4 SuperNodes on loopback, `flwr run`, then every process gone.
+
+Slow (a fresh ClientApp process per message: about 1-2 minutes on 2 cores); loopback only, ports from the OS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flower_sparsepush.cli import build_parser
+from flower_sparsepush.config import validate
+from flower_sparsepush.deploy import DeploymentError, LocalDeployment, cmd_deploy_local, deploy_run, pid_alive
+from flower_sparsepush.results import METRIC_FIELDS, read_metrics
+from flower_sparsepush.training import get_setup, run_inprocess
+
+pytestmark = pytest.mark.skipif(
+    not Path(sys.executable).with_name("flower-superlink").exists() and not shutil.which("flower-superlink"),
+    reason="flower-superlink is not installed",
+)
+
+NODES = 4
+TINY = {
+    "strategy": "sparse-push",
+    "compressor": "topk:0.1+q:4",
+    "gamma": 0.3,
+    "dataset": "synthetic",
+    "model": "mlp",
+    "num-nodes": NODES,
+    "graph": "exponential",
+    "num-rounds": 2,
+    "local-steps": 2,
+    "batch-size": 16,
+    "lr": 0.1,
+    "eval-every": 1,
+    "save-nodes": True,
+    "seed": 3,
+    "run-name": "deploy",
+}
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    cfg = validate(TINY | {"out-dir": str(tmp_path_factory.mktemp("runs"))})
+    out, dep = deploy_run(cfg, log_dir=tmp_path_factory.mktemp("logs"), timeout=600)
+    return cfg, out, dep
+
+
+def test_results_files_as_in_simulation(deployed):
+    cfg, out, _ = deployed
+    for name in ("config.json", "metrics.jsonl", "summary.json", "accuracy.png", "nodes.npz"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(cfg))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(METRIC_FIELDS) | {"y_nodes", "y_mailboxes"} <= set(r)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["round"] == 2 and summary["bits_sent_per_node"] > 0
+
+
+def test_mass_conserved(deployed):
+    _, out, _ = deployed
+    for r in read_metrics(out / "metrics.jsonl"):
+        assert r["y_mailboxes"] > 0
+        assert r["y_nodes"] + r["y_mailboxes"] == pytest.approx(NODES, abs=1e-9)
+    mass = json.loads((out / "summary.json").read_text())["mass"]
+    assert mass["y_nodes"] + mass["y_mailboxes"] == pytest.approx(NODES, abs=1e-9)
+
+
+def test_node_state_persists_across_rounds(deployed):
+    """Each message runs in a fresh ClientApp process; the SuperNode keeps context.state between them, so the
+    deployed nodes end exactly where the in-process reference loop does (a lost state would restart from x0)."""
+    cfg, out, _ = deployed
+    ref = run_inprocess(cfg)
+    nodes = np.load(out / "nodes.npz")
+    x0 = get_setup(cfg).x0.numpy()
+    for i, state in enumerate(ref.states):
+        np.testing.assert_allclose(nodes[f"z{i}"], state.z.to(torch.float32).numpy(), atol=1e-5, rtol=0)
+        assert np.abs(nodes[f"z{i}"] - x0).max() > 1e-3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bits_sent_by_node"] == ref.bits_sent
+
+
+def test_every_process_stopped(deployed):
+    _, _, dep = deployed
+    assert len(dep.seen_pids) >= NODES + 2  # SuperLink, SuperNodes, flwr run (+ SuperExecs, ServerApp, ClientApps)
+    assert [p for p in dep.seen_pids if pid_alive(p)] == []
+
+
+def test_cleanup_when_a_supernode_dies(tmp_path):
+    cfg = validate(TINY | {"num-nodes": 2, "out-dir": str(tmp_path)})
+    dep = LocalDeployment(2, log_dir=tmp_path / "logs")
+    with pytest.raises(DeploymentError, match="supernode-1 exited"):
+        with dep:
+            os.kill(dep.procs["supernode-1"].pid, signal.SIGKILL)
+            dep.run(cfg, timeout=120)
+    assert dep.seen_pids and [p for p in dep.seen_pids if pid_alive(p)] == []
+
+
+def test_cleanup_when_flwr_run_fails(tmp_path):
+    with LocalDeployment(2, log_dir=tmp_path / "logs") as dep:
+        rc = dep.run({"no-such-key": 1}, timeout=120)  # refused by flwr run: exits non-zero
+    assert rc != 0
+    assert [p for p in dep.seen_pids if pid_alive(p)] == []
+
+
+def test_cli_registered_and_bad_config_starts_nothing(capsys):
+    args = build_parser().parse_args(["deploy-local", "--nodes", "4", "--rounds", "2", "--gamma", "5"])
+    assert args.func is cmd_deploy_local
+    assert args.func(args) == 2
+    assert "gamma" in capsys.readouterr().err
