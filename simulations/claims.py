@@ -93,6 +93,7 @@ def run_row(spec: dict[str, Any], command: str) -> dict[str, Any]:
     import torch
 
     from flower_sparsepush.config import validate
+    from flower_sparsepush.energy import forward_flops, node_energy
     from flower_sparsepush.training import get_setup, run_inprocess
 
     torch.set_num_threads(1)
@@ -112,6 +113,10 @@ def run_row(spec: dict[str, Any], command: str) -> dict[str, Any]:
     wall = time.perf_counter() - start
     last = res.history[-1]
     n = cfg["num-nodes"]
+    setup = get_setup(cfg)
+    flops = forward_flops(setup.model, tuple(setup.ds.input_shape))
+    samples = rounds * cfg["local-steps"] * cfg["batch-size"]  # per node; the final gossip phase trains nothing
+    energy = node_energy(sum(res.bits_sent) / n, sum(res.bits_received) / n, samples, flops)
     return {
         "id": spec["id"],
         "dataset": cfg["dataset"],
@@ -135,6 +140,10 @@ def run_row(spec: dict[str, Any], command: str) -> dict[str, Any]:
         "acc_node_min": last["acc_node_min"],
         "consensus_distance": last["consensus_distance"],
         "bits_per_node": sum(res.bits_sent) / n,
+        "bits_received_per_node": sum(res.bits_received) / n,
+        "forward_flops_per_sample": flops,
+        "train_samples_per_node": samples,
+        **energy,
         "wall_s": wall,
         "history": res.history,
         "command": command,
@@ -161,11 +170,13 @@ def finish(rows: list[dict[str, Any]], out: Path, name: str, command: str) -> No
             f"### {label}, {s['model']}, {s['nodes']} nodes, {s['graph']} graph, {s['epochs']:g} epochs "
             f"({s['rounds']} rounds x {s['local_steps']} local step(s), batch {s['batch_size']}/node), seed {s['seed']}",
             "",
-            "| strategy | compressor | gamma | " + " | ".join(PARTITIONS) + " | bits/node | x vs SGP |",
-            "|---|---|---|" + "---|" * len(PARTITIONS) + "---|---|",
+            "| strategy | compressor | gamma | "
+            + " | ".join(PARTITIONS)
+            + " | bits/node | x vs SGP | energy/node J (radio+compute) |",
+            "|---|---|---|" + "---|" * len(PARTITIONS) + "---|---|---|",
         ]
         for key in dict.fromkeys((r["strategy"], r["compressor"], r["gamma"]) for r in sub):
-            cells, bits, red = [], None, None
+            cells, bits, red, energy = [], None, None, ""
             for part in PARTITIONS:
                 hit = [r for r in sub if (r["strategy"], r["compressor"], r["gamma"]) == key and r["partition"] == part]
                 if hit:
@@ -174,10 +185,13 @@ def finish(rows: list[dict[str, Any]], out: Path, name: str, command: str) -> No
                         f"{100 * h['acc_consensus']:.2f} (nodes {100 * h['acc_node_mean']:.1f}/{100 * h['acc_node_min']:.1f})"
                     )
                     bits, red = h["bits_per_node"], h["reduction_vs_sgp"]
+                    energy = f"{h['energy_j']:.3g} ({h['energy_radio_j']:.3g}+{h['energy_compute_j']:.3g})"
                 else:
                     cells.append("not run")
             red_s = f"{red:.0f}" if red else "-"
-            lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | " + " | ".join(cells) + f" | {bits:.3g} | {red_s} |")
+            lines.append(
+                f"| {key[0]} | {key[1]} | {key[2]:g} | " + " | ".join(cells) + f" | {bits:.3g} | {red_s} | {energy} |"
+            )
         lines.append("")
     (out / f"{name}.md").write_text("\n".join(lines))
     plot(rows, out, name)
