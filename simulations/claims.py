@@ -63,6 +63,10 @@ SCSP_BUDGETS = {
 }
 
 
+# SCSP = Sparse-Push + qgm + final gossip (config.py); these rows switch on one ingredient at a time.
+ABLATION = {"qgm": {"qgm": True}, "final-gossip": {"final-gossip-rounds": 50}}
+
+
 def plan(datasets: list[str], quick: bool) -> list[dict[str, Any]]:
     """Every row to run: its id and its run config (before validation)."""
     rows = []
@@ -70,16 +74,21 @@ def plan(datasets: list[str], quick: bool) -> list[dict[str, Any]]:
         sched = SCHEDULES[ds] | (QUICK if quick else {})
         base = {k: v for k, v in sched.items() if k not in ("epochs", "evals")} | {"dataset": ds, "seed": 0}
         for part in PARTITIONS:
-            variants = [("fedavg", "none", 1.0), ("sgp", "none", 1.0)]
-            variants += [("sparse-push", c, g) for c, g in BUDGETS[ds]]
-            variants += [("scsp", c, g) for c, g in SCSP_BUDGETS[ds]]
-            for strategy, comp, gamma in variants:
-                cfg = base | {"partition": part, "strategy": strategy}
+            variants = [("fedavg", "none", 1.0, {}), ("sgp", "none", 1.0, {})]
+            variants += [("sparse-push", c, g, {}) for c, g in BUDGETS[ds]]
+            variants += [("scsp", c, g, {}) for c, g in SCSP_BUDGETS[ds]]
+            if part != "iid" and ds == "fashion_mnist":  # SCSP ablation: each ingredient alone, first budget
+                c, g = SCSP_BUDGETS[ds][0]
+                variants += [("sparse-push+" + name, c, g, sw) for name, sw in ABLATION.items()]
+            for label, comp, gamma, switches in variants:
+                strategy = label.split("+")[0]
+                cfg = base | {"partition": part, "strategy": strategy} | switches
                 if strategy in ("sparse-push", "scsp"):
                     cfg |= {"compressor": comp, "gamma": gamma}
                 rows.append(
                     {
-                        "id": f"{ds}/{part}/{strategy}/{comp}",
+                        "id": f"{ds}/{part}/{label}/{comp}",
+                        "label": label,
                         "cfg": cfg,
                         "epochs": sched["epochs"],
                         "evals": sched["evals"],
@@ -123,6 +132,7 @@ def run_row(spec: dict[str, Any], command: str) -> dict[str, Any]:
         "model": cfg["model"],
         "partition": cfg["partition"],
         "strategy": cfg["strategy"],
+        "label": spec["label"],
         "compressor": cfg["compressor"],
         "gamma": cfg["gamma"],
         "form": cfg["form"],
@@ -175,10 +185,10 @@ def finish(rows: list[dict[str, Any]], out: Path, name: str, command: str) -> No
             + " | bits/node | x vs SGP | energy/node J (radio+compute) |",
             "|---|---|---|" + "---|" * len(PARTITIONS) + "---|---|---|",
         ]
-        for key in dict.fromkeys((r["strategy"], r["compressor"], r["gamma"]) for r in sub):
+        for key in dict.fromkeys((r["label"], r["compressor"], r["gamma"]) for r in sub):
             cells, bits, red, energy = [], None, None, ""
             for part in PARTITIONS:
-                hit = [r for r in sub if (r["strategy"], r["compressor"], r["gamma"]) == key and r["partition"] == part]
+                hit = [r for r in sub if (r["label"], r["compressor"], r["gamma"]) == key and r["partition"] == part]
                 if hit:
                     h = hit[0]
                     cells.append(
@@ -207,11 +217,11 @@ def plot(rows: list[dict[str, Any]], out: Path, name: str) -> None:
         fig, axes = plt.subplots(2, len(PARTITIONS), figsize=(5 * len(PARTITIONS), 8), squeeze=False)
         for col, part in enumerate(PARTITIONS):
             for r in (r for r in rows if r["dataset"] == ds and r["partition"] == part):
-                label = r["strategy"] + ("" if r["compressor"] == "none" else f" {r['compressor']}")
+                label = r["label"] + ("" if r["compressor"] == "none" else f" {r['compressor']}")
                 h = r["history"]
                 bits = [max(m["bits_sent_per_node"], 1.0) for m in h]
                 acc = [100 * m["acc_consensus"] for m in h]
-                style = "-" if r["strategy"] != "scsp" else "--"
+                style = "--" if r["strategy"] == "scsp" else (":" if "+" in r["label"] else "-")
                 axes[0][col].plot(bits, acc, style, marker="o", ms=3, label=label)
                 axes[1][col].plot([m["round"] for m in h], acc, style, marker="o", ms=3, label=label)
             axes[0][col].set_xscale("log")
