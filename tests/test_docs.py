@@ -18,3 +18,15 @@ def test_readme_shows_the_two_commands_and_every_subcommand():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for name in sub.choices:
         assert f"sparsepush {name}" in readme, f"README does not mention `sparsepush {name}`"
+
+
+def test_pyproject_declares_every_run_config_key_with_its_default():
+    """`flwr run` refuses keys that [tool.flwr.app.config] does not declare, so it must list every key."""
+    import tomllib
+
+    from flower_sparsepush.config import KEYS
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(declared) == set(KEYS)
+    for key, spec in KEYS.items():
+        assert declared[key] == spec.default, f"pyproject default of {key!r} differs from config.py"
