@@ -46,6 +46,22 @@ def _consensus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_keys(args: argparse.Namespace) -> int:
+    print(config_keys_markdown(), end="")
+    return 0
+
+
+def config_keys_markdown() -> str:
+    """The run-config table of docs/config.md, generated from config.KEYS so the docs match the code."""
+    from flower_sparsepush.config import KEYS
+
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, spec in KEYS.items():
+        meaning = spec.help.replace("|", "\\|")
+        lines.append(f"| `{key}` | `{spec.default!r}` | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsepush", description="Decentralized compressed push-sum training on Flower.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -67,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=_consensus)
+    k = sub.add_parser("config-keys", help="print the run-config keys as a Markdown table (docs/config.md)")
+    k.set_defaults(func=_config_keys)
     for name in SUBCOMMAND_MODULES:  # each module adds its own subcommands with register(subparsers)
         importlib.import_module(f"flower_sparsepush.{name}").register(sub)
     return parser

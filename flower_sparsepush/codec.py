@@ -56,13 +56,22 @@ class Message:
 # -- bit packing ---------------------------------------------------------------------------------------------------
 
 
+def _uint_view(width: int) -> tuple[str, int]:
+    """Big-endian unsigned dtype wide enough for ``width`` bits, and its bit count."""
+    for dt, bits in ((">u1", 8), (">u2", 16), (">u4", 32)):
+        if width <= bits:
+            return dt, bits
+    return ">u8", 64
+
+
 def pack_uint(values: np.ndarray, width: int) -> bytes:
     """Pack non-negative integers, ``width`` bits each, most significant bit first."""
     if width == 0 or len(values) == 0:
         return b""
-    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
-    bits = ((values.astype(np.uint64)[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(bits.ravel()).tobytes()
+    # bytes of each value big-endian -> bits (uint8, no 64-bit temporaries) -> keep the low ``width`` bits
+    dt, bits = _uint_view(width)
+    allbits = np.unpackbits(np.ascontiguousarray(values, dtype=dt).view(np.uint8)).reshape(len(values), bits)
+    return np.packbits(allbits[:, bits - width :]).tobytes()
 
 
 def unpack_uint(buf: bytes, count: int, width: int) -> np.ndarray:
@@ -70,8 +79,12 @@ def unpack_uint(buf: bytes, count: int, width: int) -> np.ndarray:
     if width == 0 or count == 0:
         return np.zeros(count, dtype=np.int64)
     bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=count * width).reshape(count, width)
-    weights = (np.uint64(1) << np.arange(width - 1, -1, -1, dtype=np.uint64)).astype(np.uint64)
-    return (bits.astype(np.uint64) @ weights).astype(np.int64)
+    dt, nbits = _uint_view(width)
+    if nbits != width:  # left-pad each value's bits to a whole big-endian integer
+        full = np.zeros((count, nbits), dtype=np.uint8)
+        full[:, nbits - width :] = bits
+        bits = full
+    return np.packbits(bits).view(dt).astype(np.int64)
 
 
 def _nbytes(bits: int) -> int:
@@ -93,8 +106,9 @@ def _rice_param(gaps: np.ndarray) -> tuple[int, int]:
     return best
 
 
-def _encode_rice(idx: np.ndarray, r: int) -> bytes:
-    gaps = np.diff(idx, prepend=-1) - 1
+def _encode_rice(idx: np.ndarray, r: int, gaps: np.ndarray | None = None) -> bytes:
+    if gaps is None:
+        gaps = np.diff(idx, prepend=-1) - 1
     q = gaps >> r
     ends = np.cumsum(q + 1) - 1  # position of each terminating zero
     unary = np.ones(int(ends[-1]) + 1 if len(ends) else 0, dtype=np.uint8)
@@ -124,29 +138,43 @@ def _decode_rice(buf: memoryview, pos: int, k: int) -> tuple[np.ndarray, int]:
     return np.cumsum(gaps + 1) - 1, pos + rlen
 
 
-def index_bits(idx: np.ndarray, dim: int) -> dict[int, int]:
-    """Bits each index coding would use for these indices (byte-aligned, parameters included)."""
+def _index_sizes(idx: np.ndarray, dim: int) -> tuple[dict[int, int], np.ndarray, int]:
+    """Bits of each index coding, the gaps and the best Rice parameter (computed once, shared by the callers)."""
     k = len(idx)
     width = max(1, int(dim - 1).bit_length())
     gaps = np.diff(idx, prepend=-1) - 1
-    return {
-        BITMAP: 8 * _nbytes(dim),
-        RICE: 8 * 5 + _rice_param(gaps)[1] if k else 8 * 5,
-        FIXED: 8 + 8 * _nbytes(width * k),
-    }
+    r, rice = _rice_param(gaps) if k else (0, 0)
+    sizes = {BITMAP: 8 * _nbytes(dim), RICE: 8 * 5 + rice, FIXED: 8 + 8 * _nbytes(width * k)}
+    return sizes, gaps, r
+
+
+def index_bits(idx: np.ndarray, dim: int) -> dict[int, int]:
+    """Bits each index coding would use for these indices (byte-aligned, parameters included)."""
+    return _index_sizes(idx, dim)[0]
+
+
+def _bitmap(idx: np.ndarray, dim: int) -> bytes:
+    mask = np.zeros(dim, dtype=np.bool_)
+    mask[idx] = True
+    return np.packbits(mask).tobytes()
+
+
+def _bitmap_indices(raw: np.ndarray, dim: int) -> np.ndarray:
+    """Positions of the set bits among the first ``dim`` bits of a bitmap (only its non-zero bytes are unpacked)."""
+    nz = np.flatnonzero(raw)
+    rows, cols = np.nonzero(np.unpackbits(raw[nz]).reshape(len(nz), 8))
+    idx = nz[rows] * 8 + cols
+    return idx[idx < dim] if len(idx) and idx[-1] >= dim else idx
 
 
 def encode_indices(idx: np.ndarray, dim: int) -> tuple[int, bytes]:
     """The smallest coding of sorted unique indices, as (coding id, bytes)."""
-    sizes = index_bits(idx, dim)
+    sizes, gaps, r = _index_sizes(idx, dim)
     coding = min(sizes, key=sizes.get)
     if coding == BITMAP:
-        mask = np.zeros(dim, dtype=np.uint8)
-        mask[idx] = 1
-        return coding, np.packbits(mask).tobytes()
+        return coding, _bitmap(idx, dim)
     if coding == RICE:
-        gaps = np.diff(idx, prepend=-1) - 1
-        return coding, _encode_rice(idx, _rice_param(gaps)[0])
+        return coding, _encode_rice(idx, r, gaps)
     width = max(1, int(dim - 1).bit_length())
     return coding, struct.pack("<B", width) + pack_uint(idx, width)
 
@@ -211,7 +239,7 @@ def decode(data: bytes, expected_dim: int | None = None) -> Message:
                 n = _nbytes(dim)
                 if pos + n > len(buf):
                     raise CodecError("truncated message: the index bitmap is cut short")
-                idx = np.flatnonzero(np.unpackbits(np.frombuffer(buf[pos : pos + n], dtype=np.uint8), count=dim))
+                idx = _bitmap_indices(np.frombuffer(buf[pos : pos + n], dtype=np.uint8), dim)
                 pos += n
             elif coding == RICE:
                 idx, pos = _decode_rice(buf, pos, k)
@@ -224,7 +252,7 @@ def decode(data: bytes, expected_dim: int | None = None) -> Message:
                 pos += 1 + n
             else:
                 raise CodecError(f"corrupt message: unknown index coding {coding}")
-            idx = idx.astype(np.int64)
+            idx = idx.astype(np.int64, copy=False)
             if len(idx) != k:
                 raise CodecError(f"corrupt message: {len(idx)} indices where the header says {k}")
             if k and (idx[0] < 0 or idx[-1] >= dim or np.any(np.diff(idx) <= 0)):

@@ -107,6 +107,19 @@ def _as_numpy(v: torch.Tensor) -> np.ndarray:
     return v.detach().cpu().numpy()
 
 
+def sorted_indices(idx: np.ndarray, dim: int) -> np.ndarray:
+    """Unique positions ``idx`` of a length-``dim`` vector, sorted, as int64.
+
+    Dense selections (more than 1/32 of the entries) go through a boolean mask, O(dim) and several times faster
+    than a comparison sort of ``k`` entries; sparse ones are sorted directly. Same result either way.
+    """
+    if 32 * len(idx) > dim:
+        mask = np.zeros(dim, dtype=np.bool_)
+        mask[idx] = True
+        return np.flatnonzero(mask).astype(np.int64, copy=False)
+    return np.sort(idx.astype(np.int64, copy=False))
+
+
 class Identity:
     """Send every entry at full precision."""
 
@@ -147,7 +160,7 @@ class TopK:
                 parts.append(torch.topk(mag[start : start + size], self.count(size), sorted=False).indices + start)
                 start += size
             idx = torch.cat(parts)
-        return np.sort(_as_numpy(idx).astype(np.int64))
+        return sorted_indices(_as_numpy(idx), len(v))
 
     def __call__(self, v: torch.Tensor) -> Compressed:
         idx = self.select(v)
@@ -230,4 +243,10 @@ def compress_with_feedback(compressor, v: torch.Tensor, error: torch.Tensor | No
     """Error feedback: compress ``v + error`` and return the message and the new error (what was left out)."""
     u = v if error is None else v + error
     c = compressor(u)
-    return c, u - c.to_dense(u.dtype)
+    # u - to_dense(c), touching only the kept entries: u + (-1) * c is the same IEEE result as u - c
+    err = u.clone() if u is v else u
+    if c.indices is None:
+        err.sub_(torch.from_numpy(np.ascontiguousarray(c.decoded_values())).to(err.dtype))
+    else:
+        c.add_to_(err, alpha=-1.0)
+    return c, err

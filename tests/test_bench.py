@@ -1,0 +1,109 @@
+"""Fast checks of the benchmark code's pure parts (no timing assertions, no Flower runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import torch
+
+from flower_sparsepush import bench, codec
+from flower_sparsepush.compression import TopK
+
+
+def test_stats_median_min_max():
+    assert bench.stats([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert bench.stats([])["n"] == 0
+
+
+def test_round_times_from_stamps():
+    assert bench._round_times([0.0, 1.0, 3.0], [0.5, 2.5, 3.5]) == [1.0, 2.0, 0.5]
+
+
+def test_wire_ratio_matches_entropy_bound_on_small_vector():
+    v = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+    r = bench.wire_ratio(v, "topk:0.01")
+    k = TopK(0.01).count(5000)
+    bound = codec.entropy_bits(5000, k, 32 * k)
+    assert r["k"] == k and math.isclose(r["entropy_bits"], bound)
+    assert math.isclose(r["ratio"], r["bits"] / bound)
+    assert r["ratio"] >= 1.0  # nothing beats the entropy bound
+    assert r["index_ratio"] >= 1.0
+    q = bench.wire_ratio(v, "topk:0.01+q:4")
+    assert math.isclose(q["entropy_bits"], codec.entropy_bits(5000, k, 4 * k + 32))
+
+
+def test_codec_section_runs_on_tiny_sizes():
+    out = bench.section_codec({"tiny": 2000}, {"tiny": 2}, lambda s: None, fractions=(0.1,))
+    row = out["tiny|0.1"]
+    assert row["k"] == 200 and row["encdec_vs_topk"] > 0 and row["topk_s"]["n"] == 2
+
+
+def test_growth_and_report_have_the_required_keys(tmp_path):
+    sc = {
+        "16": {
+            "ok": True,
+            "s_per_round": bench.stats([1.0]),
+            "peak_pss_gib": 1.0,
+            "peak_rss_gib": 2.0,
+            "peak_processes": 5,
+            "startup_s": 9.0,
+            "total_s": 20.0,
+            "wall_s": 30.0,
+        },
+        "64": {
+            "ok": True,
+            "s_per_round": bench.stats([3.0]),
+            "peak_pss_gib": 2.0,
+            "peak_rss_gib": 3.0,
+            "peak_processes": 5,
+            "startup_s": 9.0,
+            "total_s": 20.0,
+            "wall_s": 40.0,
+        },
+    }
+    g = bench.growth(sc)
+    assert g["time_factor"] == 3.0 and math.isclose(g["mem_per_node_mib"], 1024 / 48)
+    v = torch.randn(3000, generator=torch.Generator().manual_seed(1))
+    sections = {
+        "scale": sc,
+        "growth": g,
+        "wire": bench.section_wire({"resnet20_update": v}, lambda s: None),
+        "codec": bench.section_codec({"0.27M": 3000, "11M": 4000}, {"0.27M": 1, "11M": 1}, lambda s: None),
+        "overhead": {
+            "cnn_16": {
+                "ratio": 1.1,
+                "inprocess_s_per_round": bench.stats([1.0]),
+                "flower_s_per_round": bench.stats([1.1]),
+                "flower_startup_s": 8.0,
+            }
+        },
+    }
+    rep = bench.assemble(
+        sections, bench.machine_info(), "sparsepush bench --quick", "quick", {"before": [0.0], "after": [0.0]}
+    )
+    for key in bench.REQUIRED_KEYS:
+        assert key in rep, key
+    assert rep["max_nodes_run"] == 64 and rep["peak_mem_gib_at_max_nodes"] == 2.0
+    assert {"cores", "memory_gib", "torch"} <= set(rep["machine"])
+    assert np.isfinite(rep["entropy_ratio_topk_0.01"]) and np.isfinite(rep["codec_vs_topk_ratio_11M"])
+    json.loads(json.dumps(rep, default=float))  # serializable
+    md = bench.render_md(rep)
+    assert "| goal | target | measured | met |" in md and "1,000 virtual nodes" in md
+
+
+def test_register_adds_the_bench_subcommand():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    bench.register(sub)
+    args = parser.parse_args(["bench", "--quick", "--only", "wire"])
+    assert args.quick and args.only == "wire" and args.func is bench.cmd_bench
+
+
+def test_tree_memory_of_this_process_is_positive():
+    import os
+
+    rss, pss = bench.proc_mem(os.getpid())
+    assert rss > 0 and pss > 0
