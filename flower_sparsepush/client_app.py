@@ -1,7 +1,8 @@
 """Flower ClientApp (Message API): each virtual client is one push-sum node (node id = partition id).
 
 - ``query``: answers its ``partition-id`` (the ServerApp learns node id -> partition id before round 1).
-- ``train`` (sgp / sparse-push): absorbs the packed inbox, runs the local SGD steps and replies with its outgoing
+- ``train`` (sgp / sparse-push): takes back the mass of its bounced messages (``inbox.bounced``; router.py),
+  absorbs the packed inbox, runs the local SGD steps and replies with its outgoing
   encoded push-sum messages (one frame per out-neighbour) and metrics. The work is :func:`training.node_round`,
   the same function the in-process loop runs.
 - ``train`` (fedavg): local SGD steps from the received global model, replies the model and ``num-examples``.
@@ -24,7 +25,7 @@ from flwr.clientapp import ClientApp
 from flower_sparsepush.config import validate
 from flower_sparsepush.pushsum import NodeState
 from flower_sparsepush.strategies.routing import pack_frames, unpack_frames
-from flower_sparsepush.training import evaluate, get_setup, init_state, local_sgd, node_round
+from flower_sparsepush.training import absorb_bounces, evaluate, get_setup, init_state, local_sgd, node_round
 
 STATE_ARRAYS = "ps"
 STATE_META = "ps-meta"
@@ -106,19 +107,34 @@ def make_client_app(run_config: dict | None = None) -> ClientApp:
             z_new, mom, loss = local_sgd(setup, z, mom, node, rnd)
             if mom is not None:
                 context.state["m"] = ArrayRecord({"m": _np(mom)})
-            return Message(RecordDict({
-                "arrays": ArrayRecord({"z": _np(z_new)}),
-                "metrics": MetricRecord({"num-examples": len(setup.shards[node][1]), "train_loss": loss}),
-            }), reply_to=msg)
+            return Message(
+                RecordDict(
+                    {
+                        "arrays": ArrayRecord({"z": _np(z_new)}),
+                        "metrics": MetricRecord({"num-examples": len(setup.shards[node][1]), "train_loss": loss}),
+                    }
+                ),
+                reply_to=msg,
+            )
         state = load_state(context) or init_state(setup)
         rnd = int(msg.content["config"]["round"])
-        inbox = [d for _, d in unpack_frames(msg.content["inbox"]["frames"])]
+        box = msg.content["inbox"]
+        inbox = [d for _, d in unpack_frames(box["frames"])]
+        bounced = unpack_frames(box["bounced"]) if "bounced" in box else []
+        absorb_bounces(setup, state, node, rnd, bounced)  # before node_round absorbs the inbox, as in-process
         res = node_round(setup, state, node, rnd, inbox)
         save_state(context, state)
-        return Message(RecordDict({
-            "out": ConfigRecord({"round": rnd, "frames": pack_frames(sorted(res.messages.items()))}),
-            "metrics": MetricRecord({"train_loss": res.loss, "rejected": len(res.rejected), "y": float(state.y)}),
-        }), reply_to=msg)
+        return Message(
+            RecordDict(
+                {
+                    "out": ConfigRecord({"round": rnd, "frames": pack_frames(sorted(res.messages.items()))}),
+                    "metrics": MetricRecord(
+                        {"train_loss": res.loss, "rejected": len(res.rejected), "y": float(state.y)}
+                    ),
+                }
+            ),
+            reply_to=msg,
+        )
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
@@ -128,10 +144,15 @@ def make_client_app(run_config: dict | None = None) -> ClientApp:
         state = load_state(context) or init_state(setup)
         z = state.z.to(torch.float32)
         acc, loss = evaluate(setup, z, cfg["eval-node-samples"])
-        return Message(RecordDict({
-            "model": ArrayRecord({"z": _np(z)}),
-            "metrics": MetricRecord({"acc": acc, "loss": loss, "y": float(state.y)}),
-        }), reply_to=msg)
+        return Message(
+            RecordDict(
+                {
+                    "model": ArrayRecord({"z": _np(z)}),
+                    "metrics": MetricRecord({"acc": acc, "loss": loss, "y": float(state.y)}),
+                }
+            ),
+            reply_to=msg,
+        )
 
     return app
 

@@ -32,12 +32,15 @@ class Key:
     hi: float | None = None
     lo_open: bool = False
     choices: tuple[str, ...] | None = None
+    hi_open: bool = False
 
 
 KEYS: dict[str, Key] = {
     "strategy": Key("sparse-push", str, "fedavg | sgp | sparse-push | scsp", choices=STRATEGIES),
     "num-nodes": Key(16, int, "number of nodes (virtual clients); must equal the federation's num-supernodes", 2, 4096),
-    "graph": Key("exponential", str, "communication graph (topology.GRAPH_NAMES), e.g. exponential, ring, random-out:2"),
+    "graph": Key(
+        "exponential", str, "communication graph (topology.GRAPH_NAMES), e.g. exponential, ring, random-out:2"
+    ),
     "compressor": Key("topk:0.05", str, "message compressor, e.g. none, topk:0.01, topk:0.01+q:4 (sgp forces none)"),
     "gamma": Key(0.1, float, "consensus step size in (0, 1] (sgp forces 1)", 0.0, 1.0, lo_open=True),
     "form": Key("ref", str, "push-sum form (pushsum.FORMS): ref (per-edge z references) | ef (error feedback on x)"),
@@ -47,9 +50,17 @@ KEYS: dict[str, Key] = {
     "nesterov": Key(True, bool, "Nesterov momentum"),
     "weight-decay": Key(1e-4, float, "L2 weight decay (>= 0)", 0.0, 1.0),
     "batch-size": Key(32, int, "per-node batch size", 1, 65536),
-    "local-steps": Key(1, int, "SGD steps per node between two gossip rounds (amortizes Flower's per-round cost)", 1, 100000),
-    "qgm": Key(False, bool, "quasi-global momentum (Lin et al. 2021): momentum fed by the post-gossip model change; scsp turns it on unless set"),
-    "final-gossip-rounds": Key(0, int, "gossip-only rounds (no SGD, compressed, counted) after num-rounds; scsp: 50 unless set", 0, 1_000_000),
+    "local-steps": Key(
+        1, int, "SGD steps per node between two gossip rounds (amortizes Flower's per-round cost)", 1, 100000
+    ),
+    "qgm": Key(
+        False,
+        bool,
+        "quasi-global momentum (Lin et al. 2021): momentum fed by the post-gossip model change; scsp turns it on unless set",
+    ),
+    "final-gossip-rounds": Key(
+        0, int, "gossip-only rounds (no SGD, compressed, counted) after num-rounds; scsp: 50 unless set", 0, 1_000_000
+    ),
     "num-rounds": Key(20, int, "gossip (or FedAvg) rounds", 1, 10_000_000),
     "dataset": Key("fashion_mnist", str, "fashion_mnist | mnist | cifar10 | synthetic", choices=DATASETS),
     "data-dir": Key("", str, "dataset folder ('' = the data module's default search path)"),
@@ -58,11 +69,53 @@ KEYS: dict[str, Key] = {
     "norm": Key("group", str, "group | group:G | layer | none (batch is refused: its buffers are not gossiped)"),
     "seed": Key(0, int, "seed of model init, partition, batches and compressors", 0, 2**31 - 1),
     "eval-every": Key(5, int, "evaluate every this many rounds (and after the last one)", 1, 10_000_000),
-    "eval-node-samples": Key(2000, int, "test samples each node evaluates its own model on (0 = whole test set)", 0,
-                             10_000_000),
+    "eval-node-samples": Key(
+        2000, int, "test samples each node evaluates its own model on (0 = whole test set)", 0, 10_000_000
+    ),
     "out-dir": Key("runs", str, "results folder; files go to <out-dir>/<run-name>/"),
     "run-name": Key("", str, "results sub-folder ('' = <strategy>-<graph>-<compressor>-s<seed>)"),
     "save-nodes": Key(False, bool, "also write every node's final de-biased model to nodes.npz"),
+    "drop": Key(
+        0.0,
+        float,
+        "probability that a link drops a message, in [0, 1) (dropped messages bounce back unless bounce=false)",
+        0.0,
+        1.0,
+        hi_open=True,
+    ),
+    "link-down": Key(
+        0.0,
+        float,
+        "probability that a link is down for a whole span of down-span rounds, in [0, 1)",
+        0.0,
+        1.0,
+        hi_open=True,
+    ),
+    "down-span": Key(10, int, "length in rounds of a link-down span (>= 1)", 1, 1_000_000),
+    "churn": Key(
+        0.0, float, "fraction of nodes offline in each round, in [0, 1) (their mailbox waits)", 0.0, 1.0, hi_open=True
+    ),
+    "bounce": Key(
+        True, bool, "a dropped message bounces back to its sender, who takes its mass back (false: lost, mass drifts)"
+    ),
+    "round-timeout": Key(
+        3600.0,
+        float,
+        "Flower path: seconds the ServerApp waits for the nodes' replies in a round; late nodes are stragglers",
+        0.0,
+        1e7,
+        lo_open=True,
+    ),
+    "checkpoint-every": Key(
+        0,
+        int,
+        "in-process loop: write <out-dir>/<run-name>/checkpoint.pt every this many rounds (0 = never)",
+        0,
+        10_000_000,
+    ),
+    "resume": Key(
+        False, bool, "in-process loop: continue from <out-dir>/<run-name>/checkpoint.pt (from round 0 if there is none)"
+    ),
 }
 
 
@@ -104,9 +157,10 @@ def _coerce(key: str, spec: Key, value: Any) -> Any:
         value = str(value).strip()
     if spec.lo is not None:
         low_bad = value <= spec.lo if spec.lo_open else value < spec.lo
-        if low_bad or value > spec.hi:
-            lo = "(" if spec.lo_open else "["
-            raise ConfigError(f"{bad}: must be in {lo}{spec.lo:g}, {spec.hi:g}] ({spec.help})")
+        high_bad = value >= spec.hi if spec.hi_open else value > spec.hi
+        if low_bad or high_bad:
+            lo, hi = "(" if spec.lo_open else "[", ")" if spec.hi_open else "]"
+            raise ConfigError(f"{bad}: must be in {lo}{spec.lo:g}, {spec.hi:g}{hi} ({spec.help})")
     if spec.choices is not None and value not in spec.choices:
         raise ConfigError(f"{bad}: allowed values are {', '.join(spec.choices)}")
     return value
@@ -190,8 +244,104 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
         out["final-gossip-rounds"] = out["final-gossip-rounds"] if "final-gossip-rounds" in cfg else 50
     if out["strategy"] == "fedavg" and (out["qgm"] or out["final-gossip-rounds"]):
         raise ConfigError("run-config qgm / final-gossip-rounds: these belong to the gossip strategies, not fedavg")
+    if out["strategy"] == "fedavg":
+        lossy = [k for k in ("drop", "link-down", "churn") if out[k]]
+        if lossy or out["checkpoint-every"] or out["resume"]:
+            bad = (lossy or [k for k in ("checkpoint-every", "resume") if out[k]])[0]
+            raise ConfigError(
+                f"run-config {bad}={out[bad]!r}: lossy links, churn and checkpoints belong to the "
+                "gossip strategies (sgp, sparse-push, scsp), not fedavg"
+            )
     if not out["run-name"]:
         out["run-name"] = f"{out['strategy']}-{out['graph']}-{out['compressor']}-s{out['seed']}".replace(":", "")
     if "/" in out["run-name"] or out["run-name"] in (".", ".."):
         raise ConfigError(f"run-config run-name={out['run-name']!r}: must be a plain folder name")
     return out
+
+
+# shape of one example and class count of each dataset, to size the model before any data is loaded
+DATA_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
+    "fashion_mnist": ((1, 28, 28), 10),
+    "mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "synthetic": ((32,), 10),  # training.load_data: make_synthetic(shape=(32,), num_classes=10)
+}
+_SELECTORS = ("topk", "topk-layer", "randk")
+
+
+def total_rounds(cfg: dict[str, Any]) -> int:
+    """Training rounds plus the final gossip-only rounds (what the graph must connect over)."""
+    return cfg["num-rounds"] + (0 if cfg["strategy"] == "fedavg" else cfg["final-gossip-rounds"])
+
+
+def model_size(cfg: dict[str, Any]) -> tuple[int, list[int]]:
+    """(number of parameters, per-tensor sizes) of the run's model, built without loading the dataset."""
+    from flower_sparsepush.models import build_model, segment_sizes
+
+    shape, classes = DATA_SHAPES[cfg["dataset"]]
+    in_ch = shape[0] if len(shape) == 3 else 1
+    model = build_model(cfg["model"], classes, in_ch, cfg["norm"], input_shape=shape, seed=cfg["seed"])
+    sizes = segment_sizes(model)
+    return sum(sizes), sizes
+
+
+def preflight(cfg: dict[str, Any], flower: bool = False) -> None:
+    """The checks of a validated config that need more than its values; raises one :class:`ConfigError`.
+
+    - the graph is jointly strongly connected over its window, for the rounds of this run
+      (``topology.check_strongly_connected``);
+    - the model fits the data (conv models need image datasets) and a top-k / random-k *count* is at most the number
+      of parameters ``d`` (a fraction is always within (0, d]);
+    - the dataset's files are present (``data.find_data``);
+    - the results folder ``<out-dir>/<run-name>`` can be created or written (nothing is created here);
+    - with ``flower``: no ``checkpoint-every`` / ``resume`` (node states live in the ClientApps' context.state;
+      checkpoints are implemented for the in-process loop only).
+
+    ``sparsepush train``, :func:`launch.simulate` and the ServerApp call it before Ray starts / before any message.
+    """
+    import os
+    from pathlib import Path
+
+    from flower_sparsepush.topology import GraphError, check_strongly_connected, make_graph
+
+    for key in ("checkpoint-every", "resume") if flower else ():
+        if cfg[key]:
+            raise ConfigError(
+                f"run-config {key}={cfg[key]!r}: checkpoints and resume are implemented for the "
+                "in-process loop only (python -m flower_sparsepush.training ...; docs/reliability.md)"
+            )
+    if cfg["strategy"] != "fedavg":
+        try:
+            check_strongly_connected(make_graph(cfg["graph"], cfg["num-nodes"], cfg["seed"]), rounds=total_rounds(cfg))
+        except GraphError as err:
+            raise ConfigError(f"run-config graph={cfg['graph']!r}: {err}") from None
+    if cfg["dataset"] == "synthetic" and cfg["model"] in ("cnn", "resnet20", "vgg11"):
+        raise ConfigError(
+            f"run-config model={cfg['model']!r}: the synthetic dataset has flat features; use mlp or logreg"
+        )
+    d, _ = model_size(cfg)
+    if cfg["strategy"] != "sgp":
+        for part in cfg["compressor"].split("+"):
+            name, _, arg = part.partition(":")
+            if name in _SELECTORS and arg and float(arg) >= 1 and float(arg) > d:
+                raise ConfigError(
+                    f"run-config compressor={cfg['compressor']!r}: {name} keeps {int(float(arg))} entries "
+                    f"but the {cfg['model']} model on {cfg['dataset']} has only d={d} parameters "
+                    "(k must be in (0, d])"
+                )
+    if cfg["dataset"] != "synthetic":
+        from flower_sparsepush import data
+
+        try:
+            data.find_data(cfg["dataset"], cfg["data-dir"] or None)
+        except (data.DataNotFoundError, FileNotFoundError) as err:
+            raise ConfigError(f"run-config dataset={cfg['dataset']!r}: {err}") from None
+    out = Path(cfg["out-dir"]) / cfg["run-name"]
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"run-config out-dir={cfg['out-dir']!r}: cannot write results to {out} "
+            f"({probe} is {'not a folder' if not probe.is_dir() else 'not writable'})"
+        )

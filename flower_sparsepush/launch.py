@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flower_sparsepush.config import KEYS, ConfigError, validate
+from flower_sparsepush.config import KEYS, ConfigError, preflight, validate
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 QUIET_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
@@ -50,6 +50,7 @@ def _quiet_env() -> None:
 def simulate(raw_cfg: dict[str, Any], verbose: bool = False) -> Path:
     """Run one validated config through Flower's simulation engine in this process; returns the results folder."""
     cfg = validate(raw_cfg)
+    preflight(cfg, flower=True)  # graph, data, model size, out-dir: before Ray starts
     _quiet_env()
     import logging
 
@@ -226,6 +227,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     msg = check_data(cfg)
     if msg:
         print(f"error: {msg}", file=sys.stderr)
+        return 2
+    try:
+        preflight(cfg, flower=True)  # graph connectivity, top-k count vs model size, out-dir, engine support
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     out = simulate(cfg) if args.engine == "simulation" else flwr_run(cfg)
     print(f"results: {out}")

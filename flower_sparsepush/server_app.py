@@ -19,12 +19,12 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from flower_sparsepush.config import validate
+from flower_sparsepush.config import preflight, validate
 from flower_sparsepush.results import Recorder
 from flower_sparsepush.strategies.routing import SCSP, SGP, CountingFedAvg, SparsePush
-from flower_sparsepush.training import evaluate, get_setup
+from flower_sparsepush.training import evaluate, get_setup, network_of
 
-ROUND_TIMEOUT_S = 3600.0
+ROUND_TIMEOUT_S = 3600.0  # the default of the round-timeout key
 
 
 def build_strategy(cfg: dict[str, Any]):
@@ -32,12 +32,13 @@ def build_strategy(cfg: dict[str, Any]):
     if cfg["strategy"] == "fedavg":
         return CountingFedAvg(n, fraction_train=1.0, min_train_nodes=n)
     cls = {"sgp": SGP, "sparse-push": SparsePush, "scsp": SCSP}[cfg["strategy"]]
-    return cls(n, eval_every=cfg["eval-every"], sample_seed=cfg["seed"])
+    return cls(n, eval_every=cfg["eval-every"], sample_seed=cfg["seed"], network=network_of(cfg), bounce=cfg["bounce"])
 
 
 def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
     """Run one training run on ``grid``; returns the summary (also written to summary.json)."""
     cfg = validate(raw_cfg)
+    preflight(cfg, flower=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     setup = get_setup(cfg)
     rec = Recorder(cfg)
@@ -45,12 +46,20 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
     n, last = cfg["num-nodes"], cfg["num-rounds"] + cfg["final-gossip-rounds"]
 
     def row(rnd: int, acc_c: float, loss: float, node_mean: float, node_min: float, dist: float, **extra) -> dict:
-        return rec.log(extra | {
-            "round": rnd, "epoch": round(setup.epoch(rnd), 4), "acc_consensus": acc_c, "acc_node_mean": node_mean,
-            "acc_node_min": node_min, "loss": loss, "consensus_distance": dist,
-            "bits_sent_per_node": float(np.mean(strategy.bits_sent)),
-            "bits_received_per_node": float(np.mean(strategy.bits_received)),
-        })
+        return rec.log(
+            extra
+            | {
+                "round": rnd,
+                "epoch": round(setup.epoch(rnd), 4),
+                "acc_consensus": acc_c,
+                "acc_node_mean": node_mean,
+                "acc_node_min": node_min,
+                "loss": loss,
+                "consensus_distance": dist,
+                "bits_sent_per_node": float(np.mean(strategy.bits_sent)),
+                "bits_received_per_node": float(np.mean(strategy.bits_received)),
+            }
+        )
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
         if rnd == 0 or not (rnd % cfg["eval-every"] == 0 or rnd == last):
@@ -64,15 +73,27 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
             if ev is None or ev["round"] != rnd:
                 raise RuntimeError(f"round {rnd}: no node evaluation arrived")
             acc, loss = evaluate(setup, torch.from_numpy(ev["zbar"]), 0)
-            r = row(rnd, acc, loss, ev["acc_node_mean"], ev["acc_node_min"], ev["consensus_distance"],
-                    y_nodes=ev["y_nodes"], y_mailboxes=ev["y_mailboxes"])
+            r = row(
+                rnd,
+                acc,
+                loss,
+                ev["acc_node_mean"],
+                ev["acc_node_min"],
+                ev["consensus_distance"],
+                y_nodes=ev["y_nodes"],
+                y_mailboxes=ev["y_mailboxes"],
+                messages_dropped=strategy.router.dropped,
+                messages_rejected=strategy.messages_rejected,
+                stragglers=len(strategy.stragglers),
+                num_evaluated=ev["num_evaluated"],
+            )
         return MetricRecord({k: float(v) for k, v in r.items()})
 
     strategy.start(
         grid,
         ArrayRecord({"z": Array(setup.x0.numpy())}),
         num_rounds=last,
-        timeout=ROUND_TIMEOUT_S,
+        timeout=cfg["round-timeout"],
         evaluate_fn=evaluate_fn,
     )
     extra: dict[str, Any] = {
@@ -88,6 +109,11 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
         extra["mailbox_messages"] = sum(len(b) for b in strategy.mailboxes)
         extra["mailbox_bits"] = sum(8 * len(d) for b in strategy.mailboxes for _, _, d in b)
         extra["rejected_messages"] = strategy.rejected
+        extra["messages_rejected"] = strategy.messages_rejected
+        extra["messages_dropped"] = strategy.router.dropped
+        extra["straggler_events"] = strategy.stragglers
+        extra["nodes_not_returned"] = strategy.nodes_not_returned()
+        extra["eval_failures"] = strategy.eval_failures
         if cfg["save-nodes"]:
             np.savez(rec.dir / "nodes.npz", **{f"z{p}": z for p, z in sorted(ev["z_nodes"].items())})
     return rec.finish(extra)

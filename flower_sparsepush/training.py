@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from flower_sparsepush.compression import make_compressor
 from flower_sparsepush.config import parse_lr_schedule
 from flower_sparsepush.pushsum import NodeState, PushSum
+from flower_sparsepush.router import Network, Router
 from flower_sparsepush.topology import make_graph
 
 _TAGS = {"batch": 1, "epoch": 2, "aug": 3, "compress": 4}
@@ -36,8 +37,10 @@ _TAGS = {"batch": 1, "epoch": 2, "aug": 3, "compress": 4}
 
 def seed_for(seed: int, node: int, tag: str, k: int) -> int:
     """A 63-bit seed that depends only on (seed, node, tag, k)."""
-    return int(np.random.SeedSequence([seed, node, _TAGS[tag], k]).generate_state(2, dtype=np.uint32).view(np.uint64)[0]
-               >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([seed, node, _TAGS[tag], k]).generate_state(2, dtype=np.uint32).view(np.uint64)[0]
+        >> np.uint64(1)
+    )
 
 
 def generator(seed: int, node: int, tag: str, k: int) -> torch.Generator:
@@ -81,7 +84,9 @@ class Setup:
     def algo(self, node: int, rnd: int) -> PushSum:
         """The push-sum rule for one node and round (random-k draws from a (seed, node, round) generator)."""
         cfg = self.cfg
-        comp = make_compressor(cfg["compressor"], segments=self.segments, seed=seed_for(cfg["seed"], node, "compress", rnd))
+        comp = make_compressor(
+            cfg["compressor"], segments=self.segments, seed=seed_for(cfg["seed"], node, "compress", rnd)
+        )
         return PushSum(comp, gamma=cfg["gamma"], form=cfg["form"], ref_init=self.x0)
 
     def epoch(self, rnd: int) -> float:
@@ -90,8 +95,19 @@ class Setup:
 
 
 _SETUP_CACHE: dict[tuple, Setup] = {}
-_SETUP_KEYS = ("dataset", "data-dir", "partition", "num-nodes", "seed", "model", "norm", "graph", "compressor",
-               "gamma", "form")
+_SETUP_KEYS = (
+    "dataset",
+    "data-dir",
+    "partition",
+    "num-nodes",
+    "seed",
+    "model",
+    "norm",
+    "graph",
+    "compressor",
+    "gamma",
+    "form",
+)
 
 
 def load_data(cfg: dict[str, Any]):
@@ -114,11 +130,20 @@ def get_setup(cfg: dict[str, Any]) -> Setup:
     ds = load_data(cfg)
     parts = data.partition(ds.y_train, cfg["num-nodes"], cfg["partition"], seed=cfg["seed"])
     shards = [(ds.x_train[torch.as_tensor(p)], ds.y_train[torch.as_tensor(p)]) for p in parts]
-    model = models.build_model(cfg["model"], ds.num_classes, ds.in_channels, cfg["norm"],
-                               input_shape=ds.input_shape, seed=cfg["seed"])
+    model = models.build_model(
+        cfg["model"], ds.num_classes, ds.in_channels, cfg["norm"], input_shape=ds.input_shape, seed=cfg["seed"]
+    )
     x0 = models.flat_params(model).float()
-    setup = Setup(cfg, ds, shards, model, x0, models.segment_sizes(model),
-                  make_graph(cfg["graph"], cfg["num-nodes"], cfg["seed"]), len(ds.y_train))
+    setup = Setup(
+        cfg,
+        ds,
+        shards,
+        model,
+        x0,
+        models.segment_sizes(model),
+        make_graph(cfg["graph"], cfg["num-nodes"], cfg["seed"]),
+        len(ds.y_train),
+    )
     _SETUP_CACHE.clear()  # keep one setup per process (memory)
     _SETUP_CACHE[key] = setup
     return setup
@@ -161,8 +186,9 @@ def load_flat(model: torch.nn.Module, vec: torch.Tensor) -> None:
     load_flat_params_(model, vec.to(torch.float32))
 
 
-def local_sgd(setup: Setup, z: torch.Tensor, momentum: torch.Tensor | None, node: int, rnd: int, qgm: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+def local_sgd(
+    setup: Setup, z: torch.Tensor, momentum: torch.Tensor | None, node: int, rnd: int, qgm: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """``local-steps`` SGD steps from ``z``; returns (z_new, momentum buffer, mean loss). Same math as torch SGD.
 
     With ``qgm`` the buffer is the quasi-global momentum m (updated once per round by :func:`qgm_update`, from the
@@ -274,11 +300,42 @@ def consensus_metrics(setup: Setup, zs: list[torch.Tensor], node_limit: int) -> 
     dist = float(np.mean([float(((z.to(torch.float64) - zbar) ** 2).sum()) for z in zs]))
     acc_c, loss_c = evaluate(setup, zbar, 0)
     node_acc = [evaluate(setup, z, node_limit)[0] for z in zs]
-    return {"acc_consensus": acc_c, "loss": loss_c, "acc_node_mean": float(np.mean(node_acc)),
-            "acc_node_min": float(np.min(node_acc)), "consensus_distance": dist}
+    return {
+        "acc_consensus": acc_c,
+        "loss": loss_c,
+        "acc_node_mean": float(np.mean(node_acc)),
+        "acc_node_min": float(np.min(node_acc)),
+        "consensus_distance": dist,
+    }
 
 
 # --------------------------------------------------------------------------- in-process loop
+
+
+def network_of(cfg: dict[str, Any]) -> Network:
+    """The link/node failure model of a run (router.Network); seeded by the run seed, as in the Flower path."""
+    return Network(
+        drop=cfg["drop"], link_down=cfg["link-down"], down_span=cfg["down-span"], churn=cfg["churn"], seed=cfg["seed"]
+    )
+
+
+def make_router(cfg: dict[str, Any]) -> Router:
+    return Router(cfg["num-nodes"], network_of(cfg), bounce=cfg["bounce"])
+
+
+def absorb_bounces(setup: Setup, state: NodeState, node: int, rnd: int, bounced: list[tuple[int, bytes]]) -> None:
+    """Take back the mass of this node's messages that the network bounced (before it next uses those edges)."""
+    if bounced:
+        algo = setup.algo(node, rnd)
+        for dest, data in bounced:
+            algo.bounce(state, dest, data)
+
+
+def in_transit_mass(router: Router) -> float:
+    """Push-sum weight y held by the router (mailboxes and bounces)."""
+    from flower_sparsepush.codec import decode
+
+    return float(sum(decode(d).y for d in router.in_transit()))
 
 
 @dataclass
@@ -289,44 +346,212 @@ class InProcessResult:
     bits_received: list[int]
     history: list[dict[str, float]]
     round_seconds: list[float]
+    router: Router | None = None
+    start_round: int = 0  # > 0 when the run was resumed from a checkpoint
 
 
-def run_inprocess(cfg: dict[str, Any], num_rounds: int | None = None, eval_every: int | None = None,
-                  log=None) -> InProcessResult:
-    """The reference loop: the same :func:`node_round` for all nodes of a validated config, in this process."""
+# checkpoint.pt: torch.save of plain types (tensors, numbers, bytes, lists, dicts); loads with weights_only=True
+CHECKPOINT_VERSION = 1
+_NOT_IDENTITY = (
+    "resume",
+    "checkpoint-every",
+    "out-dir",
+    "round-timeout",
+    "eval-every",
+    "eval-node-samples",
+    "save-nodes",
+)
+
+
+def checkpoint_path(cfg: dict[str, Any]):
+    from flower_sparsepush.results import run_dir
+
+    return run_dir(cfg) / "checkpoint.pt"
+
+
+def state_to_dict(s: NodeState) -> dict[str, Any]:
+    return {
+        "x": s.x,
+        "y": float(s.y),
+        "error": s.error,
+        "momentum": s.momentum,
+        "anchor": s.anchor,
+        "refs_out": dict(s.refs_out),
+        "refs_in": dict(s.refs_in),
+    }
+
+
+def state_from_dict(d: dict[str, Any]) -> NodeState:
+    return NodeState(
+        x=d["x"],
+        y=float(d["y"]),
+        error=d["error"],
+        refs_out=dict(d["refs_out"]),
+        refs_in=dict(d["refs_in"]),
+        momentum=d["momentum"],
+        anchor=d["anchor"],
+    )
+
+
+def save_checkpoint(
+    cfg: dict[str, Any],
+    rnd: int,
+    states: list[NodeState],
+    router: Router,
+    sent: list[int],
+    history: list[dict[str, float]],
+) -> None:
+    """Everything the loop needs to continue after round ``rnd`` (RNGs are pure functions of (seed, node, round)).
+
+    Written to a temporary file and renamed, so an interrupted write leaves the previous checkpoint intact.
+    """
+    import os
+
+    path = checkpoint_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ck = {
+        "version": CHECKPOINT_VERSION,
+        "round": rnd,
+        "config": {k: v for k, v in cfg.items() if k not in _NOT_IDENTITY},
+        "states": [state_to_dict(s) for s in states],
+        "mailboxes": [list(box) for box in router.mailboxes],
+        "bounced": [list(box) for box in router.bounced],
+        "dropped": router.dropped,
+        "bits_sent": list(sent),
+        "bits_received": list(router.delivered_bits),
+        "history": [dict(h) for h in history],
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ck, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(cfg: dict[str, Any], router: Router) -> tuple[int, list[NodeState], list[int], list[dict]] | None:
+    """(round, states, bits sent, history) from the run's checkpoint, restoring ``router``; None if there is none."""
+    from flower_sparsepush.config import ConfigError
+
+    path = checkpoint_path(cfg)
+    if not path.exists():
+        return None
+    ck = torch.load(path, weights_only=True)
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(f"{path}: checkpoint version {ck.get('version')!r}, this code reads {CHECKPOINT_VERSION}")
+    mine = {k: v for k, v in cfg.items() if k not in _NOT_IDENTITY}
+    diff = sorted(k for k in set(mine) | set(ck["config"]) if mine.get(k) != ck["config"].get(k))
+    if diff:
+        k = diff[0]
+        raise ConfigError(
+            f"run-config resume: {path} belongs to another run ({k}={ck['config'].get(k)!r} there, "
+            f"{mine.get(k)!r} now); use another run-name or the same settings"
+        )
+    router.mailboxes = [[tuple(m) for m in box] for box in ck["mailboxes"]]
+    router.bounced = [[tuple(m) for m in box] for box in ck["bounced"]]
+    router.dropped = int(ck["dropped"])
+    router.delivered_bits = [int(b) for b in ck["bits_received"]]
+    states = [state_from_dict(d) for d in ck["states"]]
+    return int(ck["round"]), states, [int(b) for b in ck["bits_sent"]], [dict(h) for h in ck["history"]]
+
+
+def run_inprocess(
+    cfg: dict[str, Any], num_rounds: int | None = None, eval_every: int | None = None, log=None
+) -> InProcessResult:
+    """The reference loop: the same :func:`node_round` for all nodes of a validated config, in this process.
+
+    Each round, in the order of consensus.py: the online nodes (``churn``) collect their mailbox and bounced
+    messages from the router, take the bounced mass back, absorb the inbox, train and send; the router decides which
+    messages arrive (``drop``, ``link-down``; router.py). Offline nodes do nothing; their mail waits.
+    With ``checkpoint-every`` N > 0 the loop writes ``<out-dir>/<run-name>/checkpoint.pt`` every N rounds; with
+    ``resume`` it continues from that file (restored metrics rows are passed to ``log`` again).
+    """
     if cfg["strategy"] == "fedavg":
         return run_fedavg_inprocess(cfg, num_rounds, eval_every, log)
     setup = get_setup(cfg)
     n = setup.n
     rounds = cfg["num-rounds"] + cfg["final-gossip-rounds"] if num_rounds is None else num_rounds
+    router = make_router(cfg)
     states = [init_state(setup) for _ in range(n)]
-    inbox: list[list[bytes]] = [[] for _ in range(n)]
-    sent, recv = [0] * n, [0] * n
-    history, secs = [], []
-    for t in range(rounds):
+    sent = [0] * n
+    history: list[dict[str, float]] = []
+    secs: list[float] = []
+    start = 0
+    if cfg["resume"]:
+        restored = load_checkpoint(cfg, router)
+        if restored is not None:
+            start, states, sent, history = restored
+            for row in history:
+                if log:
+                    log(dict(row))
+    every = cfg["checkpoint-every"]
+    for t in range(start, rounds):
         t0 = time.perf_counter()
-        nxt: list[list[bytes]] = [[] for _ in range(n)]
-        for i in range(n):
-            recv[i] += sum(8 * len(d) for d in inbox[i])  # counted on delivery, as the Flower router does
-            res = node_round(setup, states[i], i, t, inbox[i])
+        online = [i for i in range(n) if router.network.online(t, i)]
+        boxes = {i: router.collect(i) for i in online}  # bits_received counted on delivery, as in the Flower path
+        for i in online:
+            inbox, bounced = boxes[i]
+            absorb_bounces(setup, states[i], i, t, bounced)
+            res = node_round(setup, states[i], i, t, inbox)
             if res.rejected:
                 raise RuntimeError(f"node {i} rejected a message in round {t}: {res.rejected[0]}")
-            for j, data in sorted(res.messages.items()):
-                nxt[j].append(data)
-                sent[i] += 8 * len(data)
-        inbox = nxt
+            router.post(i, t, res.messages)
+            sent[i] += sum(8 * len(d) for d in res.messages.values())
         secs.append(time.perf_counter() - t0)
         if eval_every and ((t + 1) % eval_every == 0 or t + 1 == rounds):
             m = consensus_metrics(setup, [s.z for s in states], cfg["eval-node-samples"])
-            m.update(round=t + 1, bits_sent_per_node=float(np.mean(sent)))
+            m.update(
+                round=t + 1,
+                epoch=round(setup.epoch(t + 1), 4),
+                bits_sent_per_node=float(np.mean(sent)),
+                bits_received_per_node=float(np.mean(router.delivered_bits)),
+                messages_dropped=router.dropped,
+                nodes_online=len(online),
+                y_nodes=float(sum(s.y for s in states)),
+                y_in_transit=in_transit_mass(router),
+            )
             history.append(m)
             if log:
                 log(m)
-    return InProcessResult(states, inbox, sent, recv, history, secs)
+        if every and (t + 1) % every == 0:
+            save_checkpoint(cfg, t + 1, states, router, sent, history)
+    return InProcessResult(
+        states,
+        [[d for _, _, d in box] for box in router.mailboxes],
+        sent,
+        list(router.delivered_bits),
+        history,
+        secs,
+        router,
+        start,
+    )
 
 
-def run_fedavg_inprocess(cfg: dict[str, Any], num_rounds: int | None = None, eval_every: int | None = None,
-                         log=None) -> InProcessResult:
+def train_inprocess(raw_cfg: dict[str, Any], echo=print) -> dict[str, Any]:
+    """Validate, check, run the in-process loop and write the run's results folder (as the ServerApp does)."""
+    from flower_sparsepush.config import preflight, validate
+    from flower_sparsepush.results import Recorder
+
+    cfg = validate(raw_cfg)
+    preflight(cfg)
+    rec = Recorder(cfg, echo=echo)
+    res = run_inprocess(cfg, eval_every=cfg["eval-every"], log=rec.log)
+    y_transit = in_transit_mass(res.router) if res.router is not None else 0.0
+    return rec.finish(
+        {
+            "engine": "inprocess",
+            "resumed_from_round": res.start_round,
+            "bits_sent_per_node": float(np.mean(res.bits_sent)),
+            "bits_received_per_node": float(np.mean(res.bits_received)),
+            "bits_sent_by_node": list(map(int, res.bits_sent)),
+            "bits_received_by_node": list(map(int, res.bits_received)),
+            "num_params": int(res.states[0].x.numel()),
+            "mass": {"y_nodes": float(sum(s.y for s in res.states)), "y_in_transit": y_transit, "n": cfg["num-nodes"]},
+            "messages_dropped": res.router.dropped if res.router is not None else 0,
+        }
+    )
+
+
+def run_fedavg_inprocess(
+    cfg: dict[str, Any], num_rounds: int | None = None, eval_every: int | None = None, log=None
+) -> InProcessResult:
     """FedAvg on the same local training code: every round all nodes start from the global model, take
     ``local-steps`` steps (keeping their own momentum buffers, as the ClientApp does) and the server averages the
     results weighted by shard size. Bits: the dense float32 model each way per node per round, as CountingFedAvg."""
@@ -352,10 +577,47 @@ def run_fedavg_inprocess(cfg: dict[str, Any], num_rounds: int | None = None, eva
         secs.append(time.perf_counter() - t0)
         if eval_every and ((t + 1) % eval_every == 0 or t + 1 == rounds):
             a, loss = evaluate(setup, w, 0)
-            m = {"acc_consensus": a, "loss": loss, "acc_node_mean": a, "acc_node_min": a, "consensus_distance": 0.0,
-                 "round": t + 1, "bits_sent_per_node": float(np.mean(sent))}
+            m = {
+                "acc_consensus": a,
+                "loss": loss,
+                "acc_node_mean": a,
+                "acc_node_min": a,
+                "consensus_distance": 0.0,
+                "round": t + 1,
+                "bits_sent_per_node": float(np.mean(sent)),
+            }
             history.append(m)
             if log:
                 log(m)
     states = [NodeState(x=w.clone(), y=1.0) for _ in range(n)]
     return InProcessResult(states, [[] for _ in range(n)], sent, recv, history, secs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flower_sparsepush.training key=value ...``: one in-process run with results, checkpoints, resume."""
+    import sys
+
+    from flower_sparsepush.config import ConfigError
+
+    args = sys.argv[1:] if argv is None else argv
+    raw = {}
+    for a in args:
+        k, eq, v = a.lstrip("-").partition("=")
+        if not eq:
+            if k == "resume":  # --resume alone
+                raw["resume"] = True
+                continue
+            print(f"error: expected key=value, got {a!r}", file=sys.stderr)
+            return 2
+        raw[k] = v
+    try:
+        summary = train_inprocess(raw)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"results: {summary['run_name']}  final acc {summary['final'].get('acc_consensus')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

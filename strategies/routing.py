@@ -1,14 +1,18 @@
 """Routing strategies: the ServerApp forwards push-sum messages between nodes and never averages models.
 
 Flower has no node-to-node channel, so a message from node i to node j travels ClientApp(i) -> SuperLink ->
-ServerApp -> SuperLink -> ClientApp(j). The strategy keeps one mailbox per node; what a node sends in round t is
-delivered (packed into that node's single train message: one message per node per round) in round t+1. The bits
+ServerApp -> SuperLink -> ClientApp(j). The strategy keeps a :class:`flower_sparsepush.router.Router` (one mailbox
+per node, the network model of router.py: dropped messages bounce to their sender, offline nodes' mail waits); what
+a node sends in round t is delivered (packed into that node's single train message: one message per node per round)
+in round t+1, or later if the receiver is offline, or bounced back if the link drops it. The bits
 counted are the peer-to-peer payloads: 8 x the length of every encoded push-sum message, charged to its sender
 when routed and to its receiver when delivered. Flower's own envelopes (protobuf, headers) are not counted.
 
 Wire format between ClientApp and ServerApp (both directions one ``bytes`` entry in a ConfigRecord):
 ``pack_frames([(peer, bytes), ...])`` = repeated ``<uint32 peer><uint32 length><payload>``; ``peer`` is the
-destination partition id on the way out and the sender partition id on the way in.
+destination partition id on the way out and the sender partition id on the way in. The train message also carries
+``inbox.bounced``: the node's own messages that the network bounced, as (destination, bytes) frames; the node takes
+their mass back (``PushSum.bounce``) before it absorbs its inbox.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 
 from flower_sparsepush.codec import decode
+from flower_sparsepush.router import Network, Router
 
 _FRAME = struct.Struct("<II")
 
@@ -58,11 +63,17 @@ def wait_and_register(grid: Grid, num_nodes: int, timeout: float, poll: float = 
         if len(ids) >= num_nodes:
             break
         if time.time() > end:
-            raise RuntimeError(f"only {len(ids)} of {num_nodes} nodes connected after {timeout:.0f} s "
-                               "(num-nodes must equal the federation's num-supernodes)")
+            raise RuntimeError(
+                f"only {len(ids)} of {num_nodes} nodes connected after {timeout:.0f} s "
+                "(num-nodes must equal the federation's num-supernodes)"
+            )
         time.sleep(poll)
-    msgs = [Message(RecordDict({"q": ConfigRecord({"what": "partition-id"})}), dst_node_id=nid,
-                    message_type=MessageType.QUERY) for nid in ids]
+    msgs = [
+        Message(
+            RecordDict({"q": ConfigRecord({"what": "partition-id"})}), dst_node_id=nid, message_type=MessageType.QUERY
+        )
+        for nid in ids
+    ]
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
     mapping = {}
     for r in replies:
@@ -88,6 +99,8 @@ class _Router(Strategy):
         eval_every: int = 1,
         register_timeout: float = 120.0,
         sample_seed: int = 0,
+        network: Network | None = None,
+        bounce: bool = True,
     ) -> None:
         if num_nodes < 2:
             raise ValueError(f"num_nodes must be >= 2, got {num_nodes}")
@@ -102,12 +115,18 @@ class _Router(Strategy):
         self._rng = random.Random(sample_seed)
         self.node_to_part: dict[int, int] = {}
         self.part_to_node: dict[int, int] = {}
-        self.mailboxes: list[list[tuple[int, int, bytes]]] = [[] for _ in range(num_nodes)]  # (round, sender, data)
+        self.router = Router(num_nodes, network or Network(), bounce=bounce)
         self.bits_sent = [0] * num_nodes
         self.bits_received = [0] * num_nodes
         self.num_rounds = 0
         self.last_eval: dict | None = None
         self.rejected: list[str] = []
+        self.messages_rejected = 0
+        self.awaiting: dict[int, int] = {}  # partition -> round of the train message it has not answered yet
+        self.stragglers: list[dict] = []  # {"round", "node", "reason", "y_inbox"} per reply that never came
+        self.last_seen: dict[int, int] = {}  # partition -> last server round it answered a train message
+        self.eval_failures: list[dict] = []
+        self._pending: dict[int, list[bytes]] = {}  # partition -> messages delivered in its unanswered train message
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -127,9 +146,18 @@ class _Router(Strategy):
     def is_eval_round(self, server_round: int) -> bool:
         return server_round % self.eval_every == 0 or server_round == self.num_rounds
 
+    @property
+    def mailboxes(self) -> list[list[tuple[int, int, bytes]]]:
+        """Per receiver: (round, sender, data) routed but not delivered yet (the router's mailboxes)."""
+        return self.router.mailboxes
+
     def mailbox_mass(self) -> float:
-        """Push-sum weight y carried by messages routed but not delivered yet."""
-        return float(sum(decode(d).y for box in self.mailboxes for _, _, d in box))
+        """Push-sum weight y carried by messages the router holds (undelivered or bounced)."""
+        return float(sum(decode(d).y for d in self.router.in_transit()))
+
+    def nodes_not_returned(self) -> list[int]:
+        """Nodes whose last train message of the run was never answered (they did not come back)."""
+        return sorted(self.awaiting)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kw):
         self.num_rounds = num_rounds
@@ -138,70 +166,146 @@ class _Router(Strategy):
 
     def summary(self) -> None:
         log(INFO, "\t├── %s: routes push-sum messages between %d nodes, never averages", self.label, self.num_nodes)
-        log(INFO, "\t├── fraction_train %.2f, fraction_evaluate %.2f, eval every %d rounds",
-            self.fraction_train, self.fraction_evaluate, self.eval_every)
+        log(
+            INFO,
+            "\t├── fraction_train %.2f, fraction_evaluate %.2f, eval every %d rounds",
+            self.fraction_train,
+            self.fraction_evaluate,
+            self.eval_every,
+        )
 
     # -- train: deliver mailboxes, collect outgoing messages --------------------------------------------------------
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-                        ) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One train message per sampled, online node: its mailbox ("frames") and its bounced messages ("bounced").
+
+        Nodes offline in this round (``churn``) get nothing; their mail waits in the router. A straggler (a node
+        that did not answer its previous train message) is contacted again in its next online round.
+        """
         self.register(grid)
+        rnd = server_round - 1  # the core counts rounds from 0
         out = []
         for p in self._sample(self.fraction_train):
-            box = sorted(self.mailboxes[p], key=lambda m: (m[0], m[1]))
-            self.mailboxes[p] = []
-            self.bits_received[p] += sum(8 * len(d) for _, _, d in box)
+            if not self.router.network.online(rnd, p):
+                continue
+            box = sorted(self.router.mailboxes[p], key=lambda m: (m[0], m[1]))
+            inbox, bounced = self.router.collect(p)
+            self.bits_received[p] += sum(8 * len(d) for d in inbox)
             cfg = ConfigRecord(dict(config))
-            cfg["round"] = server_round - 1  # the core counts rounds from 0
-            content = RecordDict({"config": cfg,
-                                  "inbox": ConfigRecord({"frames": pack_frames([(s, d) for _, s, d in box])})})
+            cfg["round"] = rnd
+            content = RecordDict(
+                {
+                    "config": cfg,
+                    "inbox": ConfigRecord(
+                        {"frames": pack_frames([(s, d) for _, s, d in box]), "bounced": pack_frames(bounced)}
+                    ),
+                }
+            )
+            self.awaiting[p] = server_round
+            self._pending[p] = inbox + [d for _, d in bounced]  # decoded only if the node never answers
             out.append(Message(content, dst_node_id=self.part_to_node[p], message_type=MessageType.TRAIN))
         return out
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        losses, errors = [], []
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Post each reply's messages to the router (which drops / bounces / queues them); record stragglers.
+
+        A train message with no reply (error, or no answer within the round timeout) is a straggler round. The
+        server cannot know whether the node absorbed its inbox and debited what it meant to send (the node's
+        ``context.state`` may hold either), so that mass is lost to the run: it is reported (``stragglers`` in the
+        metrics, ``straggler_events`` and ``mass`` in summary.json), never silently repaired.
+        """
+        losses = []
+        answered = set()
         for r in replies:
+            sender = self.node_to_part.get(r.metadata.src_node_id)
             if r.has_error():
-                errors.append(f"node {self.node_to_part.get(r.metadata.src_node_id)}: {r.error.reason}")
+                if sender is not None:
+                    self._straggler(server_round, sender, f"error: {r.error.reason}")
+                    answered.add(sender)
                 continue
-            sender = self.node_to_part[r.metadata.src_node_id]
             out = r.content["out"]
             rnd = int(out["round"])
-            for dest, data in unpack_frames(out["frames"]):
+            msgs = dict(unpack_frames(out["frames"]))
+            for dest in msgs:
                 if not 0 <= dest < self.num_nodes:
                     raise RuntimeError(f"node {sender} addressed a message to unknown node {dest}")
-                self.mailboxes[dest].append((rnd, sender, data))
-                self.bits_sent[sender] += 8 * len(data)
+            self.router.post(sender, rnd, msgs)  # counted as sent when it reaches the router, dropped or not
+            self.bits_sent[sender] += sum(8 * len(d) for d in msgs.values())
+            answered.add(sender)
+            self.awaiting.pop(sender, None)
+            self._pending.pop(sender, None)
+            self.last_seen[sender] = server_round
             losses.append(float(r.content["metrics"]["train_loss"]))
-            if int(r.content["metrics"]["rejected"]):
-                self.rejected.append(f"round {server_round}: node {sender} rejected "
-                                     f"{int(r.content['metrics']['rejected'])} message(s)")
-        if errors:
-            # a lost reply loses the push-sum mass the node meant to send: stop rather than report wrong numbers
-            raise RuntimeError(f"round {server_round}: {len(errors)} node(s) failed: {errors[0]}")
-        return None, MetricRecord({
-            "train_loss": float(np.mean(losses)) if losses else 0.0,
-            "bits_sent_per_node": float(np.mean(self.bits_sent)),
-        })
+            nrej = int(r.content["metrics"]["rejected"])
+            if nrej:
+                self.messages_rejected += nrej
+                self.rejected.append(f"round {server_round}: node {sender} rejected {nrej} message(s)")
+        for p, rnd in list(self.awaiting.items()):
+            if rnd == server_round and p not in answered:
+                self._straggler(server_round, p, "no reply within the round timeout")
+        expected = sum(1 for rnd in self.awaiting.values() if rnd == server_round) + len(losses)
+        if expected and not losses:
+            # nobody answered: a broken ClientApp, not stragglers; stop rather than run on with nothing
+            raise RuntimeError(
+                f"round {server_round}: no node returned its train reply; first: {self.stragglers[-1]['reason']}"
+            )
+        return None, MetricRecord(
+            {
+                "train_loss": float(np.mean(losses)) if losses else 0.0,
+                "bits_sent_per_node": float(np.mean(self.bits_sent)),
+                "stragglers": float(len(self.stragglers)),
+            }
+        )
+
+    def _straggler(self, server_round: int, p: int, reason: str) -> None:
+        y_in = float(sum(decode(d).y for d in self._pending.pop(p, [])))
+        self.stragglers.append({"round": server_round, "node": p, "reason": reason, "y_inbox": y_in})
+        log(
+            WARNING,
+            "round %d: node %d did not return its train reply (%s); the mass it held in flight is lost "
+            "to the run (docs/reliability.md)",
+            server_round,
+            p,
+            reason,
+        )
 
     # -- evaluate: every node reports its de-biased model and accuracy ----------------------------------------------
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-                           ) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         if not self.is_eval_round(server_round):
             return []
         cfg = ConfigRecord(dict(config))
         cfg["round"] = server_round - 1
-        return [Message(RecordDict({"config": cfg}), dst_node_id=self.part_to_node[p],
-                        message_type=MessageType.EVALUATE) for p in self._sample(self.fraction_evaluate)]
+        return [
+            Message(RecordDict({"config": cfg}), dst_node_id=self.part_to_node[p], message_type=MessageType.EVALUATE)
+            for p in self._sample(self.fraction_evaluate)
+        ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         zs, accs, ys, parts = [], [], [], []
         for r in replies:
-            if r.has_error():
-                raise RuntimeError(f"evaluation failed on node {self.node_to_part.get(r.metadata.src_node_id)}: "
-                                   f"{r.error.reason}")
+            if r.has_error():  # a node that does not report is left out of this evaluation (and recorded)
+                self.eval_failures.append(
+                    {
+                        "round": server_round,
+                        "node": self.node_to_part.get(r.metadata.src_node_id),
+                        "reason": r.error.reason,
+                    }
+                )
+                log(
+                    WARNING,
+                    "round %d: evaluation failed on node %s: %s",
+                    server_round,
+                    self.node_to_part.get(r.metadata.src_node_id),
+                    r.error.reason,
+                )
+                continue
             parts.append(self.node_to_part[r.metadata.src_node_id])
             zs.append(r.content["model"]["z"].numpy().astype(np.float64))
             accs.append(float(r.content["metrics"]["acc"]))
@@ -251,6 +355,13 @@ class SGP(_Router):
         Seconds to wait for all nodes to connect and answer the registration query.
     sample_seed : int (default: 0)
         Seed of node sampling when a fraction is below 1.
+    network : flower_sparsepush.router.Network | None (default: None, a perfect network)
+        Lossy links and churn (drop, link_down, down_span, churn, seed): which messages drop and which nodes are
+        offline are pure functions of (seed, round, sender, receiver), the same as in the in-process loop.
+        Offline nodes get no train message in that round; their mail waits.
+    bounce : bool (default: True)
+        A dropped message is returned to its sender in its next train message, which takes its mass back.
+        With False it is lost (the unprotected form: the push-sum weights drift).
     """
 
     label = "SGP"

@@ -18,24 +18,27 @@ def test_defaults_complete_and_typed():
     assert validate({"gamma": "0.5", "num-nodes": "8", "nesterov": "false"})["nesterov"] is False
 
 
-@pytest.mark.parametrize("raw, words", [
-    ({"gama": 0.1}, ["gama", "did you mean 'gamma'"]),
-    ({"graph": "hypercube"}, ["graph", "hypercube", "exponential"]),
-    ({"graph": "random-out:40", "num-nodes": 8}, ["graph", "1..7"]),
-    ({"gamma": 1.5}, ["gamma", "1.5", "(0, 1]"]),
-    ({"gamma": 0}, ["gamma", "(0, 1]"]),
-    ({"compressor": "topk:2.5"}, ["compressor", "topk"]),
-    ({"compressor": "zip"}, ["compressor", "valid"]),
-    ({"strategy": "gossip"}, ["strategy", "fedavg, sgp, sparse-push"]),
-    ({"strategy": "sgp", "compressor": "topk:0.1"}, ["compressor", "sgp"]),
-    ({"lr": -1}, ["lr"]),
-    ({"num-nodes": 2.5}, ["num-nodes", "integer"]),
-    ({"partition": "skew:2"}, ["partition", "skew:S"]),
-    ({"norm": "batch"}, ["norm", "batch", "outside the gossiped"]),
-    ({"lr-schedule": "step:0.8,0.5"}, ["lr-schedule", "increasing"]),
-    ({"form": "xx"}, ["form", "ref"]),
-    ({"nesterov": "maybe"}, ["nesterov", "true or false"]),
-])
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ({"gama": 0.1}, ["gama", "did you mean 'gamma'"]),
+        ({"graph": "hypercube"}, ["graph", "hypercube", "exponential"]),
+        ({"graph": "random-out:40", "num-nodes": 8}, ["graph", "1..7"]),
+        ({"gamma": 1.5}, ["gamma", "1.5", "(0, 1]"]),
+        ({"gamma": 0}, ["gamma", "(0, 1]"]),
+        ({"compressor": "topk:2.5"}, ["compressor", "topk"]),
+        ({"compressor": "zip"}, ["compressor", "valid"]),
+        ({"strategy": "gossip"}, ["strategy", "fedavg, sgp, sparse-push"]),
+        ({"strategy": "sgp", "compressor": "topk:0.1"}, ["compressor", "sgp"]),
+        ({"lr": -1}, ["lr"]),
+        ({"num-nodes": 2.5}, ["num-nodes", "integer"]),
+        ({"partition": "skew:2"}, ["partition", "skew:S"]),
+        ({"norm": "batch"}, ["norm", "batch", "outside the gossiped"]),
+        ({"lr-schedule": "step:0.8,0.5"}, ["lr-schedule", "increasing"]),
+        ({"form": "xx"}, ["form", "ref"]),
+        ({"nesterov": "maybe"}, ["nesterov", "true or false"]),
+    ],
+)
 def test_bad_values_rejected_with_clear_message(raw, words):
     with pytest.raises(ConfigError) as err:
         validate(raw)
@@ -59,3 +62,98 @@ def test_cli_train_exits_2_on_bad_value(capsys):
     assert "gamma" in capsys.readouterr().err
     args = parser.parse_args(["demo", "--rounds", "3"])
     assert callable(args.func)
+
+
+# --------------------------------------------------------------------------- reliability keys and pre-start checks
+
+
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ({"drop": 1.0}, ["drop", "[0, 1)"]),
+        ({"drop": -0.1}, ["drop", "[0, 1)"]),
+        ({"link-down": 1}, ["link-down", "[0, 1)"]),
+        ({"churn": 1.5}, ["churn", "[0, 1)"]),
+        ({"down-span": 0}, ["down-span", "[1,"]),
+        ({"bounce": "perhaps"}, ["bounce", "true or false"]),
+        ({"checkpoint-every": -1}, ["checkpoint-every"]),
+        ({"round-timeout": 0}, ["round-timeout", "(0,"]),
+        ({"strategy": "fedavg", "drop": 0.2}, ["drop", "fedavg"]),
+        ({"strategy": "fedavg", "resume": True}, ["resume", "fedavg"]),
+    ],
+)
+def test_reliability_keys_validated(raw, words):
+    with pytest.raises(ConfigError) as err:
+        validate(raw)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_reliability_keys_typed():
+    cfg = validate({"drop": "0.3", "churn": 0.2, "down-span": "5", "bounce": "false", "checkpoint-every": 2})
+    assert cfg["drop"] == 0.3 and cfg["down-span"] == 5 and cfg["bounce"] is False and cfg["checkpoint-every"] == 2
+
+
+SYN = {"dataset": "synthetic", "model": "mlp", "num-nodes": 4}
+
+
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ({"graph": "random-out:1", "num-nodes": 16}, ["graph", "not strongly connected"]),
+        ({"compressor": "topk:100000"}, ["compressor", "100000", "d=", "(0, d]"]),
+        ({"compressor": "randk:100000+q:4"}, ["randk", "(0, d]"]),
+        ({"model": "cnn"}, ["model", "synthetic", "mlp"]),
+        ({"dataset": "cifar10", "model": "cnn", "data-dir": "/nonexistent/cifar"}, ["dataset", "cifar10"]),
+    ],
+)
+def test_preflight_rejects(raw, words, tmp_path, monkeypatch):
+    from flower_sparsepush import data
+    from flower_sparsepush.config import preflight
+
+    cfg = validate(SYN | {"out-dir": str(tmp_path)} | raw)
+
+    def missing(name, path=None):  # this machine has CIFAR-10 on a default path: pretend it does not
+        raise data.DataNotFoundError(f"{name} not found in {path}")
+
+    monkeypatch.setattr(data, "find_data", missing)
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_preflight_accepts_and_checks_out_dir(tmp_path):
+    from flower_sparsepush.config import model_size, preflight
+
+    cfg = validate(SYN | {"out-dir": str(tmp_path / "new" / "deeper"), "compressor": "topk:100"})
+    preflight(cfg)  # a folder that does not exist yet is fine (nothing is created)
+    assert not (tmp_path / "new").exists()
+    d, _ = model_size(cfg)
+    preflight(validate(SYN | {"out-dir": str(tmp_path), "compressor": f"topk:{d}"}))  # k = d is allowed
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="out-dir.*not a folder"):
+        preflight(validate(SYN | {"out-dir": str(blocker)}))
+    with pytest.raises(ConfigError, match="in-process loop only"):
+        preflight(validate(SYN | {"out-dir": str(tmp_path), "resume": True}), flower=True)
+    preflight(validate(SYN | {"out-dir": str(tmp_path), "resume": True}))  # fine for the in-process loop
+
+
+def test_cli_train_exit_2_before_anything_starts(capsys, tmp_path):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="cmd"))
+    for argv, word in (
+        (["--graph", "random-out:1", "--num-nodes", "16"], "strongly connected"),
+        (["--compressor", "topk:100000"], "(0, d]"),
+        (["--drop", "1"], "drop"),
+        (["--checkpoint-every", "5"], "in-process loop only"),
+    ):
+        args = parser.parse_args(
+            ["train", "--dataset", "synthetic", "--model", "mlp", "--out-dir", str(tmp_path), *argv]
+        )
+        assert args.func(args) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and word in err and err.count("\n") == 1, err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not any(tmp_path.iterdir())
