@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export FLWR_TELEMETRY_ENABLED=0
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
 
-.PHONY: demo test setup data lint consensus clean
+.PHONY: demo test setup data lint consensus clean docs
 
 demo: setup data
 	$(VENV)/bin/sparsepush demo --out-dir runs
@@ -51,3 +51,8 @@ clean:
 .PHONY: deploy-demo
 deploy-demo: setup
 	$(VENV)/bin/sparsepush deploy-local --nodes 4 --rounds 3 --dataset synthetic --model mlp --out-dir runs/deploy
+
+# Regenerate docs/config.md's table from the code (tests/test_docs.py checks it).
+docs: setup
+	{ sed '/^| key | default | meaning |$$/,$$d' docs/config.md; $(VENV)/bin/sparsepush config-keys; } > docs/config.md.new
+	mv docs/config.md.new docs/config.md
