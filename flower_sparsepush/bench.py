@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flower_sparsepush.processes import descendants
+
 QUIET_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 REQUIRED_KEYS = (
     "flower_overhead_ratio_resnet20_16",
@@ -122,24 +124,6 @@ def loadavg() -> list[float]:
 
 
 # --------------------------------------------------------------------------- memory of a process tree
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of all descendants of ``pid`` (Linux /proc)."""
-    parents: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in parents.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def proc_mem(pid: int) -> tuple[int, int]:

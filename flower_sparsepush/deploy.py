@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from flower_sparsepush.config import KEYS, ConfigError, validate
-from flower_sparsepush.launch import PROJECT_DIR, _descendants, _free_port, _quiet_env, _toml_value, check_data
+from flower_sparsepush.launch import PROJECT_DIR, _quiet_env, _toml_value, check_data
+from flower_sparsepush.processes import descendants, free_port
 
 FEDERATION = "sparsepush"
 # deploy-local's defaults (a short synthetic Sparse-Push run); every run-config key can still be overridden
@@ -103,7 +104,7 @@ class LocalDeployment:
         self.home = tempfile.mkdtemp(prefix="sparsepush-deploy-")
         self.log_dir = Path(log_dir) if log_dir else Path(self.home, "logs")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.node_ports: list[int] = []
         self.start_timeout = start_timeout
         self.procs: dict[str, subprocess.Popen] = {}  # name -> process, in start order
@@ -160,9 +161,9 @@ class LocalDeployment:
                 raise DeploymentError(f"flower-superlink did not open port {self.port} in {self.start_timeout:.0f} s")
             time.sleep(0.2)
         for i in range(self.num_nodes):
-            port = _free_port()
+            port = free_port()
             while port == self.port or port in self.node_ports:
-                port = _free_port()
+                port = free_port()
             self.node_ports.append(port)
             self._spawn(
                 f"supernode-{i}",
@@ -210,7 +211,7 @@ class LocalDeployment:
     def collect_pids(self) -> set[int]:
         """Add the current descendants of every started process to ``seen_pids``; returns ``seen_pids``."""
         for proc in self.procs.values():
-            self.seen_pids.update(_descendants(proc.pid))
+            self.seen_pids.update(descendants(proc.pid))
         return self.seen_pids
 
     def alive_pids(self) -> list[int]:
@@ -388,14 +389,3 @@ def register(subparsers) -> None:
             help=f"{spec.help}{extra}; default {default!r}",
         )
     p.set_defaults(func=cmd_deploy_local)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparsepush")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

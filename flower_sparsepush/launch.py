@@ -27,13 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from flower_sparsepush.config import KEYS, ConfigError, preflight, validate
+from flower_sparsepush.processes import descendants, free_port
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 QUIET_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-BACKEND_CONFIG = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                  "init_args": {"log_to_driver": False, "logging_level": "ERROR"}}
-FASHION_FIX = ("Fashion-MNIST was not found. Install it with:  sudo apt-get install dataset-fashion-mnist  "
-               "(files in /usr/share/datasets/fashion-mnist), or pass --data-dir DIR with the four IDX files.")
+BACKEND_CONFIG = {
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    "init_args": {"log_to_driver": False, "logging_level": "ERROR"},
+}
+FASHION_FIX = (
+    "Fashion-MNIST was not found. Install it with:  sudo apt-get install dataset-fashion-mnist  "
+    "(files in /usr/share/datasets/fashion-mnist), or pass --data-dir DIR with the four IDX files."
+)
 
 
 def _quiet_env() -> None:
@@ -62,8 +67,13 @@ def simulate(raw_cfg: dict[str, Any], verbose: bool = False) -> Path:
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(make_server_app(cfg), make_client_app(cfg), num_supernodes=cfg["num-nodes"],
-                   backend_config=BACKEND_CONFIG, verbose_logging=False)
+    run_simulation(
+        make_server_app(cfg),
+        make_client_app(cfg),
+        num_supernodes=cfg["num-nodes"],
+        backend_config=BACKEND_CONFIG,
+        verbose_logging=False,
+    )
     out = run_dir(cfg)
     if not (out / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without results in {out} (see the log above)")
@@ -71,30 +81,6 @@ def simulate(raw_cfg: dict[str, Any], verbose: bool = False) -> Path:
 
 
 # --------------------------------------------------------------------------- flwr run path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _descendants(pid: int) -> list[int]:
-    """PIDs of all descendants of ``pid`` (Linux /proc), children first."""
-    parents: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in parents.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def _toml_value(v: Any) -> str:
@@ -109,7 +95,7 @@ class SuperLink:
     """A private ``flower-superlink`` (simulation, subprocess isolation, offline) and a FLWR_HOME pointing at it."""
 
     def __init__(self, log_path: Path | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.home = tempfile.mkdtemp(prefix="sparsepush-flwr-")
         self.proc: subprocess.Popen | None = None
         self.log_path = log_path or Path(self.home) / "superlink.log"
@@ -120,13 +106,23 @@ class SuperLink:
             f'[superlink.sparsepush]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
         exe = Path(sys.executable).with_name("flower-superlink")
-        cmd = [str(exe) if exe.exists() else "flower-superlink", "--insecure", "--simulation",
-               "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(self.port),
-               "--disable-runtime-dependency-installation"]
+        cmd = [
+            str(exe) if exe.exists() else "flower-superlink",
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
         env = os.environ | {"FLWR_HOME": self.home}
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd=self.home)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.home
+        )
         end = time.time() + 60
         while time.time() < end:
             if self.proc.poll() is not None:
@@ -142,7 +138,7 @@ class SuperLink:
 
     def stop(self) -> None:
         # flower-superlink starts flower-superexec in its own session: collect the whole tree by parent PID first
-        kids = _descendants(self.proc.pid) if self.proc is not None else []
+        kids = descendants(self.proc.pid) if self.proc is not None else []
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -167,9 +163,17 @@ class SuperLink:
         """``flwr run . sparsepush --stream`` with ``cfg`` as run-config overrides; returns its exit code."""
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
         exe = Path(sys.executable).with_name("flwr")
-        cmd = [str(exe) if exe.exists() else "flwr", "run", str(PROJECT_DIR), "sparsepush", "--stream",
-               "--run-config", overrides,
-               "--federation-config", f"num-supernodes={cfg['num-nodes']} client-resources-num-cpus=1"]
+        cmd = [
+            str(exe) if exe.exists() else "flwr",
+            "run",
+            str(PROJECT_DIR),
+            "sparsepush",
+            "--stream",
+            "--run-config",
+            overrides,
+            "--federation-config",
+            f"num-supernodes={cfg['num-nodes']} client-resources-num-cpus=1",
+        ]
         env = os.environ | {"FLWR_HOME": self.home, "SPARSEPUSH_COMMAND": os.environ.get("SPARSEPUSH_COMMAND", "")}
         proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_DIR, start_new_session=True)
         try:
@@ -239,8 +243,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 DEMO = {
-    "dataset": "fashion_mnist", "model": "cnn", "num-nodes": 16, "graph": "exponential", "partition": "iid",
-    "batch-size": 32, "local-steps": 10, "num-rounds": 30, "eval-every": 10, "lr": 0.05, "momentum": 0.9,
+    "dataset": "fashion_mnist",
+    "model": "cnn",
+    "num-nodes": 16,
+    "graph": "exponential",
+    "partition": "iid",
+    "batch-size": 32,
+    "local-steps": 10,
+    "num-rounds": 30,
+    "eval-every": 10,
+    "lr": 0.05,
+    "momentum": 0.9,
     "eval-node-samples": 1000,
 }
 DEMO_RUNS = (("sparse-push", {"compressor": "topk:0.01+q:4", "gamma": 0.1}), ("sgp", {}), ("fedavg", {}))
@@ -248,8 +261,7 @@ DEMO_RUNS = (("sparse-push", {"compressor": "topk:0.01+q:4", "gamma": 0.1}), ("s
 
 def cmd_demo(args: argparse.Namespace) -> int:
     os.environ["SPARSEPUSH_COMMAND"] = shlex.join(["sparsepush", *sys.argv[1:]])
-    base = DEMO | {"out-dir": str(Path(args.out_dir, "demo").resolve()), "num-rounds": args.rounds,
-                   "seed": args.seed}
+    base = DEMO | {"out-dir": str(Path(args.out_dir, "demo").resolve()), "num-rounds": args.rounds, "seed": args.seed}
     if args.data_dir:
         base["data-dir"] = args.data_dir
     msg = check_data(validate(base))
@@ -272,25 +284,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
             else:
                 simulate(cfg)
             summ = json.loads((Path(cfg["out-dir"]) / strategy / "summary.json").read_text())
-            rows.append({"strategy": strategy, "compressor": cfg["compressor"] if strategy != "fedavg" else "dense",
-                         "accuracy": summ["final"]["acc_consensus"], "acc_node_mean": summ["final"]["acc_node_mean"],
-                         "bits_per_node": summ["bits_sent_per_node"], "wall_s": summ["wall_s"]})
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "compressor": cfg["compressor"] if strategy != "fedavg" else "dense",
+                    "accuracy": summ["final"]["acc_consensus"],
+                    "acc_node_mean": summ["final"]["acc_node_mean"],
+                    "bits_per_node": summ["bits_sent_per_node"],
+                    "wall_s": summ["wall_s"],
+                }
+            )
     finally:
         if link:
             link.stop()
     sgp_bits = next(r["bits_per_node"] for r in rows if r["strategy"] == "sgp")
-    lines = ["| strategy | compressor | consensus acc | node mean acc | Mbit sent per node | reduction vs SGP | wall s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| strategy | compressor | consensus acc | node mean acc | Mbit sent per node | reduction vs SGP | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         r["reduction_vs_sgp"] = sgp_bits / r["bits_per_node"] if r["bits_per_node"] else float("inf")
-        lines.append(f"| {r['strategy']} | {r['compressor']} | {r['accuracy']:.4f} | {r['acc_node_mean']:.4f} | "
-                     f"{r['bits_per_node'] / 1e6:.2f} | {r['reduction_vs_sgp']:.1f}x | {r['wall_s']:.0f} |")
+        lines.append(
+            f"| {r['strategy']} | {r['compressor']} | {r['accuracy']:.4f} | {r['acc_node_mean']:.4f} | "
+            f"{r['bits_per_node'] / 1e6:.2f} | {r['reduction_vs_sgp']:.1f}x | {r['wall_s']:.0f} |"
+        )
     table = "\n".join(lines)
     out = Path(base["out-dir"])
     (out / "table.md").write_text(
         f"Demo: Fashion-MNIST, 16 nodes, exponential graph, small CNN, {args.rounds} rounds x "
         f"{DEMO['local-steps']} local steps, batch {DEMO['batch-size']} (bits: peer-to-peer payloads; FedAvg: dense "
-        f"model up).\n\n{table}\n")
+        f"model up).\n\n{table}\n"
+    )
     (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)
     print(f"written: {out / 'table.md'}  ({time.time() - t0:.0f}s)")
@@ -302,10 +326,19 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="one training run through Flower (flwr run against a private SuperLink)")
     for key, spec in KEYS.items():
         extra = f" (one of: {', '.join(spec.choices)})" if spec.choices else ""
-        p.add_argument(f"--{key}", dest=key.replace("-", "_"), default=None, metavar="V",
-                       help=f"{spec.help}{extra}; default {spec.default!r}")
-    p.add_argument("--engine", choices=("flwr-run", "simulation"), default="flwr-run",
-                   help="flwr-run: private SuperLink + `flwr run` (default); simulation: flwr.simulation.run_simulation")
+        p.add_argument(
+            f"--{key}",
+            dest=key.replace("-", "_"),
+            default=None,
+            metavar="V",
+            help=f"{spec.help}{extra}; default {spec.default!r}",
+        )
+    p.add_argument(
+        "--engine",
+        choices=("flwr-run", "simulation"),
+        default="flwr-run",
+        help="flwr-run: private SuperLink + `flwr run` (default); simulation: flwr.simulation.run_simulation",
+    )
     p.set_defaults(func=cmd_train)
 
     d = subparsers.add_parser("demo", help="Sparse-Push vs SGP vs FedAvg on Fashion-MNIST, 16 nodes (a few minutes)")
@@ -315,15 +348,3 @@ def register(subparsers) -> None:
     d.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     d.add_argument("--engine", choices=("flwr-run", "simulation"), default="flwr-run")
     d.set_defaults(func=cmd_demo)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m flower_sparsepush.launch train ...``) until the lead's cli.py wires it."""
-    parser = argparse.ArgumentParser(prog="sparsepush")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
