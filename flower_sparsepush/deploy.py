@@ -25,7 +25,6 @@ import argparse
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from typing import Any
 
 from flower_sparsepush.config import KEYS, ConfigError, validate
 from flower_sparsepush.launch import PROJECT_DIR, _quiet_env, _toml_value, check_data
-from flower_sparsepush.processes import descendants, free_port
+from flower_sparsepush.processes import descendants, free_port, port_open, venv_exe
 
 FEDERATION = "sparsepush"
 # deploy-local's defaults (a short synthetic Sparse-Push run); every run-config key can still be overridden
@@ -65,11 +64,6 @@ def run_config_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k in declared or k not in KEYS or v != KEYS[k].default}
 
 
-def _exe(name: str) -> str:
-    exe = Path(sys.executable).with_name(name)
-    return str(exe) if exe.exists() else name
-
-
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
@@ -77,11 +71,6 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 class DeploymentError(RuntimeError):
@@ -142,7 +131,7 @@ class LocalDeployment:
         link = self._spawn(
             "superlink",
             [
-                _exe("flower-superlink"),
+                venv_exe("flower-superlink"),
                 "--insecure",
                 "--isolation",
                 "subprocess",
@@ -154,7 +143,7 @@ class LocalDeployment:
             ],
         )
         end = time.time() + self.start_timeout
-        while not _port_open(self.port):
+        while not port_open(self.port):
             if link.poll() is not None:
                 raise DeploymentError(f"flower-superlink exited ({link.returncode}); {self.tail('superlink')}")
             if time.time() > end:
@@ -168,7 +157,7 @@ class LocalDeployment:
             self._spawn(
                 f"supernode-{i}",
                 [
-                    _exe("flower-supernode"),
+                    venv_exe("flower-supernode"),
                     "--insecure",
                     "--superlink",
                     f"127.0.0.1:{self.port}",
@@ -182,7 +171,7 @@ class LocalDeployment:
             )
         # each SuperNode opens its runtime port once it is up; the ServerApp itself waits for all to register
         for i, port in enumerate(self.node_ports):
-            while not _port_open(port):
+            while not port_open(port):
                 self.check_alive()
                 if time.time() > end:
                     raise DeploymentError(
@@ -273,7 +262,7 @@ class LocalDeployment:
         stopped and :class:`DeploymentError` is raised (the caller's ``stop()`` then ends the rest).
         """
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config_overrides(cfg).items())
-        cmd = [_exe("flwr"), "run", str(PROJECT_DIR), FEDERATION, "--stream", "--run-config", overrides]
+        cmd = [venv_exe("flwr"), "run", str(PROJECT_DIR), FEDERATION, "--stream", "--run-config", overrides]
         env = self._env() | {"SPARSEPUSH_COMMAND": os.environ.get("SPARSEPUSH_COMMAND", "")}
         proc = subprocess.Popen(
             cmd,

@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flower_sparsepush.config import KEYS, ConfigError, preflight, validate
-from flower_sparsepush.processes import descendants, free_port
+from flower_sparsepush.processes import descendants, free_port, port_open, venv_exe
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 QUIET_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
@@ -105,9 +104,8 @@ class SuperLink:
         Path(self.home, "config.toml").write_text(
             f'[superlink.sparsepush]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
-        exe = Path(sys.executable).with_name("flower-superlink")
         cmd = [
-            str(exe) if exe.exists() else "flower-superlink",
+            venv_exe("flower-superlink"),
             "--insecure",
             "--simulation",
             "--isolation",
@@ -127,9 +125,8 @@ class SuperLink:
         while time.time() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited ({self.proc.returncode}); log: {self.log_path}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
+            if port_open(self.port):
+                return self
             time.sleep(0.2)
         raise RuntimeError(f"flower-superlink did not open port {self.port} in 60 s; log: {self.log_path}")
 
@@ -162,9 +159,8 @@ class SuperLink:
     def run(self, cfg: dict[str, Any], timeout: float | None = None) -> int:
         """``flwr run . sparsepush --stream`` with ``cfg`` as run-config overrides; returns its exit code."""
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
-        exe = Path(sys.executable).with_name("flwr")
         cmd = [
-            str(exe) if exe.exists() else "flwr",
+            venv_exe("flwr"),
             "run",
             str(PROJECT_DIR),
             "sparsepush",

@@ -4,6 +4,7 @@ process trees, so that everything started is stopped by PID."""
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 
@@ -30,3 +31,15 @@ def descendants(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
+
+
+def port_open(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port``."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def venv_exe(name: str) -> str:
+    """The console script ``name`` next to this Python (the venv's), else ``name`` as found on PATH."""
+    exe = Path(sys.executable).with_name(name)
+    return str(exe) if exe.exists() else name
