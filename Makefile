@@ -37,7 +37,8 @@ data:
 	fi
 
 lint: setup
-	$(VENV)/bin/ruff check flower_sparsepush strategies simulations tests
+	$(VENV)/bin/ruff check flower_sparsepush strategies simulations tests examples
+	$(VENV)/bin/ruff format --check flower_sparsepush strategies simulations tests examples
 
 # The averaging-only experiment behind docs/algorithm.md's table.
 consensus: setup

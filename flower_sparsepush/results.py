@@ -14,8 +14,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-METRIC_FIELDS = ("round", "epoch", "acc_consensus", "acc_node_mean", "acc_node_min", "loss", "consensus_distance",
-                 "bits_sent_per_node", "bits_received_per_node", "wall_s")
+METRIC_FIELDS = (
+    "round",
+    "epoch",
+    "acc_consensus",
+    "acc_node_mean",
+    "acc_node_min",
+    "loss",
+    "consensus_distance",
+    "bits_sent_per_node",
+    "bits_received_per_node",
+    "wall_s",
+)
 
 
 def run_dir(cfg: dict[str, Any]) -> Path:

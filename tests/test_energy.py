@@ -21,8 +21,9 @@ def test_resnet20_forward_flops_are_about_41_mflops():
 
 
 def test_node_energy_adds_radio_and_compute():
-    e = node_energy(bits_sent=1e6, bits_received=3e6, train_samples=100, flops_per_sample=1e6, j_per_bit=1e-6,
-                    j_per_flop=1e-9)
+    e = node_energy(
+        bits_sent=1e6, bits_received=3e6, train_samples=100, flops_per_sample=1e6, j_per_bit=1e-6, j_per_flop=1e-9
+    )
     assert e["energy_radio_j"] == pytest.approx(4.0)
     assert e["energy_compute_j"] == pytest.approx(0.3)
     assert e["energy_j"] == pytest.approx(4.3)

@@ -14,9 +14,22 @@ from flower_sparsepush.launch import simulate
 from flower_sparsepush.results import METRIC_FIELDS, read_metrics
 from flower_sparsepush.training import get_setup, run_inprocess
 
-TINY = {"dataset": "synthetic", "model": "mlp", "num-nodes": 4, "graph": "exponential", "num-rounds": 3,
-        "local-steps": 2, "batch-size": 16, "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight-decay": 1e-4,
-        "eval-every": 1, "save-nodes": True, "seed": 3}
+TINY = {
+    "dataset": "synthetic",
+    "model": "mlp",
+    "num-nodes": 4,
+    "graph": "exponential",
+    "num-rounds": 3,
+    "local-steps": 2,
+    "batch-size": 16,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight-decay": 1e-4,
+    "eval-every": 1,
+    "save-nodes": True,
+    "seed": 3,
+}
 CASES = {
     "sgp": {"strategy": "sgp"},
     "sparse-push": {"strategy": "sparse-push", "compressor": "topk:0.1+q:4", "gamma": 0.3, "form": "ref"},
@@ -25,8 +38,9 @@ CASES = {
 
 @pytest.fixture(scope="module", params=list(CASES))
 def tiny_run(request, tmp_path_factory):
-    cfg = validate(TINY | CASES[request.param] | {"out-dir": str(tmp_path_factory.mktemp("runs")),
-                                                    "run-name": request.param})
+    cfg = validate(
+        TINY | CASES[request.param] | {"out-dir": str(tmp_path_factory.mktemp("runs")), "run-name": request.param}
+    )
     out = simulate(cfg)
     return cfg, out
 
@@ -60,13 +74,30 @@ def test_mass_conserved_through_flower(tiny_run):
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
-@pytest.mark.skipif(not os.path.isdir(FMNIST),
-                    reason=f"Fashion-MNIST not installed at {FMNIST} (sudo apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not os.path.isdir(FMNIST),
+    reason=f"Fashion-MNIST not installed at {FMNIST} (sudo apt-get install dataset-fashion-mnist)",
+)
 def test_end_to_end_fashion_mnist(tmp_path):
-    cfg = validate({"dataset": "fashion_mnist", "model": "cnn", "num-nodes": 8, "graph": "exponential",
-                    "strategy": "sparse-push", "compressor": "topk:0.1", "gamma": 0.5, "num-rounds": 4,
-                    "local-steps": 5, "batch-size": 32, "lr": 0.05, "eval-every": 2, "eval-node-samples": 500,
-                    "out-dir": str(tmp_path), "run-name": "e2e"})
+    cfg = validate(
+        {
+            "dataset": "fashion_mnist",
+            "model": "cnn",
+            "num-nodes": 8,
+            "graph": "exponential",
+            "strategy": "sparse-push",
+            "compressor": "topk:0.1",
+            "gamma": 0.5,
+            "num-rounds": 4,
+            "local-steps": 5,
+            "batch-size": 32,
+            "lr": 0.05,
+            "eval-every": 2,
+            "eval-node-samples": 500,
+            "out-dir": str(tmp_path),
+            "run-name": "e2e",
+        }
+    )
     out = simulate(cfg)
     for name in ("config.json", "metrics.jsonl", "summary.json", "accuracy.png"):
         assert (out / name).is_file(), name

@@ -21,8 +21,17 @@ from flower_sparsepush.training import (
     run_inprocess,
 )
 
-BASE = {"dataset": "synthetic", "model": "mlp", "num-nodes": 4, "graph": "exponential", "num-rounds": 6,
-        "local-steps": 2, "batch-size": 16, "lr": 0.1, "seed": 1}
+BASE = {
+    "dataset": "synthetic",
+    "model": "mlp",
+    "num-nodes": 4,
+    "graph": "exponential",
+    "num-rounds": 6,
+    "local-steps": 2,
+    "batch-size": 16,
+    "lr": 0.1,
+    "seed": 1,
+}
 
 
 def test_local_sgd_matches_torch_sgd():
@@ -45,7 +54,7 @@ def test_sampler_is_stateless_and_covers_each_epoch():
     n_i, b = 37, 8
     stream = torch.cat([batch_indices(n_i, 0, 3, s * b, b) for s in range(10)])
     for e in range(2):
-        assert sorted(stream[e * n_i:(e + 1) * n_i].tolist()) == list(range(n_i))
+        assert sorted(stream[e * n_i : (e + 1) * n_i].tolist()) == list(range(n_i))
     assert torch.equal(batch_indices(n_i, 0, 3, 40, 8), stream[40:48])
     assert not torch.equal(batch_indices(n_i, 0, 4, 0, 8), batch_indices(n_i, 0, 3, 0, 8))
 
@@ -57,15 +66,21 @@ def test_lr_schedules():
     assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 5) == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("extra", [{"strategy": "sgp"},
-                                   {"compressor": "topk:0.1+q:4", "gamma": 0.3, "form": "ref"},
-                                   {"compressor": "randk:0.2", "gamma": 0.3, "form": "ef"}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"strategy": "sgp"},
+        {"compressor": "topk:0.1+q:4", "gamma": 0.3, "form": "ref"},
+        {"compressor": "randk:0.2", "gamma": 0.3, "form": "ef"},
+    ],
+)
 def test_inprocess_deterministic_and_conserves_mass(extra):
     cfg = validate(BASE | extra)
     a, b = run_inprocess(cfg), run_inprocess(cfg)
     for sa, sb in zip(a.states, b.states):
         assert torch.equal(sa.x, sb.x) and sa.y == sb.y
     from flower_sparsepush.codec import decode
+
     y_mail = sum(decode(d).y for box in a.mailboxes for d in box)
     assert sum(s.y for s in a.states) + y_mail == pytest.approx(cfg["num-nodes"], abs=1e-12)
     assert sum(a.bits_sent) == sum(a.bits_received) + sum(8 * len(d) for box in a.mailboxes for d in box)
