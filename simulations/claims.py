@@ -162,6 +162,9 @@ def run_row(spec: dict[str, Any], command: str) -> dict[str, Any]:
 
 def finish(rows: list[dict[str, Any]], out: Path, name: str, command: str) -> None:
     """Add reduction_vs_sgp, write the JSON, the Markdown table and the plots."""
+    for r in rows:  # FedAvg sends the dense model: its run config's compressor and gamma are unused
+        if r["strategy"] == "fedavg":
+            r["compressor"], r["gamma"] = "none", 1.0
     sgp = {(r["dataset"], r["partition"]): r["bits_per_node"] for r in rows if r["strategy"] == "sgp"}
     for r in rows:
         base = sgp.get((r["dataset"], r["partition"]))
