@@ -16,7 +16,7 @@ SUBCOMMAND_MODULES = ("launch", "simulations.claims", "bench", "deploy")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        self.exit(EXIT_USAGE, f"sparsepush: error: {message} (see 'sparsepush {self.prog.split()[-1]} --help')\n")
+        self.exit(EXIT_USAGE, f"sparsepush: error: {message} (see '{self.prog} --help')\n")
 
 
 def _consensus(args: argparse.Namespace) -> int:
