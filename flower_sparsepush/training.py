@@ -272,16 +272,25 @@ def init_state(setup: Setup) -> NodeState:
 # --------------------------------------------------------------------------- evaluation
 
 
+def eval_subset(n: int, limit: int) -> torch.Tensor:
+    """Indices of the test samples a node evaluates on: all of them, or ``limit`` drawn without replacement by a
+    fixed seed (the same subset in every process), in increasing order."""
+    if limit <= 0 or limit >= n:
+        return torch.arange(n)
+    return torch.from_numpy(np.sort(np.random.default_rng(0).permutation(n)[:limit]))
+
+
 @torch.no_grad()
 def evaluate(setup: Setup, z: torch.Tensor, limit: int = 0) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of model ``z`` on the test set (its first ``limit`` samples when > 0)."""
+    """(accuracy, mean cross-entropy) of model ``z`` on the test set, or on ``limit`` of its samples when > 0
+    (a fixed random subset, :func:`eval_subset`: test sets read from image folders are sorted by class)."""
     from flower_sparsepush.data import normalize
 
     ds = setup.ds
     key = limit
     if key not in setup.eval_cache:
-        n = len(ds.y_test) if limit <= 0 else min(limit, len(ds.y_test))
-        setup.eval_cache[key] = (normalize(ds.x_test[:n], ds.mean, ds.std), ds.y_test[:n])
+        idx = eval_subset(len(ds.y_test), limit)
+        setup.eval_cache[key] = (normalize(ds.x_test[idx], ds.mean, ds.std), ds.y_test[idx])
     xt, yt = setup.eval_cache[key]
     model = setup.model
     load_flat(model, z)

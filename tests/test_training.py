@@ -94,3 +94,16 @@ def test_inprocess_learns_and_reaches_consensus():
     m = res.history[-1]
     assert m["acc_consensus"] > 0.6  # 10 classes, chance 0.1
     assert m["consensus_distance"] < 1.0
+
+
+def test_node_evaluation_subset_covers_every_class_of_a_class_sorted_test_set():
+    """Test sets read from image folders come sorted by class; a node's subset must not be the first N samples."""
+    from flower_sparsepush.training import eval_subset
+
+    labels = torch.arange(10).repeat_interleave(1000)  # 10,000 samples sorted by class
+    idx = eval_subset(len(labels), 1000)
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert len(idx) == 1000 and len(torch.unique(idx)) == 1000
+    assert counts.min() >= 60  # about 100 per class
+    assert torch.equal(idx, eval_subset(len(labels), 1000))  # the same subset in every process
+    assert torch.equal(eval_subset(50, 0), torch.arange(50))
