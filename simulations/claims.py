@@ -243,7 +243,9 @@ def plot(rows: list[dict[str, Any]], out: Path, name: str) -> None:
             axes[0][col].set_xscale("log")
             axes[0][col].set(title=f"{ds} {part}", xlabel="cumulative bits sent per node", ylabel="accuracy (%)")
             axes[1][col].set(xlabel="round", ylabel="accuracy (%)")
-        axes[0][0].legend(fontsize=7)
+        for ax in axes[0]:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / f"{name}_{ds}.png", dpi=80)
         plt.close(fig)
