@@ -34,7 +34,14 @@ from typing import Any
 
 from flower_sparsepush.config import KEYS, ConfigError, validate
 from flower_sparsepush.launch import PROJECT_DIR, _quiet_env, _toml_value, check_data
-from flower_sparsepush.processes import descendants, free_port, port_open, venv_exe
+from flower_sparsepush.processes import (
+    descendants,
+    free_port,
+    port_open,
+    superlink_command,
+    superlink_connection,
+    venv_exe,
+)
 
 FEDERATION = "sparsepush"
 # deploy-local's defaults (a short synthetic Sparse-Push run); every run-config key can still be overridden
@@ -125,23 +132,8 @@ class LocalDeployment:
 
     def start(self) -> LocalDeployment:
         _quiet_env()
-        Path(self.home, "config.toml").write_text(
-            f'[superlink.{FEDERATION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-        link = self._spawn(
-            "superlink",
-            [
-                venv_exe("flower-superlink"),
-                "--insecure",
-                "--isolation",
-                "subprocess",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
+        Path(self.home, "config.toml").write_text(superlink_connection(FEDERATION, self.port))
+        link = self._spawn("superlink", superlink_command(self.port, simulation=False))
         end = time.time() + self.start_timeout
         while not port_open(self.port):
             if link.poll() is not None:

@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from flower_sparsepush.config import KEYS, ConfigError, preflight, validate
-from flower_sparsepush.processes import descendants, free_port, port_open, venv_exe
+from flower_sparsepush.processes import (
+    descendants,
+    free_port,
+    port_open,
+    superlink_command,
+    superlink_connection,
+    venv_exe,
+)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 QUIET_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
@@ -101,21 +108,8 @@ class SuperLink:
 
     def __enter__(self) -> SuperLink:
         _quiet_env()
-        Path(self.home, "config.toml").write_text(
-            f'[superlink.sparsepush]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-        cmd = [
-            venv_exe("flower-superlink"),
-            "--insecure",
-            "--simulation",
-            "--isolation",
-            "subprocess",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--disable-runtime-dependency-installation",
-        ]
+        Path(self.home, "config.toml").write_text(superlink_connection("sparsepush", self.port))
+        cmd = superlink_command(self.port, simulation=True)
         env = os.environ | {"FLWR_HOME": self.home}
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(

@@ -43,3 +43,26 @@ def venv_exe(name: str) -> str:
     """The console script ``name`` next to this Python (the venv's), else ``name`` as found on PATH."""
     exe = Path(sys.executable).with_name(name)
     return str(exe) if exe.exists() else name
+
+
+def superlink_command(port: int, simulation: bool) -> list[str]:
+    """An offline, insecure loopback ``flower-superlink`` on ``port`` (with the simulation engine, or for
+    SuperNodes of the Deployment Engine), that installs no runtime dependencies."""
+    sim = ["--simulation"] if simulation else []
+    return [
+        venv_exe("flower-superlink"),
+        "--insecure",
+        *sim,
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+
+
+def superlink_connection(name: str, port: int) -> str:
+    """The ``$FLWR_HOME/config.toml`` entry that points ``flwr run . NAME`` at the local SuperLink."""
+    return f'[superlink.{name}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'

@@ -20,33 +20,19 @@ PARTITIONS = ("iid", "skew:0.8", "dirichlet:0.1")
 
 # Per dataset: model and schedule shared by every row (stated in the table). Epochs are passes over the whole
 # training set by all nodes together; rounds = ceil(epochs * N / (nodes * batch * local-steps)).
+_COMMON = {
+    "num-nodes": 16,
+    "graph": "exponential",
+    "batch-size": 32,
+    "local-steps": 1,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight-decay": 1e-4,
+    "lr-schedule": "cosine",
+}
 SCHEDULES: dict[str, dict[str, Any]] = {
-    "fashion_mnist": {
-        "model": "cnn",
-        "epochs": 2.0,
-        "num-nodes": 16,
-        "graph": "exponential",
-        "batch-size": 32,
-        "local-steps": 1,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "weight-decay": 1e-4,
-        "lr-schedule": "cosine",
-        "evals": 4,
-    },
-    "cifar10": {
-        "model": "resnet20",
-        "epochs": 1.0,
-        "num-nodes": 16,
-        "graph": "exponential",
-        "batch-size": 32,
-        "local-steps": 1,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "weight-decay": 1e-4,
-        "lr-schedule": "cosine",
-        "evals": 2,
-    },
+    "fashion_mnist": _COMMON | {"model": "cnn", "epochs": 2.0, "evals": 4},
+    "cifar10": _COMMON | {"model": "resnet20", "epochs": 1.0, "evals": 2},
 }
 QUICK = {"epochs": 0.1, "evals": 2}
 
