@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flower_sparsepush.config import KEYS, ConfigError, validate
-from flower_sparsepush.launch import PROJECT_DIR, _quiet_env, _toml_value, check_data
+from flower_sparsepush.config import KEYS, validate
+from flower_sparsepush.launch import PROJECT_DIR, _quiet_env, _toml_value, cfg_from_args, checked_config
 from flower_sparsepush.processes import (
     descendants,
     free_port,
@@ -320,18 +320,10 @@ def deploy_run(
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     os.environ["SPARSEPUSH_COMMAND"] = shlex.join(["sparsepush", *sys.argv[1:]])
     raw = dict(DEPLOY_DEFAULTS)
-    raw.update(
-        {k: getattr(args, k.replace("-", "_")) for k in KEYS if getattr(args, k.replace("-", "_"), None) is not None}
-    )
+    raw.update(cfg_from_args(args))
     raw["num-nodes"], raw["num-rounds"] = args.nodes, args.rounds
-    try:
-        cfg = validate(raw)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    msg = check_data(cfg)
-    if msg:
-        print(f"error: {msg}", file=sys.stderr)
+    cfg = checked_config(raw)
+    if cfg is None:
         return 2
     t0 = time.time()
     try:

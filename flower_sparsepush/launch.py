@@ -207,25 +207,31 @@ def check_data(cfg: dict[str, Any]) -> str | None:
 # --------------------------------------------------------------------------- CLI
 
 
-def _cfg_from_args(args: argparse.Namespace) -> dict[str, Any]:
+def cfg_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config keys given on the command line (``--key value``), unvalidated."""
     return {k: getattr(args, k.replace("-", "_")) for k in KEYS if getattr(args, k.replace("-", "_"), None) is not None}
+
+
+def checked_config(raw: dict[str, Any], flower_preflight: bool = False) -> dict[str, Any] | None:
+    """The validated config, or None after printing the one error line (bad key or value, data missing, and with
+    ``flower_preflight`` the pre-start checks of :func:`config.preflight`)."""
+    try:
+        cfg = validate(raw)
+        msg = check_data(cfg)
+        if msg:
+            raise ConfigError(msg)
+        if flower_preflight:
+            preflight(cfg, flower=True)  # graph connectivity, top-k count vs model size, out-dir, engine support
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     os.environ["SPARSEPUSH_COMMAND"] = shlex.join(["sparsepush", *sys.argv[1:]])
-    try:
-        cfg = validate(_cfg_from_args(args))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    msg = check_data(cfg)
-    if msg:
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    try:
-        preflight(cfg, flower=True)  # graph connectivity, top-k count vs model size, out-dir, engine support
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = checked_config(cfg_from_args(args), flower_preflight=True)
+    if cfg is None:
         return 2
     out = simulate(cfg) if args.engine == "simulation" else flwr_run(cfg)
     print(f"results: {out}")
