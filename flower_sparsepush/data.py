@@ -39,6 +39,7 @@ __all__ = [
     "class_histogram",
     "default_cache_dir",
     "find_data",
+    "idx_names",
     "load_cifar10",
     "load_dataset",
     "load_idx_dataset",
@@ -196,17 +197,57 @@ def search_dirs(name: str, path: str | os.PathLike | None = None) -> list[Path]:
 
 
 _IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_NAMING = "each with a dash or a dot before idx (train-images.idx3-ubyte), gzipped (.gz) or not"
+
+
+def idx_names(stem: str) -> tuple[str, ...]:
+    """The file names accepted for one IDX file, in order of preference: ``train-images-idx3-ubyte``,
+    ``train-images-idx3-ubyte.gz``, ``train-images.idx3-ubyte`` and ``train-images.idx3-ubyte.gz``."""
+    return tuple(name + gz for name in (stem, stem.replace("-idx", ".idx")) for gz in ("", ".gz"))
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:
-    for cand in (folder / stem, folder / (stem + ".gz"), folder / stem.replace("-idx", ".idx")):
+    for name in idx_names(stem):
+        cand = folder / name
         if cand.is_file():
             return cand
+        if (cand / name).is_file():  # some archives hold each file in a folder of the same name
+            return cand / name
     return None
 
 
 def _is_idx_folder(folder: Path) -> bool:
     return folder.is_dir() and all(_idx_file(folder, s) is not None for s in _IDX_STEMS)
+
+
+def _listing(folder: Path, limit: int = 8) -> str:
+    """Up to ``limit`` entries of ``folder`` (folders end in /), for error messages."""
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+    if not names:
+        return "empty"
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return "holds " + ", ".join(names[:limit]) + more
+
+
+def _describe(name: str, base: Path) -> str:
+    """What one searched base holds, for the not-found message: its best candidate folder and its entries."""
+    if not base.exists():
+        return f"{base}: does not exist"
+    if not base.is_dir():
+        return f"{base}: a file, not a folder"
+    if name in ("fashion_mnist", "mnist"):
+        best, have = None, 0
+        for c in _candidates(name, base):
+            n = sum(_idx_file(c, s) is not None for s in _IDX_STEMS) if c.is_dir() else 0
+            if n > have:
+                best, have = c, n
+        if best is not None:
+            missing = [s for s in _IDX_STEMS if _idx_file(best, s) is None]
+            return f"{best}: {have} of the 4 IDX files, missing {', '.join(missing)}"
+    return f"{base}: {_listing(base)}"
 
 
 def _is_cifar_pickle(folder: Path) -> bool:
@@ -217,16 +258,32 @@ def _is_image_tree(folder: Path) -> bool:
     return folder.is_dir() and (folder / "train").is_dir() and (folder / "test").is_dir()
 
 
+def _is_tarball_name(name: str) -> bool:
+    return name.endswith((".tar.gz", ".tgz", ".tar"))
+
+
 def _is_tarball(p: Path) -> bool:
-    return p.is_file() and (p.name.endswith((".tar.gz", ".tgz", ".tar")))
+    return p.is_file() and _is_tarball_name(p.name)
 
 
 def _candidates(name: str, base: Path) -> list[Path]:
-    """Concrete places under ``base`` where dataset ``name`` may live."""
+    """Concrete places under ``base`` where dataset ``name`` may live: the base itself and the folders that common
+    distributions create (torchvision ``<root>/FashionMNIST/raw``, the Fashion-MNIST repository's ``data/fashion``,
+    Keras' ``fashion-mnist``, ``raw`` when ``base`` is a torchvision dataset folder)."""
     if name == "fashion_mnist":
-        subs = ["", "fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "FashionMNIST"]
+        subs = [
+            "",
+            "fashion-mnist",
+            "fashion_mnist",
+            "FashionMNIST/raw",
+            "FashionMNIST",
+            "raw",
+            "data/fashion",
+            "fashion-mnist/data/fashion",
+            "fashion",
+        ]
     elif name == "mnist":
-        subs = ["", "mnist", "MNIST/raw", "MNIST"]
+        subs = ["", "mnist", "MNIST/raw", "MNIST", "raw", "mnist/raw"]
     else:
         subs = [
             "",
@@ -247,18 +304,18 @@ def find_data(name: str, path: str | os.PathLike | None = None) -> Path:
     ``<repo>/../shared/data``, ``/work/shared/data``, the Debian path (Fashion-MNIST
     only), then the cache folder (``$SPARSEPUSH_CACHE`` or ``~/.cache/flower_sparsepush``).
     Under each base it also tries the usual sub-folders (``fashion-mnist``,
-    ``FashionMNIST/raw``, ``cifar-10-batches-py``, ``cifar10-jpg.tar.gz``...).
+    ``FashionMNIST/raw``, ``raw``, ``data/fashion``, ``cifar-10-batches-py``, ``cifar10-jpg.tar.gz``...).
+    IDX files may be named with a dash or a dot before ``idx`` (``train-images-idx3-ubyte``,
+    ``train-images.idx3-ubyte``), gzipped or not (:func:`idx_names`).
     For CIFAR-10 the official pickle folder wins over an image tree, which wins over a tarball,
-    within the same base. Raises :class:`DataNotFoundError` naming every place searched
-    and the command that fixes it.
+    within the same base. Raises :class:`DataNotFoundError` naming what it looked for, every
+    place searched with what it holds (or which IDX files are missing), and the command that fixes it.
     """
     name = _canonical(name)
     if name == "synthetic":
         raise ValueError("synthetic data has no files; use make_synthetic()")
-    looked: list[Path] = []
     for base in search_dirs(name, path):
         cands = _candidates(name, base)
-        looked.extend(cands)
         if name in ("fashion_mnist", "mnist"):
             for c in cands:
                 if _is_idx_folder(c):
@@ -268,9 +325,19 @@ def find_data(name: str, path: str | os.PathLike | None = None) -> Path:
                 for c in cands:
                     if check(c):
                         return c
-    where = "\n  ".join(str(p) for p in looked)
+    bases = search_dirs(name, path)
+    rel = [str(c.relative_to(bases[0])) for c in _candidates(name, bases[0])[1:]]
+    subs = ", ".join(r if _is_tarball_name(r) else r + "/" for r in rel)
+    wanted = (
+        f"the four IDX files {', '.join(_IDX_STEMS)} ({IDX_NAMING})"
+        if name in ("fashion_mnist", "mnist")
+        else "cifar-10-batches-py/ (data_batch_1..5, test_batch), an image tree train/<class>/, test/<class>/, "
+        "or a .tar.gz of that tree"
+    )
+    where = "\n  ".join(_describe(name, b) for b in bases)
     raise DataNotFoundError(
-        f"{name} not found. Looked in:\n  {where}\n"
+        f"{name} not found. Looked for {wanted}\n"
+        f"in these folders (and under each: {subs}):\n  {where}\n"
         f"Fix: {_FIX_COMMANDS[name]}\n"
         "(or pass path=<folder or tarball>, or set SPARSEPUSH_DATA=<folder>)"
     )
@@ -341,7 +408,9 @@ def load_idx_dataset(folder: str | os.PathLike, name: str = "fashion_mnist") -> 
     for stem in _IDX_STEMS:
         f = _idx_file(folder, stem)
         if f is None:
-            raise DataNotFoundError(f"{folder}: missing {stem}[.gz]")
+            raise DataNotFoundError(
+                f"{folder}: no {stem} (looked for {', '.join(idx_names(stem))}); the folder {_listing(folder)}"
+            )
         files[stem] = f
     xtr = read_idx(files["train-images-idx3-ubyte"], 3)
     ytr = read_idx(files["train-labels-idx1-ubyte"], 1)

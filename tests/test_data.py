@@ -29,7 +29,7 @@ def _idx_bytes(arr: np.ndarray) -> bytes:
 
 
 def _write_idx_folder(
-    folder: Path, n_train: int = 20, n_test: int = 10, gz: bool = True, seed: int = 0
+    folder: Path, n_train: int = 20, n_test: int = 10, gz: bool = True, seed: int = 0, dot: bool = False
 ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays = {
@@ -41,10 +41,11 @@ def _write_idx_folder(
     folder.mkdir(parents=True, exist_ok=True)
     for stem, arr in arrays.items():
         raw = _idx_bytes(arr)
+        name = stem.replace("-idx", ".idx") if dot else stem  # train-images.idx3-ubyte
         if gz:
-            (folder / (stem + ".gz")).write_bytes(gzip.compress(raw))
+            (folder / (name + ".gz")).write_bytes(gzip.compress(raw))
         else:
-            (folder / stem).write_bytes(raw)
+            (folder / name).write_bytes(raw)
     return arrays
 
 
@@ -76,6 +77,63 @@ def test_idx_torchvision_root_and_mnist(tmp_path):
     assert data.find_data("fmnist", tmp_path / "root") == tmp_path / "root" / "FashionMNIST" / "raw"
     ds = data.load_dataset("mnist", tmp_path / "root")
     assert ds.name == "mnist" and ds.x_train.shape == (20, 1, 28, 28)
+
+
+@pytest.mark.parametrize("dot", [False, True], ids=["dash", "dot"])
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+@pytest.mark.parametrize(
+    "sub", ["", "FashionMNIST/raw", "fashion-mnist/data/fashion", "fashion_mnist"], ids=["base", "tv", "repo", "flat"]
+)
+def test_idx_naming_variants(tmp_path, dot, gz, sub):
+    """Every accepted name (dash or dot before idx, gzipped or not) in every distribution's folder layout loads the
+    bytes written; the folder is found from the base the user names."""
+    arrays = _write_idx_folder(tmp_path / "root" / sub, gz=gz, dot=dot, seed=3)
+    assert data.find_data("fashion_mnist", tmp_path / "root") == (tmp_path / "root" / sub if sub else tmp_path / "root")
+    ds = data.load_dataset("fashion_mnist", tmp_path / "root")
+    assert np.array_equal(ds.x_train[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
+    assert np.array_equal(ds.y_train.numpy(), arrays["train-labels-idx1-ubyte"])
+    assert np.array_equal(ds.x_test[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"])
+    assert np.array_equal(ds.y_test.numpy(), arrays["t10k-labels-idx1-ubyte"])
+
+
+def test_idx_mixed_names_and_folder_per_file(tmp_path):
+    """Names may differ file by file, and an archive layout that keeps each file in a folder of its own name
+    (train-images.idx3-ubyte/train-images.idx3-ubyte) loads too; a torchvision dataset folder is found via raw/."""
+    arrays = _write_idx_folder(tmp_path / "mix", gz=False, dot=True)
+    (tmp_path / "mix" / "t10k-labels.idx1-ubyte").rename(tmp_path / "mix" / "t10k-labels-idx1-ubyte")
+    ds = data.load_idx_dataset(tmp_path / "mix")
+    assert np.array_equal(ds.y_test.numpy(), arrays["t10k-labels-idx1-ubyte"])
+    nested = tmp_path / "kaggle"
+    arrays = _write_idx_folder(tmp_path / "flat", gz=False, dot=True, seed=5)
+    for f in (tmp_path / "flat").iterdir():
+        (nested / f.name).mkdir(parents=True)
+        f.rename(nested / f.name / f.name)
+    ds = data.load_dataset("mnist", nested)
+    assert np.array_equal(ds.x_train[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
+    _write_idx_folder(tmp_path / "tv" / "MNIST" / "raw")
+    assert data.find_data("mnist", tmp_path / "tv" / "MNIST") == tmp_path / "tv" / "MNIST" / "raw"
+
+
+def test_idx_not_found_says_what_it_looked_for_and_found(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "search_dirs", _only_tmp(tmp_path, data.search_dirs))
+    _write_idx_folder(tmp_path / "part", dot=True)
+    (tmp_path / "part" / "t10k-labels.idx1-ubyte.gz").unlink()
+    (tmp_path / "part" / "notes.txt").write_text("x")
+    with pytest.raises(DataNotFoundError) as err:
+        data.find_data("fashion_mnist", tmp_path / "part")
+    msg = str(err.value)
+    assert "train-images-idx3-ubyte" in msg and "dot before idx" in msg and "FashionMNIST/raw/" in msg
+    assert f"{tmp_path / 'part'}: 3 of the 4 IDX files, missing t10k-labels-idx1-ubyte" in msg
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "images.bin").write_text("x")
+    with pytest.raises(DataNotFoundError, match=r"other: holds images\.bin"):
+        data.find_data("mnist", tmp_path / "other")
+    with pytest.raises(DataNotFoundError, match=r"missing: does not exist"):
+        data.find_data("mnist", tmp_path / "missing")
+    with pytest.raises(
+        DataNotFoundError, match=r"no t10k-labels-idx1-ubyte \(looked for .*t10k-labels\.idx1-ubyte.*notes\.txt"
+    ):
+        data.load_idx_dataset(tmp_path / "part")
 
 
 def test_idx_bad_magic_and_size(tmp_path):
