@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from flower_sparsepush.processes import descendants
+from flower_sparsepush.progress import Progress
 
 QUIET_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 REQUIRED_KEYS = (
@@ -774,6 +775,10 @@ def growth(scale: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+SECTIONS = ("wire", "codec", "data", "overhead", "scale")
+STATUS_NAME = "bench.status.json"
+
+
 def run_bench(args) -> dict[str, Any]:
     import torch
 
@@ -782,20 +787,34 @@ def run_bench(args) -> dict[str, Any]:
     log = lambda s: print(f"[bench {time.strftime('%H:%M:%S')}] {s}", flush=True)  # noqa: E731
     sections: dict[str, Any] = {}
     load = {"before": loadavg()}
-    parts = set(args.only.split(",")) if args.only else {"wire", "codec", "data", "overhead", "scale"}
+    parts = set(args.only.split(",")) if args.only else set(SECTIONS)
+    unknown = sorted(parts - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"--only {args.only!r}: unknown section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
+    planned = [name for name in SECTIONS if name in parts]
+    # sections done of planned, elapsed, ETA: on the terminal and in <out-dir>/bench.status.json
+    prog = Progress(len(planned), Path(args.out_dir) / STATUS_NAME, "bench", unit="sections", min_interval=0)
+
+    def starting(name: str) -> None:
+        prog.update(planned.index(name), f"running: {name}")
+
     if "wire" in parts:
+        starting("wire")
         import torch
 
         upd = trained_difference(steps=3 if quick else 10, dataset=args.dataset)
         gauss = torch.randn(len(upd), generator=torch.Generator().manual_seed(0))
         sections["wire"] = section_wire({"resnet20_update": upd, "gaussian": gauss}, log)
     if "codec" in parts:
+        starting("codec")
         sections["codec"] = section_codec(
             {"0.27M": 269_722, "11M": 11_000_000}, {"0.27M": 9 if quick else 21, "11M": 3 if quick else 7}, log
         )
     if "data" in parts:
+        starting("data")
         sections["data"] = section_data(("cnn", "resnet20"), args.dataset, 50 if quick else 200, log)
     if "overhead" in parts:
+        starting("overhead")
         cases = [("cnn", 16), ("cnn", 64), ("resnet20", 16)] + ([("resnet20", 64)] if args.resnet64 else [])
         sections["overhead"] = section_overhead(
             cases,
@@ -807,6 +826,7 @@ def run_bench(args) -> dict[str, Any]:
             two_actors=() if quick else (("cnn", 16), ("resnet20", 16)),
         )
     if "scale" in parts:
+        starting("scale")
         ladder = [int(n) for n in (args.nodes or ("16,64" if quick else "16,64,256,1000")).split(",")]
         sections["scale"] = section_scale(
             ladder,
@@ -820,6 +840,8 @@ def run_bench(args) -> dict[str, Any]:
         g = growth(sections["scale"])
         if g:
             sections["growth"] = g
+    prog.update(len(planned), "writing the report")
+    prog.close()
     load["after"] = loadavg()
     command = (
         shlex.join(["sparsepush", "bench", *sys.argv[2:]])

@@ -42,6 +42,8 @@ from flower_sparsepush.processes import (
     superlink_connection,
     venv_exe,
 )
+from flower_sparsepush.progress import STATUS_FILE, StatusFollower
+from flower_sparsepush.results import run_dir
 
 FEDERATION = "sparsepush"
 # deploy-local's defaults (a short synthetic Sparse-Push run); every run-config key can still be overridden
@@ -268,8 +270,10 @@ class LocalDeployment:
         self.procs["flwr-run"] = proc
         self.seen_pids.add(proc.pid)
         end = None if timeout is None else time.time() + timeout
+        follower = StatusFollower(run_dir(cfg) / STATUS_FILE)  # rounds done, written by the ServerApp every round
         try:
             while proc.poll() is None:
+                follower.poll()
                 self.collect_pids()
                 for name, p in self.procs.items():
                     if name != "flwr-run" and p.poll() is not None:
@@ -279,6 +283,7 @@ class LocalDeployment:
                 if end is not None and time.time() > end:
                     raise DeploymentError(f"flwr run did not finish in {timeout:.0f} s")
                 time.sleep(0.5)
+            follower.poll()
             return proc.returncode
         except BaseException:
             try:
@@ -296,8 +301,6 @@ def deploy_run(
     Returns (results folder, the stopped deployment: ``seen_pids``, ``log_dir``). Raises :class:`DeploymentError`
     when the run fails; every process is stopped in either case.
     """
-    from flower_sparsepush.results import run_dir
-
     cfg = validate(raw_cfg)
     cfg["out-dir"] = str(Path(cfg["out-dir"]).resolve())
     out = run_dir(cfg)

@@ -164,10 +164,23 @@ class SuperLink:
             "--federation-config",
             f"num-supernodes={cfg['num-nodes']} client-resources-num-cpus=1",
         ]
+        from flower_sparsepush.progress import STATUS_FILE, StatusFollower
+        from flower_sparsepush.results import run_dir
+
         env = os.environ | {"FLWR_HOME": self.home, "SPARSEPUSH_COMMAND": os.environ.get("SPARSEPUSH_COMMAND", "")}
+        follower = StatusFollower(run_dir(cfg) / STATUS_FILE)  # the ServerApp's rounds, shown on this terminal
         proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_DIR, start_new_session=True)
+        end = None if timeout is None else time.time() + timeout
         try:
-            return proc.wait(timeout=timeout)
+            while True:
+                try:
+                    rc = proc.wait(timeout=1.0)
+                    follower.poll()
+                    return rc
+                except subprocess.TimeoutExpired:
+                    follower.poll()
+                    if end is not None and time.time() > end:
+                        raise
         except BaseException:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)

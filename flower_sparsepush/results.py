@@ -2,7 +2,9 @@
 
 metrics.jsonl has one line per evaluation with the fields in :data:`METRIC_FIELDS`; bits are cumulative means
 over nodes of 8 x the encoded length of the peer-to-peer messages each node sent / received (FedAvg: dense
-model bytes each way). One progress line per evaluation goes to the terminal.
+model bytes each way). One line per evaluation goes to the terminal. ``status.json`` (:mod:`progress`) holds the
+rounds done of the rounds planned, elapsed time and the estimate of what is left; the ServerApp updates it every
+round, the in-process loop on every evaluation.
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ class Recorder:
         self.echo = echo
         (self.dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (self.dir / "metrics.jsonl").write_text("")
+        from flower_sparsepush.config import total_rounds
+        from flower_sparsepush.progress import STATUS_FILE, Progress
+
+        self.progress = Progress(
+            total_rounds(cfg), self.dir / STATUS_FILE, f"[{cfg['run-name']}]", unit="rounds", min_interval=10.0
+        )
 
     def log(self, row: dict[str, Any]) -> dict[str, Any]:
         row = {k: row[k] for k in METRIC_FIELDS if k in row} | {k: v for k, v in row.items() if k not in METRIC_FIELDS}
@@ -58,6 +66,7 @@ class Recorder:
         self.rows.append(row)
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        self.progress.update(int(row["round"]), f"acc {row['acc_consensus']:.4f}")
         if self.echo:
             self.echo(
                 f"[{self.cfg['strategy']}] round {row['round']:>5}/{self.cfg['num-rounds']} epoch {row['epoch']:6.2f} "
@@ -80,6 +89,7 @@ class Recorder:
             **(extra or {}),
         }
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.progress.close()
         if self.rows:
             plot(self.rows, self.dir / "accuracy.png", self.cfg["run-name"])
         return summary

@@ -62,7 +62,10 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
         )
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
+        # Flower calls this after every round: the one per-round hook of Strategy.start, so progress is kept here
         if rnd == 0 or not (rnd % cfg["eval-every"] == 0 or rnd == last):
+            if rnd:
+                rec.progress.update(rnd, rec.progress.note)
             return None
         if cfg["strategy"] == "fedavg":
             z = torch.from_numpy(np.array(arrays["z"].numpy()))

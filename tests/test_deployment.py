@@ -65,6 +65,8 @@ def test_results_files_as_in_simulation(deployed):
         assert set(METRIC_FIELDS) | {"y_nodes", "y_mailboxes"} <= set(r)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["round"] == 2 and summary["bits_sent_per_node"] > 0
+    status = json.loads((out / "status.json").read_text())  # written by the ServerApp's process
+    assert (status["done"], status["total"], status["finished"]) == (2, 2, True)
 
 
 def test_mass_conserved(deployed):

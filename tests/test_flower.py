@@ -71,6 +71,21 @@ def test_mass_conserved_through_flower(tiny_run):
         assert row["y_nodes"] + row["y_mailboxes"] == pytest.approx(cfg["num-nodes"], abs=1e-9)
 
 
+def test_status_file_follows_every_round(tmp_path, monkeypatch):
+    """The ServerApp updates <run>/status.json after every round (Flower's evaluate_fn hook), not only on the
+    evaluation rounds, and closes it at the end."""
+    from flower_sparsepush.progress import Progress, read_status
+
+    seen = []
+    orig = Progress.update
+    monkeypatch.setattr(Progress, "update", lambda self, done, note="": seen.append(done) or orig(self, done, note))
+    cfg = validate(TINY | {"num-rounds": 4, "eval-every": 4, "out-dir": str(tmp_path), "run-name": "st"})
+    out = simulate(cfg)
+    assert seen == [1, 2, 3, 4]  # rounds 1-3 have no evaluation
+    st = read_status(out / "status.json")
+    assert (st["done"], st["total"], st["unit"], st["finished"]) == (4, 4, "rounds", True)
+
+
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
