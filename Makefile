@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export FLWR_TELEMETRY_ENABLED=0
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
 
-.PHONY: demo test setup data lint consensus clean docs
+.PHONY: demo test setup data lint consensus clean docs help
 
 demo: setup data
 	$(VENV)/bin/sparsepush demo --out-dir runs
@@ -57,3 +57,27 @@ deploy-demo: setup
 docs: setup
 	{ sed '/^| key | default | meaning |$$/,$$d' docs/config.md; $(VENV)/bin/sparsepush config-keys; } > docs/config.md.new
 	mv docs/config.md.new docs/config.md
+
+# `make help`: the targets, the variables they take and the run-config keys (generated from config.KEYS; needs
+# only Python, not the venv).
+help:
+	@echo "usage: make [TARGET] [VARIABLE=value ...]"
+	@echo ""
+	@echo "targets:"
+	@echo "  demo          Sparse-Push vs SGP vs FedAvg on Fashion-MNIST, 16 nodes (sparsepush demo --out-dir runs)"
+	@echo "  test          lint + the whole test suite"
+	@echo "  setup         create $(VENV) and install the package with pip (done by the other targets)"
+	@echo "  data          install Fashion-MNIST with apt-get unless it or SPARSEPUSH_DATA is there"
+	@echo "  lint          ruff check + ruff format --check"
+	@echo "  consensus     the averaging-only experiment of docs/algorithm.md"
+	@echo "  deploy-demo   the Deployment Engine on loopback: 4 SuperNodes, 3 rounds (runs/deploy)"
+	@echo "  docs          regenerate docs/config.md from the code"
+	@echo "  clean         remove $(VENV), caches and runs/"
+	@echo "  help          this text"
+	@echo ""
+	@echo "variables:"
+	@echo "  PYTHON=python3.11      the interpreter setup builds $(VENV) with (setup, demo, test, ...); now $(PYTHON)"
+	@echo "  SPARSEPUSH_DATA=DIR    (environment) folder(s) with the datasets, separated by ':' (data, demo, test)"
+	@echo ""
+	@echo "run-config keys of sparsepush train / deploy-local (--key V) and python -m flower_sparsepush.training (key=V):"
+	@$$( [ -x $(PY) ] && echo $(PY) || echo $(PYTHON) ) -m flower_sparsepush.keyhelp

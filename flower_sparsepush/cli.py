@@ -15,6 +15,12 @@ SUBCOMMAND_MODULES = ("launch", "simulations.claims", "bench", "deploy")
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        from flower_sparsepush.keyhelp import OneLineHelp
+
+        kwargs.setdefault("formatter_class", OneLineHelp)  # --help: one line per option, with its default
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
         self.exit(EXIT_USAGE, f"sparsepush: error: {message} (see '{self.prog} --help')\n")
 
@@ -71,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compressor", default="topk:0.01", help=f"one of: {', '.join(COMPRESSOR_SPECS)}")
     c.add_argument("--gamma", type=float, default=0.05, help="consensus step size in (0, 1]")
     c.add_argument("--form", default="ref", choices=["ref", "ef", "ref-x"], help="push-sum form (docs/algorithm.md)")
-    c.add_argument("--rounds", type=int, default=1000)
+    c.add_argument("--rounds", type=int, default=1000, help="gossip rounds")
     c.add_argument("--dim", type=int, default=1000, help="vector length")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="seed of the vectors, random graphs and compressors")
     c.add_argument("--trace-every", type=int, default=0, help="record the consensus error every N rounds")
     c.add_argument("--drop", type=float, default=0.0, help="probability that a link drops a message, in [0, 1)")
     c.add_argument("--link-down", type=float, default=0.0, help="probability that a link is down for a span of rounds")

@@ -343,25 +343,29 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``deploy-local`` to the ``sparsepush`` CLI."""
+    from flower_sparsepush.keyhelp import add_key_options
+
     p = subparsers.add_parser(
         "deploy-local",
         help="a SuperLink and N SuperNodes on 127.0.0.1 (Flower Deployment Engine), one `flwr run`, then stop all",
+        usage="%(prog)s [-h] [--nodes N] [--rounds R] [--port P] [--log-dir DIR] [--timeout S] [--KEY V ...]",
+        description="The same apps on Flower's Deployment Engine on loopback; every started process is stopped by "
+        "PID at the end. Run-config keys are options (--key value); the defaults shown are deploy-local's.",
     )
-    p.add_argument("--nodes", type=int, default=DEPLOY_DEFAULTS["num-nodes"], help="number of SuperNodes (>= 2)")
-    p.add_argument("--rounds", type=int, default=DEPLOY_DEFAULTS["num-rounds"], help="gossip rounds")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=DEPLOY_DEFAULTS["num-nodes"],
+        help=f"number of SuperNodes (>= 2; run-config num-nodes); default {DEPLOY_DEFAULTS['num-nodes']}",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=DEPLOY_DEFAULTS["num-rounds"],
+        help=f"gossip rounds (run-config num-rounds); default {DEPLOY_DEFAULTS['num-rounds']}",
+    )
     p.add_argument("--port", type=int, default=0, help="SuperLink port on 127.0.0.1 (0: a free one)")
     p.add_argument("--log-dir", default=None, help="folder for the process logs (default: a temporary folder)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is stopped (0: none)")
-    for key, spec in KEYS.items():
-        if key in ("num-nodes", "num-rounds"):
-            continue
-        extra = f" (one of: {', '.join(spec.choices)})" if spec.choices else ""
-        default = DEPLOY_DEFAULTS.get(key, spec.default)
-        p.add_argument(
-            f"--{key}",
-            dest=key.replace("-", "_"),
-            default=None,
-            metavar="V",
-            help=f"{spec.help}{extra}; default {default!r}",
-        )
+    add_key_options(p, defaults=DEPLOY_DEFAULTS, skip=("num-nodes", "num-rounds"))
     p.set_defaults(func=cmd_deploy_local)

@@ -332,16 +332,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``train`` and ``demo`` to the ``sparsepush`` CLI (argparse sub-parsers)."""
-    p = subparsers.add_parser("train", help="one training run through Flower (flwr run against a private SuperLink)")
-    for key, spec in KEYS.items():
-        extra = f" (one of: {', '.join(spec.choices)})" if spec.choices else ""
-        p.add_argument(
-            f"--{key}",
-            dest=key.replace("-", "_"),
-            default=None,
-            metavar="V",
-            help=f"{spec.help}{extra}; default {spec.default!r}",
-        )
+    from flower_sparsepush.keyhelp import add_key_options
+
+    p = subparsers.add_parser(
+        "train",
+        help="one training run through Flower (flwr run against a private SuperLink)",
+        usage="%(prog)s [-h] [--engine {flwr-run,simulation}] [--KEY V ...]",
+        description="One training run through Flower. Every run-config key is an option (--key value); keys not "
+        "given keep the default shown. Results: <out-dir>/<run-name>/ (status.json shows the rounds done).",
+    )
+    add_key_options(p)
     p.add_argument(
         "--engine",
         choices=("flwr-run", "simulation"),
@@ -354,6 +354,10 @@ def register(subparsers) -> None:
     d.add_argument("--out-dir", default="runs", help="results go to <out-dir>/demo/")
     d.add_argument("--rounds", type=int, default=DEMO["num-rounds"], help="rounds per strategy")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    d.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the Fashion-MNIST IDX files; default: the search path of docs/data.md",
+    )
     d.add_argument("--engine", choices=("flwr-run", "simulation"), default="flwr-run")
     d.set_defaults(func=cmd_demo)

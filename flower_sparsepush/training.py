@@ -609,6 +609,17 @@ def main(argv: list[str] | None = None) -> int:
     from flower_sparsepush.config import ConfigError
 
     args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in args):
+        from flower_sparsepush.keyhelp import keys_text
+
+        print(
+            "usage: python -m flower_sparsepush.training [key=value ...] [--resume]\n\n"
+            "One run of the in-process loop (the reference the Flower path is tested against). Results, checkpoints\n"
+            "and status.json (rounds done, elapsed, ETA) go to <out-dir>/<run-name>/. Keys not given keep the\n"
+            "default shown; bad keys or values stop the run with one line (docs/config.md).\n\n"
+            f"run-config keys (key=default  meaning):\n{keys_text()}"
+        )
+        return 0
     raw = {}
     for a in args:
         k, eq, v = a.lstrip("-").partition("=")
@@ -616,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
             if k == "resume":  # --resume alone
                 raw["resume"] = True
                 continue
-            print(f"error: expected key=value, got {a!r}", file=sys.stderr)
+            print(f"error: expected key=value, got {a!r} (see --help for the keys)", file=sys.stderr)
             return 2
         raw[k] = v
     try:
