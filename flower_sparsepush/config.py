@@ -62,8 +62,14 @@ KEYS: dict[str, Key] = {
         0, int, "gossip-only rounds (no SGD, compressed, counted) after num-rounds; scsp: 50 unless set", 0, 1_000_000
     ),
     "num-rounds": Key(20, int, "gossip (or FedAvg) rounds", 1, 10_000_000),
-    "dataset": Key("fashion_mnist", str, "fashion_mnist | mnist | cifar10 | synthetic", choices=DATASETS),
+    "dataset": Key(
+        "fashion_mnist",
+        str,
+        "fashion_mnist | mnist | cifar10 | synthetic | hf:<Hugging Face Hub name or folder saved with save_to_disk>",
+    ),
     "data-dir": Key("", str, "dataset folder ('' = the data module's default search path)"),
+    "image-column": Key("", str, "dataset=hf:...: the column of images or feature arrays ('' = detect)"),
+    "label-column": Key("", str, "dataset=hf:...: the column of class labels ('' = detect)"),
     "partition": Key("iid", str, "iid | skew:S | dirichlet:A | classes:K"),
     "model": Key("cnn", str, "cnn | mlp | logreg | resnet20 | vgg11", choices=MODELS),
     "norm": Key("group", str, "group | group:G | layer | none (batch is refused: its buffers are not gossiped)"),
@@ -204,6 +210,15 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
     except CompressionError as err:
         raise ConfigError(f"run-config compressor={out['compressor']!r}: {err}") from None
     parse_lr_schedule(out["lr-schedule"])
+    dataset = out["dataset"]
+    if dataset not in DATASETS and not (dataset.startswith("hf:") and dataset[3:].strip()):
+        raise ConfigError(
+            f"run-config dataset={dataset!r}: allowed values are {', '.join(DATASETS)}, "
+            "hf:<Hugging Face Hub name or local folder> (docs/data.md)"
+        )
+    for key in ("image-column", "label-column"):
+        if out[key] and not dataset.startswith("hf:"):
+            raise ConfigError(f"run-config {key}={out[key]!r}: only for dataset=hf:... (built-in datasets have theirs)")
     from flower_sparsepush.pushsum import FORMS
 
     if out["form"] not in FORMS:
@@ -274,11 +289,25 @@ def total_rounds(cfg: dict[str, Any]) -> int:
     return cfg["num-rounds"] + (0 if cfg["strategy"] == "fedavg" else cfg["final-gossip-rounds"])
 
 
+def hf_dataset(cfg: dict[str, Any]):
+    """The ``dataset=hf:...`` data of a validated config (``data.load_hf_dataset``; errors as :class:`ConfigError`)."""
+    from flower_sparsepush import data
+
+    try:
+        return data.load_hf_dataset(cfg["dataset"], cfg["image-column"], cfg["label-column"])
+    except ValueError as err:  # DataNotFoundError included
+        raise ConfigError(f"run-config dataset={cfg['dataset']!r}: {err}") from None
+
+
 def model_size(cfg: dict[str, Any]) -> tuple[int, list[int]]:
     """(number of parameters, per-tensor sizes) of the run's model, built without loading the dataset."""
     from flower_sparsepush.models import build_model, segment_sizes
 
-    shape, classes = DATA_SHAPES[cfg["dataset"]]
+    if cfg["dataset"] in DATA_SHAPES:
+        shape, classes = DATA_SHAPES[cfg["dataset"]]
+    else:  # hf:...: the shapes are in the data (loaded once per process, kept for the run)
+        ds = hf_dataset(cfg)
+        shape, classes = ds.input_shape, ds.num_classes
     in_ch = shape[0] if len(shape) == 3 else 1
     model = build_model(cfg["model"], classes, in_ch, cfg["norm"], input_shape=shape, seed=cfg["seed"])
     sizes = segment_sizes(model)
@@ -292,7 +321,7 @@ def preflight(cfg: dict[str, Any], flower: bool = False) -> None:
       (``topology.check_strongly_connected``);
     - the model fits the data (conv models need image datasets) and a top-k / random-k *count* is at most the number
       of parameters ``d`` (a fraction is always within (0, d]);
-    - the dataset's files are present (``data.find_data``);
+    - the dataset's files are present (``data.find_data``); a ``hf:`` dataset loads, with its columns;
     - the results folder ``<out-dir>/<run-name>`` can be created or written (nothing is created here);
     - with ``flower``: no ``checkpoint-every`` / ``resume`` (node states live in the ClientApps' context.state;
       checkpoints are implemented for the in-process loop only).
@@ -333,7 +362,7 @@ def preflight(cfg: dict[str, Any], flower: bool = False) -> None:
         from flower_sparsepush import data
 
         try:
-            data.find_data(cfg["dataset"], cfg["data-dir"] or None)
+            hf_dataset(cfg) if data.is_hf(cfg["dataset"]) else data.find_data(cfg["dataset"], cfg["data-dir"] or None)
         except (data.DataNotFoundError, FileNotFoundError) as err:
             raise ConfigError(f"run-config dataset={cfg['dataset']!r}: {err}") from None
     out = Path(cfg["out-dir"]) / cfg["run-name"]

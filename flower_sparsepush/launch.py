@@ -41,10 +41,6 @@ BACKEND_CONFIG = {
     "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
     "init_args": {"log_to_driver": False, "logging_level": "ERROR"},
 }
-FASHION_FIX = (
-    "Fashion-MNIST was not found. Install it with:  sudo apt-get install dataset-fashion-mnist  "
-    "(files in /usr/share/datasets/fashion-mnist), or pass --data-dir DIR with the four IDX files."
-)
 
 
 def _quiet_env() -> None:
@@ -205,15 +201,19 @@ def flwr_run(raw_cfg: dict[str, Any]) -> Path:
 
 
 def check_data(cfg: dict[str, Any]) -> str | None:
-    """None when the run's dataset can be found, else one message with the fix."""
+    """None when the run's dataset can be found, else one message: what was looked for, what was found, the fix."""
     if cfg["dataset"] == "synthetic":
         return None
     from flower_sparsepush import data
+    from flower_sparsepush.config import hf_dataset
 
     try:
-        data.find_data(cfg["dataset"], cfg["data-dir"] or None)
+        if data.is_hf(cfg["dataset"]):
+            hf_dataset(cfg)  # loads it (kept for the run in this process): columns and shapes are checked too
+        else:
+            data.find_data(cfg["dataset"], cfg["data-dir"] or None)
     except (data.DataNotFoundError, FileNotFoundError, ValueError) as err:
-        return FASHION_FIX if cfg["dataset"] == "fashion_mnist" else str(err)
+        return str(err)
     return None
 
 

@@ -115,7 +115,10 @@ def load_data(cfg: dict[str, Any]):
 
     if cfg["dataset"] == "synthetic":
         return data.make_synthetic(num_train=2000, num_test=500, num_classes=10, shape=(32,), seed=cfg["seed"])
-    return data.load_dataset(cfg["dataset"], path=cfg["data-dir"] or None)
+    cols = {}
+    if data.is_hf(cfg["dataset"]):  # a Hugging Face dataset: its image and label columns (docs/data.md)
+        cols = {"image_column": cfg["image-column"], "label_column": cfg["label-column"]}
+    return data.load_dataset(cfg["dataset"], path=cfg["data-dir"] or None, **cols)
 
 
 def get_setup(cfg: dict[str, Any]) -> Setup:
