@@ -341,7 +341,8 @@ def find_data(name: str, path: str | os.PathLike | None = None) -> Path:
         f"{name} not found. Looked for {wanted}\n"
         f"in these folders (and under each: {subs}):\n  {where}\n"
         f"Fix: {_FIX_COMMANDS[name]}\n"
-        "(or pass path=<folder or tarball>, or set SPARSEPUSH_DATA=<folder>)"
+        "(or name the folder or tarball: --data-dir DIR, the run-config key data-dir=DIR, path=DIR in Python; "
+        "or set SPARSEPUSH_DATA=DIR)"
     )
 
 

@@ -133,6 +133,13 @@ class LocalDeployment:
         return proc
 
     def start(self) -> LocalDeployment:
+        if not 0 < self.port < 65536:
+            raise DeploymentError(f"port {self.port} is not a TCP port (1-65535; --port 0 picks a free one)")
+        if port_open(self.port):  # else our SuperLink fails to bind while the SuperNodes reach the other process
+            raise DeploymentError(
+                f"127.0.0.1:{self.port} is already in use by another process (a SuperLink left from an earlier run?); "
+                "choose another --port, or --port 0 for a free one"
+            )
         _quiet_env()
         Path(self.home, "config.toml").write_text(superlink_connection(FEDERATION, self.port))
         link = self._spawn("superlink", superlink_command(self.port, simulation=False))

@@ -212,8 +212,10 @@ def check_data(cfg: dict[str, Any]) -> str | None:
             hf_dataset(cfg)  # loads it (kept for the run in this process): columns and shapes are checked too
         else:
             data.find_data(cfg["dataset"], cfg["data-dir"] or None)
-    except (data.DataNotFoundError, FileNotFoundError, ValueError) as err:
+    except ConfigError as err:
         return str(err)
+    except (data.DataNotFoundError, FileNotFoundError, ValueError) as err:
+        return f"run-config dataset={cfg['dataset']!r}: {err}"
     return None
 
 
