@@ -66,7 +66,6 @@ class Recorder:
         self.rows.append(row)
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        self.progress.update(int(row["round"]), f"acc {row['acc_consensus']:.4f}")
         if self.echo:
             self.echo(
                 f"[{self.cfg['strategy']}] round {row['round']:>5}/{self.cfg['num-rounds']} epoch {row['epoch']:6.2f} "
@@ -75,6 +74,7 @@ class Recorder:
                 f"sent {row['bits_sent_per_node'] / 8e6:.3f} MB/node  {row['wall_s']:.1f}s",
                 flush=True,
             )
+        self.progress.update(int(row["round"]), f"acc {row['acc_consensus']:.4f}")  # after the row's own line
         return row
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
