@@ -15,12 +15,12 @@ One class, three calls::
 - ``total``: units planned (rows, rounds, sections); ``initial``: units already done when this process starts (a
   resumed run), so that the estimate counts only the work done here.
 - ``update(done, note="")``: ``done`` units are finished (an absolute count, clipped to ``[0, total]``); ``note``
-  names what runs now. Returns the status dict. ``close(note="")`` marks the work finished (``done`` stays as it
-  was when the work stopped early).
+  names what runs now. Returns the status dict. ``close(note=None)`` marks the work finished (``done`` stays as
+  it was when the work stopped early, and the line then says "stopped"; ``note=None`` keeps the last note).
 - The status file, written on every update and on close (atomically: a temporary file renamed over it, so a reader
   never sees half a file), is one small JSON object: ``label``, ``unit``, ``done``, ``total``, ``note``,
   ``elapsed_s``, ``eta_s`` (seconds left: ``(total - done) / rate`` with the rate measured since this object was
-  made; ``null`` until the first unit is done), ``started`` and ``updated`` (local ISO times), ``finished`` and
+  made; ``null`` until a unit is done in this process), ``started`` and ``updated`` (local ISO times), ``finished`` and
   ``pid``. Read it from another terminal with ``cat``, ``watch cat`` or :func:`read_status`. A status file that
   cannot be written costs one warning on stderr, never the run.
 - On a terminal (``stream``, default ``sys.stdout``, is a tty; ``show=True``/``False`` forces it) a line such as
