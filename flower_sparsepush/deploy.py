@@ -42,7 +42,7 @@ from flower_sparsepush.processes import (
     superlink_connection,
     venv_exe,
 )
-from flower_sparsepush.progress import STATUS_FILE, StatusFollower
+from flower_sparsepush.progress import follow_run
 from flower_sparsepush.results import run_dir
 
 FEDERATION = "sparsepush"
@@ -277,7 +277,7 @@ class LocalDeployment:
         self.procs["flwr-run"] = proc
         self.seen_pids.add(proc.pid)
         end = None if timeout is None else time.time() + timeout
-        follower = StatusFollower(run_dir(cfg) / STATUS_FILE)  # rounds done, written by the ServerApp every round
+        follower = follow_run(cfg)  # rounds done, written by the ServerApp every round
         try:
             while proc.poll() is None:
                 follower.poll()

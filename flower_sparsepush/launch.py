@@ -160,11 +160,10 @@ class SuperLink:
             "--federation-config",
             f"num-supernodes={cfg['num-nodes']} client-resources-num-cpus=1",
         ]
-        from flower_sparsepush.progress import STATUS_FILE, StatusFollower
-        from flower_sparsepush.results import run_dir
+        from flower_sparsepush.progress import follow_run
 
         env = os.environ | {"FLWR_HOME": self.home, "SPARSEPUSH_COMMAND": os.environ.get("SPARSEPUSH_COMMAND", "")}
-        follower = StatusFollower(run_dir(cfg) / STATUS_FILE)  # the ServerApp's rounds, shown on this terminal
+        follower = follow_run(cfg)  # the ServerApp's rounds, shown on this terminal
         proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_DIR, start_new_session=True)
         end = None if timeout is None else time.time() + timeout
         try:

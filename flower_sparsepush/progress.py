@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["STATUS_FILE", "Progress", "StatusFollower", "format_status", "read_status"]
+__all__ = ["STATUS_FILE", "Progress", "StatusFollower", "follow_run", "format_status", "read_status"]
 
 STATUS_FILE = "status.json"  # the name used in a run's folder (<out-dir>/<run-name>/status.json)
 
@@ -195,6 +195,14 @@ class Progress:
         return st
 
 
+def follow_run(cfg: dict[str, Any]) -> StatusFollower:
+    """A follower of the status file of run config ``cfg`` (``<out-dir>/<run-name>/status.json``); one that shows
+    nothing when the config names no run folder (a raw config that ``flwr run`` will refuse)."""
+    if not cfg.get("out-dir") or not cfg.get("run-name"):
+        return StatusFollower(None)
+    return StatusFollower(Path(str(cfg["out-dir"])) / str(cfg["run-name"]) / STATUS_FILE)
+
+
 class StatusFollower:
     """Print the line of a status file that another process writes, when it changes (at most every
     ``min_interval`` seconds, and always when it reports the work finished). Files older than this object are
@@ -203,12 +211,12 @@ class StatusFollower:
 
     def __init__(
         self,
-        status_path: str | os.PathLike,
+        status_path: str | os.PathLike | None,
         stream: TextIO | None = None,
         show: bool | None = None,
         min_interval: float = 5.0,
     ) -> None:
-        self.path = Path(status_path)
+        self.path = Path(status_path) if status_path is not None else None
         self.stream = stream if stream is not None else sys.stdout
         self.show = _is_tty(self.stream) if show is None else show
         self.min_interval = min_interval
@@ -218,6 +226,8 @@ class StatusFollower:
 
     def poll(self) -> dict[str, Any] | None:
         """Read the status file; print its line if it is new, changed and due. Returns the status (or None)."""
+        if self.path is None:
+            return None
         try:
             if self.path.stat().st_mtime < self.t0 - 1:
                 return None

@@ -152,3 +152,14 @@ def test_bench_reports_sections(tmp_path, monkeypatch):
     assert st["done"] == 2 and st["finished"] and st["unit"] == "sections"
     with pytest.raises(ValueError, match="unknown section 'wired'"):
         bench.run_bench(types.SimpleNamespace(**(vars(args) | {"only": "wired"})))
+
+
+def test_follow_run_needs_no_run_folder(tmp_path):
+    """The launchers follow a raw config too (one that flwr run will refuse): nothing to show, no error."""
+    from flower_sparsepush.progress import follow_run
+
+    assert follow_run({"no-such-key": 1}).poll() is None
+    f = follow_run({"out-dir": str(tmp_path), "run-name": "r"})
+    assert f.path == tmp_path / "r" / "status.json" and f.poll() is None
+    Progress(2, f.path, "[r]").update(1)
+    assert f.poll()["done"] == 1
