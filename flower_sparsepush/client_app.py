@@ -2,8 +2,10 @@
 
 - ``query``: answers its ``partition-id`` (the ServerApp learns node id -> partition id before round 1).
 - ``train`` (sgp / sparse-push): takes back the mass of its bounced messages (``inbox.bounced``; router.py),
-  absorbs the packed inbox, runs the local SGD steps and replies with its outgoing
-  encoded push-sum messages (one frame per out-neighbour) and metrics. The work is :func:`training.node_round`,
+  absorbs the packed inbox (each frame's sender is the one the router names; a message that says otherwise is
+  rejected), runs the local SGD steps and replies with its outgoing encoded push-sum messages (one frame per
+  out-neighbour), the positions of the inbox messages it rejected (the server bounces them to their senders) and
+  metrics. The work is :func:`training.node_round`,
   the same function the in-process loop runs.
 - ``train`` (fedavg): local SGD steps from the received global model, replies the model and ``num-examples``.
 - ``evaluate``: accuracy/loss of the node's de-biased model z on the test set (its first ``eval-node-samples``
@@ -71,9 +73,10 @@ def load_state(context: Context) -> NodeState | None:
     return state
 
 
-def make_client_app(run_config: dict | None = None) -> ClientApp:
-    """The ClientApp; ``run_config`` replaces ``context.run_config`` (used by tests and ``run_simulation``)."""
-    app = ClientApp()
+def make_client_app(run_config: dict | None = None, mods: list | None = None) -> ClientApp:
+    """The ClientApp; ``run_config`` replaces ``context.run_config`` (used by tests and ``run_simulation``);
+    ``mods`` are Flower client mods around every message (the tests' hostile node is one)."""
+    app = ClientApp(mods=mods)
     cache: dict = {}
 
     def cfg_of(context: Context) -> dict:
@@ -119,15 +122,18 @@ def make_client_app(run_config: dict | None = None) -> ClientApp:
         state = load_state(context) or init_state(setup)
         rnd = int(msg.content["config"]["round"])
         box = msg.content["inbox"]
-        inbox = [d for _, d in unpack_frames(box["frames"])]
+        inbox = unpack_frames(box["frames"])  # (sender, bytes): the sender is the router's, not the message's
         bounced = unpack_frames(box["bounced"]) if "bounced" in box else []
         absorb_bounces(setup, state, node, rnd, bounced)  # before node_round absorbs the inbox, as in-process
         res = node_round(setup, state, node, rnd, inbox)
         save_state(context, state)
+        refused = np.array([r.index for r in res.rejected], dtype="<u4").tobytes()  # the server bounces them
         return Message(
             RecordDict(
                 {
-                    "out": ConfigRecord({"round": rnd, "frames": pack_frames(sorted(res.messages.items()))}),
+                    "out": ConfigRecord(
+                        {"round": rnd, "frames": pack_frames(sorted(res.messages.items())), "rejected": refused}
+                    ),
                     "metrics": MetricRecord(
                         {"train_loss": res.loss, "rejected": len(res.rejected), "y": float(state.y)}
                     ),

@@ -281,6 +281,21 @@ def decode(data: bytes, expected_dim: int | None = None) -> Message:
     return Message(sender, rnd, a, y, payload, FORMS[flags >> 5])
 
 
+def max_size(c: Compressed) -> int:
+    """The longest encoding, in bytes, of any payload with the dim, kept-entry count and value format of ``c``.
+
+    The encoder picks the smallest index coding, so the index section is at most the bitmap or the fixed-width
+    one, whichever is smaller. The relay refuses longer messages (guard.py).
+    """
+    size = HEADER.size
+    if c.indices is not None:
+        width = max(1, int(c.dim - 1).bit_length())
+        size += min(_nbytes(c.dim), 1 + _nbytes(width * c.k))
+    if c.codes is not None:
+        return size + 4 + _nbytes(c.bits * c.k)
+    return size + c.k * c.values.dtype.itemsize
+
+
 def entropy_bits(dim: int, k: int, value_bits: int) -> float:
     """The entropy bound for a message: ``log2 C(dim, k)`` for the positions plus the value bits."""
     positions = (

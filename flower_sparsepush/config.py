@@ -112,6 +112,13 @@ KEYS: dict[str, Key] = {
         1e7,
         lo_open=True,
     ),
+    "exclude-after": Key(
+        0,
+        int,
+        "stop routing to and from a node after this many refused replies (0 = never); its mass leaves the run",
+        0,
+        10_000_000,
+    ),
     "checkpoint-every": Key(
         0,
         int,
@@ -267,6 +274,11 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
                 f"run-config {bad}={out[bad]!r}: lossy links, churn and checkpoints belong to the "
                 "gossip strategies (sgp, sparse-push, scsp), not fedavg"
             )
+    if out["strategy"] == "fedavg" and out["exclude-after"]:
+        raise ConfigError(
+            f"run-config exclude-after={out['exclude-after']}: the repeat-offender policy belongs to the gossip "
+            "strategies (sgp, sparse-push, scsp), whose replies the ServerApp checks; fedavg is Flower's own FedAvg"
+        )
     if not out["run-name"]:
         out["run-name"] = f"{out['strategy']}-{out['graph']}-{out['compressor']}-s{out['seed']}".replace(":", "")
     if "/" in out["run-name"] or out["run-name"] in (".", ".."):

@@ -54,8 +54,9 @@ def _quiet_env() -> None:
 # --------------------------------------------------------------------------- run_simulation path
 
 
-def simulate(raw_cfg: dict[str, Any], verbose: bool = False) -> Path:
-    """Run one validated config through Flower's simulation engine in this process; returns the results folder."""
+def simulate(raw_cfg: dict[str, Any], verbose: bool = False, client_mods: list | None = None) -> Path:
+    """Run one validated config through Flower's simulation engine in this process; returns the results folder.
+    ``client_mods`` are Flower mods around every ClientApp message (tests use one to make a node misbehave)."""
     cfg = validate(raw_cfg)
     preflight(cfg, flower=True)  # graph, data, model size, out-dir: before Ray starts
     _quiet_env()
@@ -71,7 +72,7 @@ def simulate(raw_cfg: dict[str, Any], verbose: bool = False) -> Path:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
         make_server_app(cfg),
-        make_client_app(cfg),
+        make_client_app(cfg, mods=client_mods),
         num_supernodes=cfg["num-nodes"],
         backend_config=BACKEND_CONFIG,
         verbose_logging=False,

@@ -22,6 +22,7 @@ credits the mass of received messages. So ``sum_i x_i`` and ``sum_i y_i`` are co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -45,6 +46,14 @@ class NodeState:
     def z(self) -> torch.Tensor:
         """The de-biased model used for gradients and evaluation."""
         return self.x / self.y
+
+
+class Rejection(NamedTuple):
+    """A received message that :meth:`PushSum.receive` refused: its position in the batch, sender and reason."""
+
+    index: int
+    sender: int
+    reason: str
 
 
 class PushSum:
@@ -101,23 +110,36 @@ class PushSum:
         state.y -= y_sent * len(out_neighbours)
         return out
 
-    def receive(self, state: NodeState, messages: list[bytes]) -> list[str]:
-        """Credit the mass of received messages. Invalid ones change nothing; their reasons are returned."""
-        rejected = []
-        for data in messages:
+    def receive(self, state: NodeState, messages: list[tuple[int, bytes]]) -> list[Rejection]:
+        """Credit the mass of received messages, given as ``(sender, bytes)`` with the sender the router names.
+
+        A message is rejected, changing nothing, when it does not decode for this model, is of another form, or
+        says it comes from another node than the router delivered it from (the per-edge reference is chosen by the
+        router's sender, never by the bytes). After a rejection, the later messages from the same sender in this
+        batch are rejected too, so that sender's edge reference stays in step: the relay bounces them all back
+        (router.py, ``Router.bounce_rejected``). Returns what was rejected, with the reasons.
+        """
+        rejected: list[Rejection] = []
+        refused: set[int] = set()
+        for pos, (sender, data) in enumerate(messages):
             try:
+                if sender in refused:
+                    raise CodecError(f"follows a rejected message from node {sender} on the same edge")
                 msg = decode(data, expected_dim=len(state.x))
                 if msg.form != self.form:
                     raise CodecError(f"message of the {msg.form!r} form sent to a {self.form!r} node")
+                if msg.sender != sender:
+                    raise CodecError(f"message says it is from node {msg.sender} but came from node {sender}")
             except CodecError as err:
-                rejected.append(str(err))
+                rejected.append(Rejection(pos, sender, str(err)))
+                refused.add(sender)
                 continue
             if self.form == "ef":
                 msg.payload.add_to_(state.x, alpha=msg.a)
             else:
-                ref = state.refs_in.get(msg.sender)
+                ref = state.refs_in.get(sender)
                 if ref is None:
-                    ref = state.refs_in[msg.sender] = self._new_ref(state.x)
+                    ref = state.refs_in[sender] = self._new_ref(state.x)
                 msg.payload.add_to_(ref)
                 state.x.add_(ref, alpha=msg.y if self.form == "ref" else msg.a)
             state.y += msg.y
@@ -150,14 +172,14 @@ def gossip_round(algo: PushSum, states: list[NodeState], out_lists: list[list[in
 
     Returns the bits sent in total (8 x the encoded length of every message).
     """
-    inbox: list[list[bytes]] = [[] for _ in states]
+    inbox: list[list[tuple[int, bytes]]] = [[] for _ in states]
     bits = 0
     for i, (state, outs) in enumerate(zip(states, out_lists)):
         for j, data in algo.send(state, i, outs, rnd).items():
-            inbox[j].append(data)
+            inbox[j].append((i, data))
             bits += 8 * len(data)
     for state, msgs in zip(states, inbox):
         rejected = algo.receive(state, msgs)
         if rejected:
-            raise CodecError(f"in-process gossip produced a message that does not decode: {rejected[0]}")
+            raise CodecError(f"in-process gossip produced a message that does not decode: {rejected[0].reason}")
     return bits

@@ -7,7 +7,9 @@ way. The router models the network between the nodes:
   **bounced** to its sender, who takes back the mass it carried (:meth:`PushSum.bounce`). A real peer keeps a copy
   of each message until the receiver acknowledges it; the bounce stands for the missing acknowledgement and is not
   peer traffic. With ``bounce=False`` the message is simply lost (the unprotected form, which loses mass);
-- a message to a node that is offline waits in that node's mailbox and is delivered, in order, when it returns.
+- a message to a node that is offline waits in that node's mailbox and is delivered, in order, when it returns;
+- a message its receiver rejects is bounced too (:meth:`Router.bounce_rejected`), and a node the relay has
+  excluded (guard.py, the repeat-offender policy) gets nothing: its mailbox and every later message to it bounce.
 
 Which messages drop and which nodes are offline are pure functions of ``(seed, round, sender, receiver)``, so a
 run is reproducible and the Flower path and the in-process loop see the same network.
@@ -18,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from flower_sparsepush.codec import decode
 
 _DROP, _DOWN, _OFFLINE = 1, 2, 3
 
@@ -69,6 +73,7 @@ class Router:
     bounced: list[list[tuple[int, bytes]]] = field(init=False)  # per sender: (receiver, data)
     dropped: int = 0
     delivered_bits: list[int] = field(init=False)
+    excluded: set[int] = field(default_factory=set)  # nodes the relay stopped routing to and from (guard.py)
 
     def __post_init__(self) -> None:
         self.mailboxes = [[] for _ in range(self.n)]
@@ -80,21 +85,67 @@ class Router:
         for dest, data in sorted(messages.items()):
             if not 0 <= dest < self.n:
                 raise ValueError(f"node {sender} addressed a message to node {dest}; nodes are 0..{self.n - 1}")
-            if self.network.delivers(rnd, sender, dest):
+            if dest in self.excluded:
+                self.bounced[sender].append((dest, data))  # the relay's decision, not a loss: always bounced
+            elif self.network.delivers(rnd, sender, dest):
                 self.mailboxes[dest].append((rnd, sender, data))
             else:
                 self.dropped += 1
                 if self.bounce:
                     self.bounced[sender].append((dest, data))
 
-    def collect(self, node: int) -> tuple[list[bytes], list[tuple[int, bytes]]]:
-        """Empty ``node``'s mailbox (ordered by round, then sender) and its bounced messages."""
+    def collect(self, node: int) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
+        """Empty ``node``'s mailbox, as ``(sender, bytes)`` ordered by round then sender, and its bounced messages."""
         box = sorted(self.mailboxes[node], key=lambda m: (m[0], m[1]))
         self.mailboxes[node] = []
         bounced, self.bounced[node] = self.bounced[node], []
         self.delivered_bits[node] += sum(8 * len(d) for _, _, d in box)
-        return [d for _, _, d in box], bounced
+        return [(s, d) for _, s, d in box], bounced
+
+    def _return_edge(self, sender: int, dest: int, messages: list[tuple[int, bytes]]) -> int:
+        """Bounce ``(round, bytes)`` messages of edge (sender -> dest), with every later one the router still holds
+        on that edge, newest first: the sender undoes them in reverse order of sending, which restores its per-edge
+        reference exactly also when it used the edge again after the first of them (pushsum.PushSum.bounce).
+        Returns how many messages were bounced."""
+        held = [(r, d) for r, s, d in self.mailboxes[dest] if s == sender]
+        self.mailboxes[dest] = [m for m in self.mailboxes[dest] if m[1] != sender]
+        held += [(round_of(d), d) for j, d in self.bounced[sender] if j == dest]
+        self.bounced[sender] = [m for m in self.bounced[sender] if m[0] != dest]
+        for _, data in sorted(messages + held, key=lambda m: m[0], reverse=True):
+            self.bounced[sender].append((dest, data))
+        return len(messages) + len(held)
+
+    def bounce_rejected(self, receiver: int, delivered: list[tuple[int, bytes]], indices: list[int]) -> int:
+        """Send back to their senders the messages ``receiver`` rejected: ``delivered`` is what the router handed
+        it, as ``(sender, bytes)`` in delivery order (:meth:`collect`), and ``indices`` the positions it refused.
+        A rejection also takes back every later message of the same sender in that delivery (the receiver refuses
+        those too; pushsum.PushSum.receive), so the sender's mass comes home whatever the receiver claims.
+        Returns the number of messages bounced (with the later ones on those edges that the router still held)."""
+        first: dict[int, int] = {}
+        for i in sorted(set(indices)):
+            first.setdefault(delivered[i][0], i)
+        count = 0
+        for sender, start in first.items():
+            count += self._return_edge(
+                sender, receiver, [(round_of(d), d) for s, d in delivered[start:] if s == sender]
+            )
+        return count
+
+    def exclude(self, node: int) -> None:
+        """Stop routing to and from ``node``: its undelivered mail bounces to the senders (who take the mass back),
+        every later message to it bounces, and its own bounced messages are dropped (its mass leaves with it)."""
+        if node in self.excluded:
+            return
+        self.excluded.add(node)
+        for sender in sorted({s for _, s, _ in self.mailboxes[node]}):
+            self._return_edge(sender, node, [])
+        self.bounced[node] = []
 
     def in_transit(self) -> list[bytes]:
         """Every message the router still holds (undelivered or bounced), for mass accounting."""
         return [d for box in self.mailboxes for _, _, d in box] + [d for box in self.bounced for _, d in box]
+
+
+def round_of(data: bytes) -> int:
+    """The round a message was sent in, read from its header (messages the router holds always decode)."""
+    return decode(data).round

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flower_sparsepush.config import preflight, validate
 from flower_sparsepush.results import Recorder
 from flower_sparsepush.strategies.routing import SCSP, SGP, CountingFedAvg, SparsePush
-from flower_sparsepush.training import evaluate, get_setup, network_of
+from flower_sparsepush.training import evaluate, get_setup, network_of, relay_checks
 
 ROUND_TIMEOUT_S = 3600.0  # the default of the round-timeout key
 
@@ -32,7 +32,14 @@ def build_strategy(cfg: dict[str, Any]):
     if cfg["strategy"] == "fedavg":
         return CountingFedAvg(n, fraction_train=1.0, min_train_nodes=n)
     cls = {"sgp": SGP, "sparse-push": SparsePush, "scsp": SCSP}[cfg["strategy"]]
-    return cls(n, eval_every=cfg["eval-every"], sample_seed=cfg["seed"], network=network_of(cfg), bounce=cfg["bounce"])
+    return cls(
+        n,
+        eval_every=cfg["eval-every"],
+        sample_seed=cfg["seed"],
+        network=network_of(cfg),
+        bounce=cfg["bounce"],
+        **relay_checks(get_setup(cfg)),  # every reply is checked before anything of it is routed (guard.py)
+    )
 
 
 def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +94,8 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
                 y_mailboxes=ev["y_mailboxes"],
                 messages_dropped=strategy.router.dropped,
                 messages_rejected=strategy.messages_rejected,
+                replies_rejected=len(strategy.guard.rejected_replies),
+                nodes_excluded=len(strategy.guard.excluded),
                 stragglers=len(strategy.stragglers),
                 num_evaluated=ev["num_evaluated"],
             )
@@ -108,11 +117,21 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
     }
     if cfg["strategy"] != "fedavg":
         ev = strategy.last_eval
-        extra["mass"] = {"y_nodes": ev["y_nodes"], "y_mailboxes": ev["y_mailboxes"], "n": n}
+        extra["mass"] = {
+            "y_nodes": ev["y_nodes"],
+            "y_mailboxes": ev["y_mailboxes"],
+            "n": n,
+            "y_by_node": {str(p): y for p, y in ev["y_by_node"].items()},
+        }
         extra["mailbox_messages"] = sum(len(b) for b in strategy.mailboxes)
         extra["mailbox_bits"] = sum(8 * len(d) for b in strategy.mailboxes for _, _, d in b)
         extra["rejected_messages"] = strategy.rejected
         extra["messages_rejected"] = strategy.messages_rejected
+        extra["rejected_replies"] = strategy.guard.rejected_replies
+        extra["replies_rejected_by_node"] = {str(k): v for k, v in sorted(strategy.guard.offences.items())}
+        extra["messages_rejected_by_sender"] = {str(k): v for k, v in sorted(strategy.guard.rejected_by_sender.items())}
+        extra["messages_bounced_after_rejection"] = strategy.guard.bounced_rejected
+        extra["excluded_nodes"] = strategy.guard.excluded
         extra["messages_dropped"] = strategy.router.dropped
         extra["straggler_events"] = strategy.stragglers
         extra["nodes_not_returned"] = strategy.nodes_not_returned()

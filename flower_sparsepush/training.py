@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from flower_sparsepush.compression import make_compressor
 from flower_sparsepush.config import parse_lr_schedule
-from flower_sparsepush.pushsum import NodeState, PushSum
+from flower_sparsepush.guard import BadReply, Guard, Outbox, message_size_limit
+from flower_sparsepush.pushsum import NodeState, PushSum, Rejection
 from flower_sparsepush.router import Network, Router
 from flower_sparsepush.topology import make_graph
 
@@ -246,7 +247,7 @@ def qgm_update(setup: Setup, state: NodeState, rnd: int) -> None:
 class RoundOut:
     messages: dict[int, bytes]
     loss: float
-    rejected: list[str]
+    rejected: list[Rejection]
 
 
 def node_round(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list[bytes]) -> RoundOut:
@@ -335,6 +336,31 @@ def make_router(cfg: dict[str, Any]) -> Router:
     return Router(cfg["num-nodes"], network_of(cfg), bounce=cfg["bounce"])
 
 
+def relay_checks(setup: Setup) -> dict[str, Any]:
+    """What the relay checks every reply against (guard.Guard): the graph, the model size and form, the longest
+    message the compressor of each round makes, and the repeat-offender policy (``exclude-after``)."""
+    dim = int(setup.x0.numel())
+    return {
+        "graph": setup.graph,
+        "dim": dim,
+        "form": setup.cfg["form"],
+        "max_message_bytes": lambda rnd: message_size_limit(setup.algo(0, rnd).compressor, dim, setup.x0.dtype),
+        "exclude_after": setup.cfg["exclude-after"],
+    }
+
+
+def relay(guard: Guard, node: int, rnd: int, messages: dict[int, bytes]) -> int:
+    """Check ``node``'s messages of round ``rnd`` as the ServerApp does and post them to the router; a refused
+    outbox is recorded and nothing of it is routed. Returns the bits routed."""
+    try:
+        guard.check(node, rnd, Outbox(rnd, list(messages.items())), 0)
+    except BadReply as err:
+        guard.reject(rnd + 1, node, err.kind, str(err))
+        return 0
+    guard.router.post(node, rnd, messages)
+    return sum(8 * len(d) for d in messages.values())
+
+
 def absorb_bounces(setup: Setup, state: NodeState, node: int, rnd: int, bounced: list[tuple[int, bytes]]) -> None:
     """Take back the mass of this node's messages that the network bounced (before it next uses those edges)."""
     if bounced:
@@ -360,6 +386,7 @@ class InProcessResult:
     round_seconds: list[float]
     router: Router | None = None
     start_round: int = 0  # > 0 when the run was resumed from a checkpoint
+    guard: Guard | None = None  # the relay's checks: refused outboxes, excluded nodes
 
 
 # checkpoint.pt: torch.save of plain types (tensors, numbers, bytes, lists, dicts); loads with weights_only=True
@@ -481,6 +508,7 @@ def run_inprocess(
     n = setup.n
     rounds = cfg["num-rounds"] + cfg["final-gossip-rounds"] if num_rounds is None else num_rounds
     router = make_router(cfg)
+    guard = Guard(router, **relay_checks(setup))  # what the ServerApp checks, so a bad outbox is refused here too
     states = [init_state(setup) for _ in range(n)]
     sent = [0] * n
     history: list[dict[str, float]] = []
@@ -496,7 +524,7 @@ def run_inprocess(
     every = cfg["checkpoint-every"]
     for t in range(start, rounds):
         t0 = time.perf_counter()
-        online = [i for i in range(n) if router.network.online(t, i)]
+        online = [i for i in range(n) if router.network.online(t, i) and i not in router.excluded]
         boxes = {i: router.collect(i) for i in online}  # bits_received counted on delivery, as in the Flower path
         for i in online:
             inbox, bounced = boxes[i]
@@ -504,8 +532,7 @@ def run_inprocess(
             res = node_round(setup, states[i], i, t, inbox)
             if res.rejected:
                 raise RuntimeError(f"node {i} rejected a message in round {t}: {res.rejected[0]}")
-            router.post(i, t, res.messages)
-            sent[i] += sum(8 * len(d) for d in res.messages.values())
+            sent[i] += relay(guard, i, t, res.messages)
         secs.append(time.perf_counter() - t0)
         if eval_every and ((t + 1) % eval_every == 0 or t + 1 == rounds):
             m = consensus_metrics(setup, [s.z for s in states], cfg["eval-node-samples"])
@@ -533,6 +560,7 @@ def run_inprocess(
         secs,
         router,
         start,
+        guard,
     )
 
 

@@ -12,7 +12,14 @@ Wire format between ClientApp and ServerApp (both directions one ``bytes`` entry
 ``pack_frames([(peer, bytes), ...])`` = repeated ``<uint32 peer><uint32 length><payload>``; ``peer`` is the
 destination partition id on the way out and the sender partition id on the way in. The train message also carries
 ``inbox.bounced``: the node's own messages that the network bounced, as (destination, bytes) frames; the node takes
-their mass back (``PushSum.bounce``) before it absorbs its inbox.
+their mass back (``PushSum.bounce``) before it absorbs its inbox. The reply is ``out`` (ConfigRecord: ``round``,
+``frames``, ``rejected`` = the inbox positions the node refused, uint32 little-endian) and ``metrics``
+(MetricRecord: ``train_loss``, ``rejected``, ``y``).
+
+Nothing in a reply is trusted: before anything of it is routed, :func:`read_train_reply` checks the records and
+:class:`flower_sparsepush.guard.Guard` the content (round, destinations, sizes, every message's sender, round, form
+and model size). A reply that fails is refused whole, recorded with the node and the reason, and the node is a
+straggler for that round; messages a receiver refused are bounced to their senders (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 
 from flower_sparsepush.codec import decode
+from flower_sparsepush.guard import BadReply, Guard, Outbox
 from flower_sparsepush.router import Network, Router
 
 _FRAME = struct.Struct("<II")
@@ -53,6 +61,60 @@ def unpack_frames(buf: bytes) -> list[tuple[int, bytes]]:
         out.append((peer, bytes(mv[pos : pos + n])))
         pos += n
     return out
+
+
+TRAIN_REPLY = {"out": ("round", "frames", "rejected"), "metrics": ("train_loss", "rejected", "y")}
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_train_reply(content: object) -> tuple[Outbox, float]:
+    """The outbox and training loss of a train reply; raises :class:`BadReply` (kind ``schema``) unless the reply
+    has exactly the records and fields of :data:`TRAIN_REPLY`, with their types."""
+    if not isinstance(content, RecordDict):
+        raise BadReply("schema", f"the reply content is {type(content).__name__}, not a RecordDict")
+    if sorted(content.keys()) != sorted(TRAIN_REPLY):
+        raise BadReply("schema", f"records {sorted(content.keys())}, expected {sorted(TRAIN_REPLY)}")
+    out, metrics = content["out"], content["metrics"]
+    if not isinstance(out, ConfigRecord) or not isinstance(metrics, MetricRecord):
+        raise BadReply("schema", "'out' must be a ConfigRecord and 'metrics' a MetricRecord")
+    for name, record in (("out", out), ("metrics", metrics)):
+        if sorted(record.keys()) != sorted(TRAIN_REPLY[name]):
+            raise BadReply(
+                "schema", f"'{name}' has fields {sorted(record.keys())}, expected {sorted(TRAIN_REPLY[name])}"
+            )
+    if not all(_number(metrics[k]) for k in TRAIN_REPLY["metrics"]):
+        raise BadReply("schema", "a 'metrics' field is not a number")
+    frames, rejected = out["frames"], out["rejected"]
+    if not isinstance(frames, bytes) or not isinstance(rejected, bytes) or len(rejected) % 4:
+        raise BadReply("schema", "'out.frames' must be bytes and 'out.rejected' bytes of uint32 positions")
+    try:
+        frames = unpack_frames(frames)
+    except ValueError as err:
+        raise BadReply("schema", f"'out.frames': {err}") from None
+    positions = np.frombuffer(rejected, dtype="<u4").tolist()
+    return Outbox(out["round"], frames, positions), float(metrics["train_loss"])
+
+
+def read_eval_reply(content: object, dim: int | None) -> tuple[np.ndarray, float, float]:
+    """(z, accuracy, y) of an evaluate reply; raises :class:`BadReply` unless it has the ``model.z`` array
+    (finite, one entry per model parameter) and the ``metrics`` ``acc`` (in [0, 1]) and ``y`` (finite)."""
+    try:
+        model, metrics = content["model"], content["metrics"]
+        z, acc, y = model["z"].numpy(), metrics["acc"], metrics["y"]
+    except (KeyError, TypeError, ValueError, AttributeError, OSError, EOFError) as err:
+        raise BadReply(
+            "schema", f"evaluate reply without a readable model.z, metrics.acc and metrics.y: {err!r}"
+        ) from None
+    if not (isinstance(z, np.ndarray) and z.ndim == 1 and z.dtype.kind == "f" and np.isfinite(z).all()):
+        raise BadReply("schema", "model.z is not a finite 1-D float array")
+    if dim is not None and len(z) != dim:
+        raise BadReply("schema", f"model.z has {len(z)} entries, the model has {dim}")
+    if not (_number(acc) and 0 <= acc <= 1 and _number(y) and np.isfinite(y)):
+        raise BadReply("schema", f"metrics acc={acc!r} (must be in [0, 1]) or y={y!r} (must be finite)")
+    return z.astype(np.float64), float(acc), float(y)
 
 
 def wait_and_register(grid: Grid, num_nodes: int, timeout: float, poll: float = 0.2) -> dict[int, int]:
@@ -101,6 +163,11 @@ class _Router(Strategy):
         sample_seed: int = 0,
         network: Network | None = None,
         bounce: bool = True,
+        graph=None,
+        dim: int | None = None,
+        form: str | None = None,
+        max_message_bytes: int | None = None,
+        exclude_after: int = 0,
     ) -> None:
         if num_nodes < 2:
             raise ValueError(f"num_nodes must be >= 2, got {num_nodes}")
@@ -116,6 +183,7 @@ class _Router(Strategy):
         self.node_to_part: dict[int, int] = {}
         self.part_to_node: dict[int, int] = {}
         self.router = Router(num_nodes, network or Network(), bounce=bounce)
+        self.guard = Guard(self.router, graph, dim, form, max_message_bytes, exclude_after)
         self.bits_sent = [0] * num_nodes
         self.bits_received = [0] * num_nodes
         self.num_rounds = 0
@@ -126,7 +194,8 @@ class _Router(Strategy):
         self.stragglers: list[dict] = []  # {"round", "node", "reason", "y_inbox"} per reply that never came
         self.last_seen: dict[int, int] = {}  # partition -> last server round it answered a train message
         self.eval_failures: list[dict] = []
-        self._pending: dict[int, list[bytes]] = {}  # partition -> messages delivered in its unanswered train message
+        # partition -> (sender, bytes) delivered and (destination, bytes) bounced in its last train message
+        self._handed: dict[int, tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]] = {}
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -182,91 +251,149 @@ class _Router(Strategy):
         """One train message per sampled, online node: its mailbox ("frames") and its bounced messages ("bounced").
 
         Nodes offline in this round (``churn``) get nothing; their mail waits in the router. A straggler (a node
-        that did not answer its previous train message) is contacted again in its next online round.
+        that did not answer its previous train message) is contacted again in its next online round. Excluded
+        nodes (repeat offenders, ``exclude_after``) are never contacted again.
         """
         self.register(grid)
         rnd = server_round - 1  # the core counts rounds from 0
         out = []
         for p in self._sample(self.fraction_train):
-            if not self.router.network.online(rnd, p):
+            if not self.router.network.online(rnd, p) or self.guard.is_excluded(p):
                 continue
-            box = sorted(self.router.mailboxes[p], key=lambda m: (m[0], m[1]))
             inbox, bounced = self.router.collect(p)
-            self.bits_received[p] += sum(8 * len(d) for d in inbox)
+            self.bits_received[p] += sum(8 * len(d) for _, d in inbox)
             cfg = ConfigRecord(dict(config))
             cfg["round"] = rnd
             content = RecordDict(
                 {
                     "config": cfg,
-                    "inbox": ConfigRecord(
-                        {"frames": pack_frames([(s, d) for _, s, d in box]), "bounced": pack_frames(bounced)}
-                    ),
+                    "inbox": ConfigRecord({"frames": pack_frames(inbox), "bounced": pack_frames(bounced)}),
                 }
             )
             self.awaiting[p] = server_round
-            self._pending[p] = inbox + [d for _, d in bounced]  # decoded only if the node never answers
+            self._handed[p] = (inbox, bounced)  # to bounce what it rejects, and to report what a straggler held
             out.append(Message(content, dst_node_id=self.part_to_node[p], message_type=MessageType.TRAIN))
         return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Post each reply's messages to the router (which drops / bounces / queues them); record stragglers.
+        """Check each reply, post the messages of the good ones to the router (which drops / bounces / queues them),
+        bounce what receivers rejected, and record refused replies and stragglers.
 
-        A train message with no reply (error, or no answer within the round timeout) is a straggler round. The
-        server cannot know whether the node absorbed its inbox and debited what it meant to send (the node's
-        ``context.state`` may hold either), so that mass is lost to the run: it is reported (``stragglers`` in the
-        metrics, ``straggler_events`` and ``mass`` in summary.json), never silently repaired.
+        A reply is refused whole when its records, round, destinations, sizes or any message's sender, round, form
+        or model size are wrong (:func:`read_train_reply`, :meth:`Guard.check`): nothing of it is routed, it is
+        recorded (``rejected_replies``), and the node is a straggler for the round. A train message with no reply
+        (error, or no answer within the round timeout) is a straggler round too. The server cannot know whether a
+        straggler absorbed its inbox and debited what it meant to send (its ``context.state`` may hold either), so
+        that mass is lost to the run: it is reported (``stragglers`` in the metrics, ``straggler_events`` and
+        ``mass`` in summary.json), never silently repaired. The run stops only when no node returned a good reply.
         """
+        rnd = server_round - 1
         losses = []
-        answered = set()
+        answered: set[int] = set()
+        reports: list[tuple[int, list[int]]] = []
         for r in replies:
-            sender = self.node_to_part.get(r.metadata.src_node_id)
-            if r.has_error():
-                if sender is not None:
-                    self._straggler(server_round, sender, f"error: {r.error.reason}")
-                    answered.add(sender)
+            src = r.metadata.src_node_id
+            sender = self.node_to_part.get(src)
+            if sender is None:
+                self._refuse(
+                    server_round, None, BadReply("unknown node", f"a reply from node id {src}, not in this run")
+                )
                 continue
-            out = r.content["out"]
-            rnd = int(out["round"])
-            msgs = dict(unpack_frames(out["frames"]))
-            for dest in msgs:
-                if not 0 <= dest < self.num_nodes:
-                    raise RuntimeError(f"node {sender} addressed a message to unknown node {dest}")
+            if sender in answered or self.awaiting.get(sender) != server_round:
+                self.guard.reject(server_round, sender, "unexpected", "a reply it was not asked for", offence=False)
+                continue
+            answered.add(sender)
+            if r.has_error():
+                self._straggler(server_round, sender, f"error: {r.error.reason}")
+                continue
+            self.awaiting.pop(sender, None)
+            self.last_seen[sender] = server_round
+            try:
+                outbox, loss = read_train_reply(r.content)
+                self.guard.check(sender, rnd, outbox, len(self._handed.get(sender, ([], []))[0]))
+            except BadReply as err:
+                self._refuse(server_round, sender, err)
+                continue
+            msgs = dict(outbox.frames)
             self.router.post(sender, rnd, msgs)  # counted as sent when it reaches the router, dropped or not
             self.bits_sent[sender] += sum(8 * len(d) for d in msgs.values())
-            answered.add(sender)
-            self.awaiting.pop(sender, None)
-            self._pending.pop(sender, None)
-            self.last_seen[sender] = server_round
-            losses.append(float(r.content["metrics"]["train_loss"]))
-            nrej = int(r.content["metrics"]["rejected"])
-            if nrej:
-                self.messages_rejected += nrej
-                self.rejected.append(f"round {server_round}: node {sender} rejected {nrej} message(s)")
-        for p, rnd in list(self.awaiting.items()):
-            if rnd == server_round and p not in answered:
+            losses.append(loss)
+            if outbox.rejected:
+                reports.append((sender, outbox.rejected))  # needs what it was handed: kept until then
+            else:
+                self._handed.pop(sender, None)
+        # after every reply is posted, so that a rejected message's later ones on the same edge are all held
+        for receiver, positions in reports:
+            self._receiver_rejected(server_round, receiver, positions)
+        for p, asked in list(self.awaiting.items()):
+            if asked == server_round and p not in answered:
                 self._straggler(server_round, p, "no reply within the round timeout")
-        expected = sum(1 for rnd in self.awaiting.values() if rnd == server_round) + len(losses)
+        expected = sum(1 for asked in self.awaiting.values() if asked == server_round) + len(answered)
         if expected and not losses:
-            # nobody answered: a broken ClientApp, not stragglers; stop rather than run on with nothing
-            raise RuntimeError(
-                f"round {server_round}: no node returned its train reply; first: {self.stragglers[-1]['reason']}"
-            )
+            # nobody returned a good reply: a broken ClientApp, not stragglers; stop rather than run on with nothing
+            first = self.stragglers[-1]["reason"] if self.stragglers else "no reply"
+            raise RuntimeError(f"round {server_round}: no node returned a valid train reply; last: {first}")
         return None, MetricRecord(
             {
                 "train_loss": float(np.mean(losses)) if losses else 0.0,
                 "bits_sent_per_node": float(np.mean(self.bits_sent)),
                 "stragglers": float(len(self.stragglers)),
+                "replies_rejected": float(len(self.guard.rejected_replies)),
             }
         )
 
+    def _refuse(self, server_round: int, p: int | None, err: BadReply) -> None:
+        """A reply that failed the checks: recorded, the node is a straggler, a repeat offender may be excluded."""
+        log(WARNING, "round %d: refused the reply of node %s (%s): %s", server_round, p, err.kind, err)
+        excluded = self.guard.reject(server_round, p, err.kind, str(err))
+        if p is None:
+            return
+        self._straggler(server_round, p, f"rejected reply ({err.kind}): {err}")
+        if excluded:
+            self.awaiting.pop(p, None)
+            log(
+                WARNING,
+                "round %d: node %d excluded after %d refused replies: nothing is routed to or from it any more; "
+                "the mass it holds leaves the run (docs/reliability.md)",
+                server_round,
+                p,
+                self.guard.exclude_after,
+            )
+
+    def _receiver_rejected(self, server_round: int, receiver: int, positions: list[int]) -> None:
+        box, _ = self._handed.pop(receiver, ([], []))
+        nrej = len(positions)
+        self.messages_rejected += nrej
+        self.rejected.append(f"round {server_round}: node {receiver} rejected {nrej} message(s)")
+        bounced = self.guard.receiver_rejected(receiver, box, positions)
+        senders = sorted({box[i][0] for i in positions})
+        log(
+            WARNING,
+            "round %d: node %d rejected %d message(s) from node(s) %s; %d bounced back to their senders",
+            server_round,
+            receiver,
+            nrej,
+            senders,
+            bounced,
+        )
+        for s in senders:
+            if self.guard.rejected_by_sender[s] >= 3:
+                log(
+                    WARNING,
+                    "node %d: %d of its messages were rejected by receivers",
+                    s,
+                    self.guard.rejected_by_sender[s],
+                )
+
     def _straggler(self, server_round: int, p: int, reason: str) -> None:
-        y_in = float(sum(decode(d).y for d in self._pending.pop(p, [])))
+        box, bounced = self._handed.pop(p, ([], []))
+        y_in = float(sum(decode(d).y for _, d in box) + sum(decode(d).y for _, d in bounced))
         self.stragglers.append({"round": server_round, "node": p, "reason": reason, "y_inbox": y_in})
         log(
             WARNING,
-            "round %d: node %d did not return its train reply (%s); the mass it held in flight is lost "
+            "round %d: node %d did not return a valid train reply (%s); the mass it held in flight is lost "
             "to the run (docs/reliability.md)",
             server_round,
             p,
@@ -285,31 +412,29 @@ class _Router(Strategy):
         return [
             Message(RecordDict({"config": cfg}), dst_node_id=self.part_to_node[p], message_type=MessageType.EVALUATE)
             for p in self._sample(self.fraction_evaluate)
+            if not self.guard.is_excluded(p)
         ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Consensus measurements from the nodes' reports. A node whose report is an error or malformed (or that is
+        unknown, or reports twice) is left out of this evaluation and recorded in ``eval_failures``."""
         zs, accs, ys, parts = [], [], [], []
         for r in replies:
-            if r.has_error():  # a node that does not report is left out of this evaluation (and recorded)
-                self.eval_failures.append(
-                    {
-                        "round": server_round,
-                        "node": self.node_to_part.get(r.metadata.src_node_id),
-                        "reason": r.error.reason,
-                    }
-                )
-                log(
-                    WARNING,
-                    "round %d: evaluation failed on node %s: %s",
-                    server_round,
-                    self.node_to_part.get(r.metadata.src_node_id),
-                    r.error.reason,
-                )
+            p = self.node_to_part.get(r.metadata.src_node_id)
+            try:
+                if r.has_error():
+                    raise BadReply("error", r.error.reason)
+                if p is None or p in parts:
+                    raise BadReply("unexpected", f"a report from node id {r.metadata.src_node_id} it was not asked for")
+                z, acc, y = read_eval_reply(r.content, self.guard.dim)
+            except BadReply as err:
+                self.eval_failures.append({"round": server_round, "node": p, "reason": str(err)})
+                log(WARNING, "round %d: evaluation failed on node %s: %s", server_round, p, err)
                 continue
-            parts.append(self.node_to_part[r.metadata.src_node_id])
-            zs.append(r.content["model"]["z"].numpy().astype(np.float64))
-            accs.append(float(r.content["metrics"]["acc"]))
-            ys.append(float(r.content["metrics"]["y"]))
+            parts.append(p)
+            zs.append(z)
+            accs.append(acc)
+            ys.append(y)
         if not zs:
             return None
         order = np.argsort(parts)
@@ -320,6 +445,7 @@ class _Router(Strategy):
             "round": server_round,
             "zbar": zbar.astype(np.float32),
             "z_nodes": {parts[i]: zs[j].astype(np.float32) for j, i in enumerate(order)},
+            "y_by_node": {parts[i]: ys[i] for i in order},
             "acc_node_mean": float(np.mean(accs)),
             "acc_node_min": float(np.min(accs)),
             "consensus_distance": dist,
@@ -362,6 +488,19 @@ class SGP(_Router):
     bounce : bool (default: True)
         A dropped message is returned to its sender in its next train message, which takes its mass back.
         With False it is lost (the unprotected form: the push-sum weights drift).
+    graph : flower_sparsepush.topology.Graph | None (default: None)
+        The run's graph: a reply must address exactly the sender's out-neighbours of its round.
+    dim : int | None (default: None)
+        Model parameters: every message, and every evaluation report, must be of this size.
+    form : str | None (default: None)
+        The push-sum form every message must be of (``pushsum.FORMS``).
+    max_message_bytes : int | None (default: None)
+        The longest message the run's compressor makes (``guard.message_size_limit``); longer ones are refused.
+    exclude_after : int (default: 0)
+        Stop routing to and from a node after this many refused replies (0: never). Its mass leaves the run.
+
+    The ServerApp passes graph, dim, form and max_message_bytes from the run config; a check whose value is None is
+    skipped. Every reply is checked before anything of it is routed (``flower_sparsepush.guard``).
     """
 
     label = "SGP"

@@ -80,6 +80,10 @@ def test_cli_train_exits_2_on_bad_value(capsys):
         ({"round-timeout": 0}, ["round-timeout", "(0,"]),
         ({"strategy": "fedavg", "drop": 0.2}, ["drop", "fedavg"]),
         ({"strategy": "fedavg", "resume": True}, ["resume", "fedavg"]),
+        ({"exclude-after": -1}, ["exclude-after", "[0,"]),
+        ({"exclude-after": 2.5}, ["exclude-after", "integer"]),
+        ({"exclude-after": "often"}, ["exclude-after", "integer"]),
+        ({"strategy": "fedavg", "exclude-after": 3}, ["exclude-after", "fedavg"]),
     ],
 )
 def test_reliability_keys_validated(raw, words):
@@ -92,6 +96,7 @@ def test_reliability_keys_validated(raw, words):
 def test_reliability_keys_typed():
     cfg = validate({"drop": "0.3", "churn": 0.2, "down-span": "5", "bounce": "false", "checkpoint-every": 2})
     assert cfg["drop"] == 0.3 and cfg["down-span"] == 5 and cfg["bounce"] is False and cfg["checkpoint-every"] == 2
+    assert validate({})["exclude-after"] == 0 and validate({"exclude-after": "3"})["exclude-after"] == 3
 
 
 SYN = {"dataset": "synthetic", "model": "mlp", "num-nodes": 4}

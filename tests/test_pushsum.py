@@ -116,7 +116,7 @@ def test_sender_debits_exactly_what_it_sends():
     msgs = algo.send(a, 0, [1, 2], rnd=0)
     for j, node in ((1, b), (2, c)):
         x_b, y_b = node.x.clone(), node.y
-        assert algo.receive(node, [msgs[j]]) == []
+        assert algo.receive(node, [(0, msgs[j])]) == []
         before = (before[0] - (node.x - x_b), before[1] - (node.y - y_b))
     assert torch.allclose(before[0], a.x, atol=1e-12) and before[1] == pytest.approx(a.y)
 
@@ -133,10 +133,12 @@ def test_rejected_messages_never_change_the_state():
     wrong_dim = PushSum(make_compressor("topk:0.1"), 0.5, "ref").send(
         algo.init_state(torch.ones(31, dtype=torch.float64)), 6, [1], 0
     )[1]
-    reasons = algo.receive(b, [*bad, ef_msg, wrong_dim])
+    batch = [(10 + k, m) for k, m in enumerate(bad)] + [(5, ef_msg), (6, wrong_dim)]  # one sender each
+    reasons = [r.reason for r in algo.receive(b, batch)]
     assert len(reasons) == 5 and any("'ef' form" in r for r in reasons) and any("model has 30" in r for r in reasons)
+    assert not any("follows" in r for r in reasons)
     assert torch.equal(b.x, snapshot[0]) and b.y == snapshot[1] and b.refs_in == snapshot[2]
-    assert algo.receive(b, [good]) == [] and not torch.equal(b.x, snapshot[0])
+    assert algo.receive(b, [(0, good)]) == [] and not torch.equal(b.x, snapshot[0])
 
 
 def test_local_update_moves_x_by_y_times_the_change_of_z():

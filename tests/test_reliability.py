@@ -178,8 +178,15 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- stragglers (strategy unit level)
 
 
-def _reply(node_id: int, frames: bytes = b"", error: str | None = None):
-    content = {"out": {"round": 0, "frames": frames}, "metrics": {"train_loss": 1.0, "rejected": 0}}
+def _reply(node_id: int, frames: bytes = b"", error: str | None = None, rnd: int = 1):
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    content = RecordDict(
+        {
+            "out": ConfigRecord({"round": rnd, "frames": frames, "rejected": b""}),
+            "metrics": MetricRecord({"train_loss": 1.0, "rejected": 0, "y": 1.0}),
+        }
+    )
     return SimpleNamespace(
         metadata=SimpleNamespace(src_node_id=node_id),
         has_error=lambda: error is not None,
@@ -205,7 +212,7 @@ def test_stragglers_reported_and_run_goes_on(monkeypatch):
     s = SparsePush(3)
     s.node_to_part = {10: 0, 11: 1, 12: 2}
     s.part_to_node = {0: 10, 1: 11, 2: 12}
-    msg = encode(Message(0, 0, 0.5, 0.25, Identity()(torch.ones(4, dtype=torch.float64))))
+    msg = encode(Message(0, 1, 0.5, 0.25, Identity()(torch.ones(4, dtype=torch.float64))))
     s.router.post(0, 0, {2: msg})  # node 2 has mail waiting
     s.configure_train(2, None, {}, grid=SimpleNamespace())
     assert set(s.awaiting) == {0, 1, 2}
@@ -214,7 +221,7 @@ def test_stragglers_reported_and_run_goes_on(monkeypatch):
     assert s.stragglers[1]["y_inbox"] == pytest.approx(0.25)  # what it was handed and never acknowledged
     assert metrics["stragglers"] == 2 and s.nodes_not_returned() == [1, 2]
     s.configure_train(3, None, {}, grid=SimpleNamespace())
-    s.aggregate_train(3, [_reply(10), _reply(11)])
+    s.aggregate_train(3, [_reply(10, rnd=2), _reply(11, rnd=2)])
     assert s.nodes_not_returned() == [2]  # node 1 came back, node 2 never did
     s.configure_train(4, None, {}, grid=SimpleNamespace())
     with pytest.raises(RuntimeError, match="no node returned"):

@@ -53,7 +53,7 @@ def test_router_holds_messages_for_offline_nodes_in_order():
     router.post(1, 0, {2: b"b"})
     router.post(0, 1, {2: b"c"})
     inbox, bounced = router.collect(2)
-    assert inbox == [b"a", b"b", b"c"] and bounced == []
+    assert inbox == [(0, b"a"), (1, b"b"), (0, b"c")] and bounced == []
     assert router.delivered_bits[2] == 24
 
 

@@ -1,0 +1,697 @@
+"""A broken or hostile node cannot stop the run, impersonate a peer, or take mass with it (docs/reliability.md).
+
+Strategy level, with real Flower records: every kind of bad train reply is refused whole with its reason, and
+arbitrary replies (hypothesis) never raise, never route anything that fails the checks and never change the honest
+nodes' mass. Node level: a forged sender is rejected and leaves every edge reference alone; messages a receiver
+rejects go home exactly, also when their sender has used the edge since. Whole runs: one hostile node among 16,
+in-process and through Flower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from flower_sparsepush.strategies.routing import SparsePush, pack_frames, unpack_frames
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flower_sparsepush.codec import Message as Msg
+from flower_sparsepush.codec import decode, encode
+from flower_sparsepush.compression import Identity, make_compressor
+from flower_sparsepush.guard import KINDS, message_size_limit
+from flower_sparsepush.pushsum import PushSum
+from flower_sparsepush.router import Network, Router
+from flower_sparsepush.topology import Graph
+
+torch.set_num_threads(1)
+
+N, D, H = 5, 40, 4  # five nodes, 40 parameters, node 4 is the one that misbehaves
+OUTS = [[1, 2], [2], [3], [0], [0, 2]]  # node 4 sends to 0 and 2; nobody sends to it, so it is handed no mass
+ALGO = PushSum(make_compressor("topk:0.25+q:4"), 0.5, "ref")
+LIMIT = message_size_limit(ALGO.compressor, D, torch.float64)
+
+
+@contextlib.contextmanager
+def flower_task():
+    """Flower builds Messages only inside a task, whose identity Flower sets; the routing logic does not depend on
+    it, so the tests set one while they build messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def reply(train_msg, rnd, frames, rejected=(), out=None, metrics=None) -> Message:
+    """A train reply as the ClientApp makes it; ``out`` / ``metrics`` override fields (None removes one)."""
+    o = {"round": rnd, "frames": pack_frames(frames), "rejected": np.array(rejected, dtype="<u4").tobytes()}
+    m = {"train_loss": 0.5, "rejected": len(rejected), "y": 1.0}
+    o, m = {**o, **(out or {})}, {**m, **(metrics or {})}
+    content = RecordDict(
+        {
+            "out": ConfigRecord({k: v for k, v in o.items() if v is not None}),
+            "metrics": MetricRecord({k: v for k, v in m.items() if v is not None}),
+        }
+    )
+    return Message(content, reply_to=train_msg)
+
+
+def reencode(data: bytes, **change) -> bytes:
+    m = decode(data)
+    fields = {"sender": m.sender, "round": m.round, "a": m.a, "y": m.y, "payload": m.payload, "form": m.form}
+    return encode(Msg(**(fields | change)))
+
+
+class Scenario:
+    """A SparsePush strategy with its checks on, and the nodes' push-sum states (gossip only, no training)."""
+
+    def __init__(self, outs=OUTS, exclude_after=0, network=None, algo=ALGO):
+        n = len(outs)
+        self.algo = algo
+        self.s = SparsePush(
+            n,
+            graph=Graph.static(outs),
+            dim=D,
+            form=algo.form,
+            max_message_bytes=message_size_limit(algo.compressor, D, torch.float64),
+            exclude_after=exclude_after,
+            network=network,
+        )
+        self.s.node_to_part = {100 + p: p for p in range(n)}
+        self.s.part_to_node = {p: 100 + p for p in range(n)}
+        x0 = torch.randn(n, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        self.states = [algo.init_state(x0[p]) for p in range(n)]
+        self.outs = outs
+        self.server_round = 0
+        self.train: dict[int, Message] = {}
+        self.rejections: dict[int, list] = {}
+
+    @property
+    def rnd(self) -> int:
+        return self.server_round - 1
+
+    def frames(self, p: int, tamper_inbox=None) -> tuple[list[tuple[int, bytes]], list[int]]:
+        """What honest node ``p`` does with its train message: bounces, inbox (optionally tampered on the way: a
+        hostile network), send. Returns its frames and the positions it rejected."""
+        box = self.train[p].content["inbox"]
+        for dest, data in unpack_frames(box["bounced"]):
+            self.algo.bounce(self.states[p], dest, data)
+        inbox = unpack_frames(box["frames"])
+        if tamper_inbox:
+            inbox = tamper_inbox(inbox)
+        rejected = self.algo.receive(self.states[p], inbox)
+        self.rejections[p] = rejected
+        msgs = self.algo.send(self.states[p], p, self.outs[p], self.rnd)
+        return sorted(msgs.items()), [r.index for r in rejected]
+
+    def honest(self, p: int, **kw) -> Message:
+        frames, rejected = self.frames(p, **kw)
+        return reply(self.train[p], self.rnd, frames, rejected)
+
+    def play(self, bad=None, tamper=None) -> MetricRecord:
+        """One round: every contacted node answers honestly, except ``bad[p](scenario, train_msg) -> [replies]``;
+        ``tamper[p]`` changes what node p is handed (a hostile network between the relay and p)."""
+        bad, tamper = bad or {}, tamper or {}
+        self.server_round += 1
+        with flower_task():
+            msgs = self.s.configure_train(self.server_round, ArrayRecord(), ConfigRecord(), grid=None)
+            self.train = {self.s.node_to_part[m.metadata.dst_node_id]: m for m in msgs}
+            replies = []
+            for p in sorted(self.train):
+                if p in bad:
+                    replies += bad[p](self, self.train[p])
+                else:
+                    replies.append(self.honest(p, tamper_inbox=tamper.get(p)))
+            return self.s.aggregate_train(self.server_round, replies)[1]
+
+    def held(self, exclude=None) -> list[tuple[int, int, bytes]]:
+        """Every message the router holds as (sender, destination, bytes), leaving out those from ``exclude``."""
+        r = self.s.router
+        out = [(s, dest, d) for dest, box in enumerate(r.mailboxes) for _, s, d in box]
+        out += [(s, dest, d) for s, box in enumerate(r.bounced) for dest, d in box]
+        return sorted(m for m in out if m[0] != exclude)
+
+    def in_step(self, i: int, j: int) -> bool:
+        """Both ends of edge (i -> j) hold the same reference, counting the messages still on their way."""
+        ref = self.states[j].refs_in[i].clone()
+        for _, s, d in self.s.router.mailboxes[j]:
+            if s == i:
+                decode(d).payload.add_to_(ref)
+        return torch.allclose(self.states[i].refs_out[j], ref, atol=1e-9)
+
+    def honest_mass(self) -> float:
+        """Weight held by the honest nodes and by the messages they sent that the router holds."""
+        return sum(st.y for p, st in enumerate(self.states) if p != H) + sum(decode(d).y for _, _, d in self.held(H))
+
+
+# --------------------------------------------------------------------------- every kind of bad reply
+
+
+def _h_frames(sc: Scenario) -> list[tuple[int, bytes]]:
+    return sc.frames(H)[0]
+
+
+def _with(fn):
+    """A bad reply of node H built from the frames it would honestly send: ``fn(scenario, train_msg, frames)``."""
+    return lambda sc, tm: fn(sc, tm, _h_frames(sc))
+
+
+BAD = {
+    "unknown node": (
+        lambda sc, tm: [
+            reply(Message(RecordDict(), dst_node_id=999, message_type=MessageType.TRAIN), sc.rnd, _h_frames(sc))
+        ],
+        "node id 999",
+    ),
+    "unexpected": (lambda sc, tm: [sc.honest(H), reply(tm, sc.rnd, [])], "not asked for"),
+    "schema: missing field": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, f, out={"rejected": None})]), "fields"),
+    "schema: extra record": (
+        _with(
+            lambda sc, tm, f: [
+                Message(
+                    RecordDict(
+                        {
+                            "out": reply(tm, sc.rnd, f).content["out"],
+                            "metrics": reply(tm, sc.rnd, f).content["metrics"],
+                            "x": ArrayRecord({"z": Array(np.zeros(3))}),
+                        }
+                    ),
+                    reply_to=tm,
+                )
+            ]
+        ),
+        "records",
+    ),
+    "schema: frames not bytes": (lambda sc, tm: [reply(tm, sc.rnd, [], out={"frames": "abc"})], "bytes"),
+    "schema: truncated frames": (
+        _with(lambda sc, tm, f: [reply(tm, sc.rnd, [], out={"frames": pack_frames(f)[:-3]})]),
+        "truncated",
+    ),
+    "schema: metric type": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, f, metrics={"y": [1.0]})]), "number"),
+    "schema: rejected position": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, f, rejected=[0])]), "positions"),
+    "round: reply": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, f, out={"round": sc.rnd + 1})]), "asked for round"),
+    "round: bool": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, f, out={"round": True})]), "asked for round"),
+    "round: message": (
+        _with(lambda sc, tm, f: [reply(tm, sc.rnd, [(d, reencode(m, round=sc.rnd + 3)) for d, m in f])]),
+        "says round",
+    ),
+    "destinations: wrong node": (
+        _with(lambda sc, tm, f: [reply(tm, sc.rnd, [(1, f[0][1]), f[1]])]),
+        "out-neighbours",
+    ),
+    "destinations: one missing": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, f[:1])]), "out-neighbours"),
+    "destinations: twice": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, [*f, f[0]])]), "same node"),
+    "destinations: no such node": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, [*f, (7, f[0][1])])]), "0..4"),
+    "size: dense": (
+        _with(
+            lambda sc, tm, f: [
+                reply(
+                    tm,
+                    sc.rnd,
+                    [(d, reencode(m, payload=Identity()(torch.ones(D, dtype=torch.float64)))) for d, m in f],
+                )
+            ]
+        ),
+        "at most",
+    ),
+    "size: huge": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, [(f[0][0], b"SP" * 100_000), f[1]])]), "at most"),
+    "message: garbage": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, [(f[0][0], b"\x01" * 30), f[1]])]), "message"),
+    "message: truncated": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, [(f[0][0], f[0][1][:-2]), f[1]])]), "length"),
+    "message: other form": (
+        _with(lambda sc, tm, f: [reply(tm, sc.rnd, [(d, reencode(m, form="ef")) for d, m in f])]),
+        "'ef' form",
+    ),
+    "message: other model size": (
+        _with(
+            lambda sc, tm, f: [
+                reply(
+                    tm,
+                    sc.rnd,
+                    [(d, encode(Msg(H, sc.rnd, 0.5, 0.1, ALGO.compressor(torch.ones(D - 8)), "ref"))) for d, _ in f],
+                )
+            ]
+        ),
+        "model has 40",
+    ),
+    "sender": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, [(d, reencode(m, sender=1)) for d, m in f])]), "from node 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_each_kind_of_bad_reply_is_refused_whole_with_its_reason(case):
+    make, phrase = BAD[case]
+    kind = case.partition(":")[0]
+    assert kind in KINDS
+    sc = Scenario()
+    sc.play()  # one honest round: mail and edge references exist
+    metrics = sc.play(bad={H: make})
+    last = sc.s.guard.rejected_replies[-1]
+    assert (last["round"], last["kind"]) == (2, kind) and phrase in last["reason"], last
+    assert metrics["replies_rejected"] == 1
+    if kind != "unexpected":  # (there, the first of its two replies was a good one)
+        assert not [m for m in sc.held() if m[0] == H]  # nothing of it was routed
+    held, mass = _reference()  # the honest nodes' messages and mass are as if node 4 had not answered at all
+    assert sc.held(H) == held and sc.honest_mass() == mass
+    if kind not in ("unknown node", "unexpected"):  # a refused reply makes its node a straggler for the round
+        assert sc.s.stragglers[-1]["node"] == H and sc.s.stragglers[-1]["reason"].startswith(f"rejected reply ({kind})")
+        assert sc.s.guard.offences == {H: 1}
+    sc.play()  # the run goes on, and the node is contacted again
+    assert set(sc.train) == set(range(N))
+
+
+def test_honest_replies_pass_and_nothing_is_refused():
+    sc = Scenario()
+    for _ in range(4):
+        sc.play()
+    assert sc.s.guard.rejected_replies == [] and sc.s.stragglers == []
+    assert sum(s.y for s in sc.states) + sc.s.mailbox_mass() == pytest.approx(N, abs=1e-12)
+
+
+def test_no_good_reply_at_all_stops_the_run():
+    sc = Scenario()
+    garbage = lambda sc, tm: [reply(tm, sc.rnd, [], out={"round": -1})]  # noqa: E731
+    with pytest.raises(RuntimeError, match="no node returned a valid train reply"):
+        sc.play(bad=dict.fromkeys(range(N), garbage))
+
+
+# --------------------------------------------------------------------------- arbitrary replies (hypothesis)
+
+CONFIG_VALUE = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True),
+    st.binary(max_size=40),
+    st.text(max_size=6),
+    st.booleans(),
+    st.lists(st.integers(0, 9), min_size=1, max_size=3),
+)
+METRIC_VALUE = st.one_of(
+    st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=True), st.lists(st.floats(), min_size=1, max_size=3)
+)
+MUTATION = st.one_of(
+    st.tuples(st.just("field"), st.sampled_from(["round", "frames", "rejected", "zz"]), CONFIG_VALUE),
+    st.tuples(st.just("metric"), st.sampled_from(["train_loss", "rejected", "y", "zz"]), METRIC_VALUE),
+    st.tuples(st.just("delete"), st.sampled_from(["round", "frames", "rejected", "train_loss", "y"])),
+    st.tuples(st.just("dest"), st.integers(0, 1), st.integers(0, 2**32 - 1)),
+    st.tuples(st.just("drop-frame"), st.integers(0, 1)),
+    st.tuples(st.just("dup-frame"), st.integers(0, 1)),
+    st.tuples(st.just("add-frame"), st.integers(0, 6), st.binary(max_size=120)),
+    st.tuples(st.just("flip"), st.integers(0, 1), st.integers(0, 10**6), st.integers(1, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 1), st.integers(0, 10**6)),
+    st.tuples(st.just("reencode"), st.integers(0, 1), st.sampled_from(["sender", "round", "form"]), st.integers(0, 6)),
+    st.tuples(st.just("dense"), st.integers(0, 1)),
+    st.tuples(st.just("positions"), st.binary(max_size=12)),
+    st.tuples(st.just("record"), st.sampled_from(["out", "metrics", "extra"]), st.sampled_from(["config", "metric"])),
+)
+
+
+def _mutated(sc: Scenario, tm: Message, mutations) -> Message:
+    frames = _h_frames(sc)
+    out = {"round": sc.rnd, "rejected": b""}
+    deleted = set()
+    metrics = {"train_loss": 0.5, "rejected": 0, "y": 1.0}
+    kinds = {"out": "config", "metrics": "metric"}
+    for mut in mutations:
+        op, *arg = mut
+        if op == "field":
+            out[arg[0]] = arg[1]
+        elif op == "metric":
+            metrics[arg[0]] = arg[1]
+        elif op == "delete":
+            deleted.add(arg[0])
+        elif op == "record":
+            kinds[arg[0]] = arg[1]
+        elif op == "positions":
+            out["rejected"] = arg[0]
+        elif op == "add-frame":
+            frames.append((arg[0], arg[1]))
+        elif frames:
+            _mutate_frame(frames, op, *arg)
+    out.setdefault("frames", pack_frames(frames))
+    out = {k: v for k, v in out.items() if k not in deleted}
+    metrics = {k: v for k, v in metrics.items() if k not in deleted}
+    records = {}
+    for name, fields in (("out", out), ("metrics", metrics)):
+        numeric = {k: v for k, v in fields.items() if isinstance(v, (int, float, list)) and not isinstance(v, bool)}
+        if kinds[name] == "metric":
+            records[name] = MetricRecord({k: v for k, v in numeric.items() if not isinstance(v, list) or v})
+        else:
+            records[name] = ConfigRecord(fields)
+    if "extra" in kinds:
+        records["extra"] = ConfigRecord({"x": 1}) if kinds["extra"] == "config" else MetricRecord({"x": 1})
+    return Message(RecordDict(records), reply_to=tm)
+
+
+def _mutate_frame(frames: list, op: str, *arg) -> None:
+    i = arg[0] % len(frames)
+    dest, data = frames[i]
+    with contextlib.suppress(ValueError):  # a message cut or flipped before may not decode any more
+        if op == "dest":
+            frames[i] = (arg[1], data)
+        elif op == "drop-frame":
+            frames.pop(i)
+        elif op == "dup-frame":
+            frames.append(frames[i])
+        elif op == "flip" and data:
+            pos = arg[1] % len(data)
+            frames[i] = (dest, data[:pos] + bytes([data[pos] ^ arg[2]]) + data[pos + 1 :])
+        elif op == "truncate":
+            frames[i] = (dest, data[: arg[1] % (len(data) + 1)])
+        elif op == "dense":
+            frames[i] = (dest, reencode(data, payload=Identity()(torch.randn(D, dtype=torch.float64))))
+        elif op == "reencode":
+            new = {"sender": arg[2], "round": arg[2], "form": ["ef", "ref", "ref-x"][arg[2] % 3]}[arg[1]]
+            frames[i] = (dest, reencode(data, **{arg[1]: new}))
+
+
+_REFERENCE: dict = {}
+
+
+def _reference() -> tuple[list, float]:
+    """What the router holds from honest nodes after round 2 when node 4 does not answer at all."""
+    if not _REFERENCE:
+        sc = Scenario()
+        sc.play()
+        sc.play(bad={H: lambda sc, tm: []})
+        _REFERENCE["held"], _REFERENCE["mass"] = sc.held(H), sc.honest_mass()
+    return _REFERENCE["held"], _REFERENCE["mass"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    mutations=st.lists(MUTATION, max_size=4),
+    copies=st.integers(1, 2),
+    unknown=st.booleans(),
+    error=st.booleans(),
+)
+def test_arbitrary_replies_never_raise_nor_change_honest_mass(mutations, copies, unknown, error):
+    from flwr.app import Error
+
+    def adversary(sc, tm):
+        out = [_mutated(sc, tm, mutations) for _ in range(copies)]
+        if error:
+            out.insert(0, Message(Error(0, "boom"), reply_to=tm))
+        if unknown:
+            out.append(reply(Message(RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN), sc.rnd, []))
+        return out
+
+    sc = Scenario()
+    sc.play()
+    sc.play(bad={H: adversary})  # never raises
+    held, mass = _reference()
+    assert sc.held(H) == held  # the honest nodes' messages are exactly where they would be without node 4
+    assert sc.honest_mass() == mass
+    routed = [m for m in sc.held() if m[0] == H]
+    for _, _, data in routed:  # what was routed from node 4 passed every check an honest receiver makes
+        msg = decode(data, expected_dim=D)
+        assert (msg.sender, msg.round, msg.form) == (H, 1, "ref") and len(data) <= LIMIT
+    assert sorted(dest for _, dest, _ in routed) in ([], OUTS[H])
+    records = [r for r in sc.s.guard.rejected_replies if r["round"] == 2]
+    assert all(r["kind"] in KINDS and r["reason"] for r in records)
+    refused = [r for r in records if r["node"] == H and r["kind"] not in ("unexpected",)]
+    if routed:
+        assert not refused and not error
+    elif not error:
+        assert len(refused) == 1 and sc.s.stragglers[-1]["node"] == H  # refused with a reason, a straggler
+    sc.play()  # the run goes on
+
+
+# --------------------------------------------------------------------------- forged senders at the receiver
+
+
+def test_forged_sender_is_rejected_and_leaves_edge_references_alone():
+    algo = PushSum(make_compressor("topk:0.2"), 0.5, "ref")
+    x0 = torch.randn(3, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    a, b, c = (algo.init_state(x0[i]) for i in range(3))
+    # a and b both send to c once, so c holds a reference for each edge
+    assert algo.receive(c, [(0, algo.send(a, 0, [2], 0)[2]), (1, algo.send(b, 1, [2], 0)[2])]) == []
+    refs = {k: v.clone() for k, v in c.refs_in.items()}
+    x, y = c.x.clone(), c.y
+    # node 1 writes node 0's id into its message: the relay delivers it as from node 1, the receiver refuses it
+    forged = reencode(algo.send(b, 1, [2], 1)[2], sender=0)
+    (rej,) = algo.receive(c, [(1, forged)])
+    assert (rej.index, rej.sender) == (0, 1) and "from node 0 but came from node 1" in rej.reason
+    assert torch.equal(c.x, x) and c.y == y and c.refs_in.keys() == refs.keys()
+    assert all(torch.equal(c.refs_in[k], refs[k]) for k in refs)
+
+
+def test_forged_sender_never_reaches_an_honest_node_through_the_relay():
+    """Node 4 forges node 3's id on its messages to nodes 0 and 2: refused at the relay, so no honest node ever
+    sees them, the references of node 4's edges stay where they were, and node 3's edge to node 0 stays in step."""
+    sc = Scenario()
+    sc.play()
+    forge = _with(lambda sc, tm, f: [reply(tm, sc.rnd, [(d, reencode(m, sender=3)) for d, m in f])])
+    sc.play(bad={H: forge})
+    assert sc.s.guard.rejected_replies[-1]["kind"] == "sender"
+    refs = {p: sc.states[p].refs_in[H].clone() for p in (0, 2)}
+    for _ in range(3):
+        sc.play(bad={H: forge})
+        assert not any(sc.rejections.values())  # no honest node ever had to reject anything
+    assert all(torch.equal(sc.states[p].refs_in[H], refs[p]) for p in (0, 2))
+    for i in range(N - 1):
+        for j in OUTS[i]:
+            assert sc.in_step(i, j), (i, j)
+
+
+# --------------------------------------------------------------------------- rejected messages go home
+
+
+class _OfflineOnce(Network):
+    """Node 2 is offline in round 1 only, so in round 2 it is handed two messages from each in-neighbour."""
+
+    def online(self, rnd: int, node: int) -> bool:
+        return not (node == 2 and rnd == 1)
+
+
+def test_messages_a_receiver_rejects_go_home_exactly():
+    """A hostile network truncates node 0's first message to node 2 on the way from the relay. Node 2 rejects it
+    and the later one from node 0 (same edge); the relay bounces both, and node 0's message of the next round on
+    that edge, newest first; node 0 undoes all three. The weight is exact and both ends of every edge keep the
+    same reference, so the next messages on the edge are credited exactly."""
+    outs = [[1, 2], [2], [3], [0]]
+    sc = Scenario(outs=outs, network=_OfflineOnce())
+    sc.play()
+    sc.play()  # node 2 offline: node 0 and node 1 have two messages each waiting for it
+    first_from_0 = lambda inbox: [(s, d[:-1]) if k == 0 else (s, d) for k, (s, d) in enumerate(inbox)]  # noqa: E731
+    sc.play(tamper={2: first_from_0})
+    assert [(r.index, r.sender) for r in sc.rejections[2]] == [(0, 0), (2, 0)]  # inbox: 0, 1, 0, 1 (round order)
+    assert sc.s.guard.bounced_rejected == 3 and sc.s.guard.rejected_by_sender == {0: 2}
+    assert [decode(d).round for dest, d in sc.s.router.bounced[0]] == [2, 1, 0]
+    total = sum(s.y for s in sc.states) + sc.s.mailbox_mass()
+    assert total == pytest.approx(4, abs=1e-12)
+    for _ in range(3):
+        sc.play()
+    assert sum(s.y for s in sc.states) + sc.s.mailbox_mass() == pytest.approx(4, abs=1e-12)
+    for i, outs_i in enumerate(outs):
+        for j in outs_i:
+            assert sc.in_step(i, j), (i, j)
+
+
+def test_a_hostile_network_costs_no_mass_and_consensus_stays_exact():
+    """Gossip only, 8 nodes, 10 % of deliveries cut short or relabelled on the way to the receiver: every rejected
+    message bounces home, the sums of x and y stay exact and the nodes still reach the exact average."""
+    n, d, rounds = 8, 30, 500
+    algo = PushSum(make_compressor("topk:0.3"), 0.4, "ref")
+    from flower_sparsepush.topology import make_graph
+
+    g = make_graph("torus", n, 0)  # every edge carries a message every round: rejections come late
+    router = Router(n)
+    x0 = torch.randn(n, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    states = [algo.init_state(x0[i]) for i in range(n)]
+    rng = np.random.default_rng(0)
+    rejected = 0
+    for t in range(rounds + 4):
+        reports = []
+        for i in range(n):
+            inbox, bounced = router.collect(i)
+            for dest, data in bounced:
+                algo.bounce(states[i], dest, data)
+            handed = inbox
+            if t < rounds:  # the network relabels 5 % and cuts short 5 % of the deliveries
+                u = rng.random(len(inbox))
+                handed = [
+                    ((s + 1) % n, d) if v < 0.05 else (s, d[:-1]) if v < 0.1 else (s, d) for (s, d), v in zip(inbox, u)
+                ]
+            refused = algo.receive(states[i], handed)
+            rejected += len(refused)
+            reports.append((i, inbox, [r.index for r in refused]))
+        for i in range(n):
+            router.post(i, t, algo.send(states[i], i, g.out_neighbours(t)[i] if t < rounds else [], t))
+        for i, inbox, positions in reports:  # as the ServerApp does: after every node's messages are posted
+            router.bounce_rejected(i, inbox, positions)
+    assert rejected > 0.08 * rounds * n and not router.in_transit()
+    assert sum(s.y for s in states) == pytest.approx(n, abs=1e-9)
+    assert torch.allclose(sum(s.x for s in states), x0.sum(0), atol=1e-9)
+    err = max(float((s.z - x0.mean(0)).norm() / x0.mean(0).norm()) for s in states)
+    assert err < 1e-6
+
+
+# --------------------------------------------------------------------------- one hostile node among 16, whole runs
+
+HOSTILE = 5
+IN_TURN = ("sender", "destinations", "round", "schema", "size")  # what it sends wrong in rounds 0, 1, 2, ...
+RUN = {
+    "dataset": "synthetic",
+    "model": "mlp",
+    "num-nodes": 16,
+    "graph": "exponential",
+    "strategy": "sparse-push",
+    "compressor": "topk:0.1+q:4",
+    "gamma": 0.5,
+    "num-rounds": 8,
+    "local-steps": 2,
+    "batch-size": 16,
+    "lr": 0.1,
+    "seed": 0,
+    "eval-every": 8,
+    "eval-node-samples": 0,
+    "save-nodes": True,
+    "exclude-after": len(IN_TURN),  # refused five times (once of each kind), then excluded
+}
+
+
+def hostile_frames(frames: list[tuple[int, bytes]], rnd: int, kind: str) -> list[tuple[int, bytes]]:
+    """The frames node HOSTILE sends instead of its honest ones, for the kinds that live in the messages."""
+    n = RUN["num-nodes"]
+    if kind == "sender":  # impersonates its neighbour
+        return [(d, reencode(m, sender=(HOSTILE + 1) % n)) for d, m in frames]
+    if kind == "destinations":
+        return [((d + 1) % n, m) for d, m in frames]
+    if kind == "round":
+        return [(d, reencode(m, round=rnd + 1)) for d, m in frames]
+    if kind == "size":  # its whole model, uncompressed
+        return [(d, reencode(m, payload=Identity()(torch.ones(decode(m).payload.dim)))) for d, m in frames]
+    return frames
+
+
+def hostile_mod(msg, context, call_next):
+    """Flower client mod: node HOSTILE replies to its train messages with a bad reply of each kind in turn."""
+    reply_msg = call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN or int(context.node_config["partition-id"]) != HOSTILE:
+        return reply_msg
+    out = dict(reply_msg.content["out"])
+    rnd = int(out["round"])
+    kind = IN_TURN[rnd % len(IN_TURN)]
+    if kind == "round":
+        out["round"] = rnd + 1
+    elif kind == "schema":
+        out["frames"] = "one message, please"
+    else:
+        out["frames"] = pack_frames(hostile_frames(unpack_frames(out["frames"]), rnd, kind))
+    content = RecordDict({"out": ConfigRecord(out), "metrics": reply_msg.content["metrics"]})
+    return Message(content, reply_to=msg)
+
+
+@pytest.fixture(scope="module")
+def inprocess_runs():
+    """In-process runs of RUN: node HOSTILE offline throughout; hostile with the exclusion policy off; hostile and
+    excluded after five refused replies. Returns the three results and the weight handed to the hostile node."""
+    from flower_sparsepush import training
+    from flower_sparsepush.config import validate
+    from flower_sparsepush.training import RoundOut, node_round, run_inprocess
+
+    handed = {}
+
+    def hostile_round(setup, state, node, rnd, inbox):
+        res = node_round(setup, state, node, rnd, inbox)
+        if node != HOSTILE:
+            return res
+        handed[rnd] = sum(decode(d).y for _, d in inbox)
+        kind = IN_TURN[rnd % len(IN_TURN)]
+        frames = hostile_frames(sorted(res.messages.items()), rnd, kind)
+        if kind == "schema":
+            frames = [(d, m.hex()) for d, m in frames]  # not bytes
+        return RoundOut(dict(frames), res.loss, res.rejected)
+
+    class WithoutHostile(Network):
+        def online(self, rnd: int, node: int) -> bool:
+            return node != HOSTILE and super().online(rnd, node)
+
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "network_of", lambda cfg: WithoutHostile(seed=cfg["seed"]))
+        runs["offline"] = run_inprocess(validate(RUN))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "node_round", hostile_round)
+        runs["hostile"] = run_inprocess(validate(RUN | {"exclude-after": 0}))
+        handed.clear()
+        runs["excluded"] = run_inprocess(validate(RUN))
+    return runs, dict(handed)
+
+
+def _honest(states):
+    return [s for i, s in enumerate(states) if i != HOSTILE]
+
+
+def _accuracy(zs) -> float:
+    from flower_sparsepush.config import validate
+    from flower_sparsepush.training import evaluate, get_setup
+
+    setup = get_setup(validate(RUN))
+    return float(np.mean([evaluate(setup, torch.as_tensor(z, dtype=torch.float32))[0] for z in zs]))
+
+
+def test_hostile_node_in_process(inprocess_runs):
+    runs, handed = inprocess_runs
+    n_honest = RUN["num-nodes"] - 1
+    # policy off: every reply of the hostile node is refused, so the honest nodes are exactly where they are when
+    # that node is simply offline (same models, weights and edge references, bit for bit)
+    g = runs["hostile"].guard
+    assert [r["kind"] for r in g.rejected_replies] == [IN_TURN[t % 5] for t in range(RUN["num-rounds"])]
+    assert {r["node"] for r in g.rejected_replies} == {HOSTILE} and g.excluded == []
+    for a, b in zip(_honest(runs["hostile"].states), _honest(runs["offline"].states)):
+        assert torch.equal(a.x, b.x) and a.y == b.y and a.refs_in.keys() == b.refs_in.keys()
+        assert all(torch.equal(a.refs_in[k], b.refs_in[k]) for k in a.refs_in)
+    # policy on: excluded after its fifth refused reply; what it was handed before is all the honest mass it took
+    ex = runs["excluded"]
+    assert [r["kind"] for r in ex.guard.rejected_replies] == list(IN_TURN)
+    assert ex.guard.excluded == [{"round": 5, "node": HOSTILE, "replies_rejected": 5}]
+    assert sorted(handed) == [0, 1, 2, 3, 4] and sum(handed.values()) > 0
+    held = [d for box in ex.router.mailboxes for _, _, d in box] + [d for box in ex.router.bounced for _, d in box]
+    honest_mass = sum(s.y for s in _honest(ex.states)) + sum(decode(d).y for d in held)
+    assert honest_mass == pytest.approx(n_honest - sum(handed.values()), abs=1e-9)
+    acc_ex, acc_off = (
+        _accuracy([s.z for s in _honest(ex.states)]),
+        _accuracy([s.z for s in _honest(runs["offline"].states)]),
+    )
+    assert acc_off > 0.3  # trained (chance is 0.1)
+    assert abs(acc_ex - acc_off) <= 0.01, (acc_ex, acc_off)
+
+
+def test_hostile_node_through_flower(inprocess_runs, tmp_path):
+    """The same run through Flower, with the hostile node as a ClientApp mod: it finishes, every bad reply is
+    refused and reported with its kind, the node is excluded after five, the honest nodes end where the
+    in-process run puts them, and the honest mass is accounted for exactly by what the summary reports."""
+    import json
+    import sys
+
+    import ray.cloudpickle
+
+    from flower_sparsepush.config import validate
+    from flower_sparsepush.launch import simulate
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
+    out = simulate(validate(RUN | {"out-dir": str(tmp_path), "run-name": "hostile"}), client_mods=[hostile_mod])
+    summary = json.loads((out / "summary.json").read_text())
+    refused = summary["rejected_replies"]
+    assert [(r["round"], r["node"], r["kind"]) for r in refused] == [(t + 1, HOSTILE, k) for t, k in enumerate(IN_TURN)]
+    assert summary["excluded_nodes"] == [{"round": 5, "node": HOSTILE, "replies_rejected": 5}]
+    assert summary["replies_rejected_by_node"] == {str(HOSTILE): 5} and summary["nodes_not_returned"] == []
+    events = summary["straggler_events"]
+    assert [e["node"] for e in events] == [HOSTILE] * 5
+    runs, handed = inprocess_runs
+    assert [e["y_inbox"] for e in events] == pytest.approx([handed[t] for t in range(5)], abs=1e-12)
+    nodes = np.load(out / "nodes.npz")
+    honest = [i for i in range(RUN["num-nodes"]) if i != HOSTILE]
+    assert sorted(nodes.files) == sorted(f"z{i}" for i in honest)  # the excluded node is no longer evaluated
+    for i in honest:
+        np.testing.assert_allclose(nodes[f"z{i}"], runs["excluded"].states[i].z.numpy(), atol=1e-5, rtol=0)
+    mass = summary["mass"]
+    honest_y = sum(y for p, y in mass["y_by_node"].items() if int(p) != HOSTILE)
+    assert honest_y + mass["y_mailboxes"] + sum(e["y_inbox"] for e in events) == pytest.approx(len(honest), abs=1e-9)
