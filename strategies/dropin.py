@@ -344,6 +344,8 @@ class DecentralizedFedAvg(Strategy):
             a = record[key].numpy()
             if tuple(a.shape) != shape:
                 raise ValueError(f"{who}: array {key!r} has shape {tuple(a.shape)}, expected {shape}")
+            if a.dtype.kind not in "fiu" or not np.isfinite(a).all():  # one NaN would spread to every node
+                raise ValueError(f"{who}: array {key!r} is not all finite numbers")
             parts.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(-1))
         return torch.cat(parts)
 

@@ -204,6 +204,10 @@ def test_setup_rejects_mismatches():
     assert s.x0.shape == (6,) and s.mass()["y_total"] == 3
     with pytest.raises(ValueError, match="shape"):
         s._flatten(ArrayRecord({"w": Array(np.zeros((3, 2), np.float32)), "steps": Array(np.zeros(1, np.int64))}))
+    bad = np.zeros((2, 3), np.float32)
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="finite"):  # a broken node's NaN model is refused, not mixed in
+        s._flatten(ArrayRecord({"w": Array(bad), "steps": Array(np.zeros(1, np.int64))}))
 
 
 def test_example_app_one_line_and_runs(tmp_path, monkeypatch):
