@@ -27,7 +27,7 @@ import torch
 from flower_sparsepush.codec import CodecError, decode, max_size
 from flower_sparsepush.router import Router
 
-# kinds of refused replies, in the order they are checked
+# the kinds of refused replies (what the ServerApp records as "kind")
 KINDS = ("unknown node", "unexpected", "schema", "round", "destinations", "size", "message", "sender")
 
 
