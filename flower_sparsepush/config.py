@@ -61,6 +61,32 @@ KEYS: dict[str, Key] = {
     "final-gossip-rounds": Key(
         0, int, "gossip-only rounds (no SGD, compressed, counted) after num-rounds; scsp: 50 unless set", 0, 1_000_000
     ),
+    "final-merge": Key(
+        False,
+        bool,
+        "after the last round: one exact global average (a ring all-reduce, 2 dense messages per node, counted)",
+    ),
+    "sparsity-warmup": Key(
+        0, int, "rounds over which the kept fraction ramps exponentially from sparsity-warmup-start (0 = off)", 0, 10**7
+    ),
+    "sparsity-warmup-start": Key(
+        0.05, float, "kept fraction at round 0 of the sparsity warm-up, in (0, 1]", 0.0, 1.0, lo_open=True
+    ),
+    "gamma-warmup": Key(0, int, "rounds over which gamma ramps linearly up from gamma/R (0 = off)", 0, 10**7),
+    "val-split": Key(
+        0.0,
+        float,
+        "fraction of each class of the training set held out as a validation split (seeded by seed); adds val_* "
+        "metrics. Choose settings on it, not on the test set",
+        0.0,
+        0.5,
+        hi_open=True,
+    ),
+    "device": Key(
+        "cpu",
+        str,
+        "in-process loop: cpu (node by node) | auto | cuda | cuda:N (all nodes' local SGD batched on the GPU)",
+    ),
     "num-rounds": Key(20, int, "gossip (or FedAvg) rounds", 1, 10_000_000),
     "dataset": Key(
         "fashion_mnist",
@@ -264,8 +290,29 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
         # SCSP = Sparse-Push + quasi-global momentum + a final gossip-only phase (docs/algorithm.md); each is a switch
         out["qgm"] = out["qgm"] if "qgm" in cfg else True
         out["final-gossip-rounds"] = out["final-gossip-rounds"] if "final-gossip-rounds" in cfg else 50
-    if out["strategy"] == "fedavg" and (out["qgm"] or out["final-gossip-rounds"]):
-        raise ConfigError("run-config qgm / final-gossip-rounds: these belong to the gossip strategies, not fedavg")
+    gossip_only = ("qgm", "final-gossip-rounds", "final-merge", "sparsity-warmup", "gamma-warmup")
+    if out["strategy"] == "fedavg" and any(out[k] for k in gossip_only):
+        bad = next(k for k in gossip_only if out[k])
+        raise ConfigError(f"run-config {bad}={out[bad]!r}: this belongs to the gossip strategies, not fedavg")
+    if out["sparsity-warmup"]:
+        sel, _, arg = out["compressor"].partition("+")[0].partition(":")
+        try:
+            target = float(arg)
+        except ValueError:
+            target = None
+        if sel not in ("topk", "topk-layer", "randk") or target is None or not 0 < target < 1:
+            raise ConfigError(
+                f"run-config sparsity-warmup={out['sparsity-warmup']}: needs a compressor that keeps a fraction "
+                f"(topk:F, topk-layer:F or randk:F, optionally +q:B), got compressor={out['compressor']!r}"
+            )
+        if not out["sparsity-warmup-start"] > target:
+            raise ConfigError(
+                f"run-config sparsity-warmup-start={out['sparsity-warmup-start']}: must be larger than the "
+                f"compressor's kept fraction {target:g} (the warm-up ramps down from it)"
+            )
+    dev = out["device"]
+    if not (dev in ("cpu", "auto", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"run-config device={dev!r}: allowed are cpu, auto, cuda, cuda:N")
     if out["strategy"] == "fedavg":
         lossy = [k for k in ("drop", "link-down", "churn") if out[k]]
         if lossy or out["checkpoint-every"] or out["resume"]:
@@ -345,12 +392,17 @@ def preflight(cfg: dict[str, Any], flower: bool = False) -> None:
 
     from flower_sparsepush.topology import GraphError, check_strongly_connected, make_graph
 
-    for key in ("checkpoint-every", "resume") if flower else ():
+    for key in ("checkpoint-every", "resume", "final-merge") if flower else ():
         if cfg[key]:
             raise ConfigError(
-                f"run-config {key}={cfg[key]!r}: checkpoints and resume are implemented for the "
+                f"run-config {key}={cfg[key]!r}: checkpoints, resume and the final merge are implemented for the "
                 "in-process loop only (python -m flower_sparsepush.training ...; docs/reliability.md)"
             )
+    if cfg["device"].startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"run-config device={cfg['device']!r}: torch sees no GPU here; use device=cpu or auto")
     if cfg["strategy"] != "fedavg":
         try:
             check_strongly_connected(make_graph(cfg["graph"], cfg["num-nodes"], cfg["seed"]), rounds=total_rounds(cfg))

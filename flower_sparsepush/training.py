@@ -61,6 +61,32 @@ def lr_at(cfg: dict[str, Any], rnd: int) -> float:
     return lr
 
 
+def compressor_at(cfg: dict[str, Any], rnd: int) -> str:
+    """The compressor spec of round ``rnd`` (0-based). With ``sparsity-warmup`` R > 0 the kept fraction of the
+    selection ramps exponentially (as in Deep Gradient Compression, Lin et al. 2018) from ``sparsity-warmup-start``
+    at round 0 to the spec's own fraction F at round R: ``f_t = f0 * (F / f0) ** (t / R)``; from round R on it is F.
+    The quantizer (``+q:B``) is unchanged. Bits are whatever the messages then take (counted as always)."""
+    spec, warm = cfg["compressor"], cfg["sparsity-warmup"]
+    if not warm or rnd >= warm or spec == "none":
+        return spec
+    sel, plus, rest = spec.partition("+")
+    name, _, arg = sel.partition(":")
+    if name not in ("topk", "topk-layer", "randk"):
+        return spec
+    target, start = float(arg), cfg["sparsity-warmup-start"]
+    frac = start * (target / start) ** (rnd / warm)
+    return f"{name}:{frac:.6g}{plus}{rest}"
+
+
+def gamma_at(cfg: dict[str, Any], rnd: int) -> float:
+    """The consensus step size of round ``rnd``: ``gamma``, ramped linearly from ``gamma / gamma-warmup`` over the
+    first ``gamma-warmup`` rounds when that is > 0 (``gamma * (t + 1) / R``)."""
+    warm = cfg["gamma-warmup"]
+    if warm and rnd < warm:
+        return cfg["gamma"] * (rnd + 1) / warm
+    return cfg["gamma"]
+
+
 # --------------------------------------------------------------------------- setup (data, model, graph)
 
 
@@ -77,6 +103,7 @@ class Setup:
     graph: Any
     train_size: int
     eval_cache: dict = field(default_factory=dict)
+    val: tuple[torch.Tensor, torch.Tensor] | None = None  # the held-out validation split (val-split > 0)
 
     @property
     def n(self) -> int:
@@ -86,9 +113,9 @@ class Setup:
         """The push-sum rule for one node and round (random-k draws from a (seed, node, round) generator)."""
         cfg = self.cfg
         comp = make_compressor(
-            cfg["compressor"], segments=self.segments, seed=seed_for(cfg["seed"], node, "compress", rnd)
+            compressor_at(cfg, rnd), segments=self.segments, seed=seed_for(cfg["seed"], node, "compress", rnd)
         )
-        return PushSum(comp, gamma=cfg["gamma"], form=cfg["form"], ref_init=self.x0)
+        return PushSum(comp, gamma=gamma_at(cfg, rnd), form=cfg["form"], ref_init=self.x0)
 
     def epoch(self, rnd: int) -> float:
         """Epochs of the whole training set seen after ``rnd`` rounds (all nodes together)."""
@@ -108,6 +135,7 @@ _SETUP_KEYS = (
     "compressor",
     "gamma",
     "form",
+    "val-split",
 )
 
 
@@ -122,6 +150,20 @@ def load_data(cfg: dict[str, Any]):
     return data.load_dataset(cfg["dataset"], path=cfg["data-dir"] or None, **cols)
 
 
+def validation_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held-out) positions of the training set: ``fraction`` of every class held out, drawn by a generator
+    seeded by ``(seed, "val")``, so each seed has its own split and the same split in every process."""
+    rng = np.random.default_rng([seed, 0x7A1])
+    y = labels.numpy()
+    held = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        held.append(rng.choice(idx, size=int(round(fraction * len(idx))), replace=False))
+    mask = np.zeros(len(y), dtype=bool)
+    mask[np.concatenate(held)] = True
+    return torch.from_numpy(np.flatnonzero(~mask)), torch.from_numpy(np.flatnonzero(mask))
+
+
 def get_setup(cfg: dict[str, Any]) -> Setup:
     """Build (or reuse, per process) the shared setup of a validated config."""
     key = tuple(cfg[k] for k in _SETUP_KEYS)
@@ -132,8 +174,13 @@ def get_setup(cfg: dict[str, Any]) -> Setup:
     from flower_sparsepush import data, models
 
     ds = load_data(cfg)
-    parts = data.partition(ds.y_train, cfg["num-nodes"], cfg["partition"], seed=cfg["seed"])
-    shards = [(ds.x_train[torch.as_tensor(p)], ds.y_train[torch.as_tensor(p)]) for p in parts]
+    x_train, y_train, val = ds.x_train, ds.y_train, None
+    if cfg["val-split"] > 0:
+        keep, held = validation_split(y_train, cfg["val-split"], cfg["seed"])
+        val = (x_train[held], y_train[held])
+        x_train, y_train = x_train[keep], y_train[keep]
+    parts = data.partition(y_train, cfg["num-nodes"], cfg["partition"], seed=cfg["seed"])
+    shards = [(x_train[torch.as_tensor(p)], y_train[torch.as_tensor(p)]) for p in parts]
     model = models.build_model(
         cfg["model"], ds.num_classes, ds.in_channels, cfg["norm"], input_shape=ds.input_shape, seed=cfg["seed"]
     )
@@ -146,7 +193,8 @@ def get_setup(cfg: dict[str, Any]) -> Setup:
         x0,
         models.segment_sizes(model),
         make_graph(cfg["graph"], cfg["num-nodes"], cfg["seed"]),
-        len(ds.y_train),
+        len(y_train),
+        val=val,
     )
     _SETUP_CACHE.clear()  # keep one setup per process (memory)
     _SETUP_CACHE[key] = setup
@@ -250,23 +298,84 @@ class RoundOut:
     rejected: list[Rejection]
 
 
-def node_round(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list[bytes]) -> RoundOut:
-    """One gossip round of one node: absorb ``inbox`` (sender order), local SGD, send. Mutates ``state``.
+def absorb(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list) -> list:
+    """Credit the messages sent to this node in the previous round (in sender order); returns the rejected ones."""
+    return setup.algo(node, rnd).receive(state, inbox)
+
+
+def train(setup: Setup, state: NodeState, node: int, rnd: int) -> float:
+    """This round's local SGD (quasi-global momentum first when on); returns the mean loss, NaN in the final
+    gossip-only phase (rounds from ``num-rounds`` on), where nothing is trained."""
+    if rnd >= setup.cfg["num-rounds"]:
+        return float("nan")
+    qgm = setup.cfg["qgm"]
+    if qgm:
+        qgm_update(setup, state, rnd)
+    z_new, state.momentum, loss = local_sgd(setup, state.z, state.momentum, node, rnd, qgm=qgm)
+    PushSum.local_update(state, z_new)
+    return loss
+
+
+def emit(setup: Setup, state: NodeState, node: int, rnd: int) -> dict[int, bytes]:
+    """This round's messages to the node's out-neighbours (their mass is debited from ``state``)."""
+    return setup.algo(node, rnd).send(state, node, setup.graph.out_neighbours(rnd)[node], rnd)
+
+
+def node_round(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list) -> RoundOut:
+    """One gossip round of one node: :func:`absorb` the inbox, :func:`train`, :func:`emit`. Mutates ``state``.
 
     Rounds from ``num-rounds`` on belong to the final gossip-only phase: absorb and send, no SGD (loss is NaN).
     """
-    algo = setup.algo(node, rnd)
-    rejected = algo.receive(state, inbox)
-    loss = float("nan")
-    if rnd < setup.cfg["num-rounds"]:  # after that: the final gossip-only phase (no SGD)
-        qgm = setup.cfg["qgm"]
-        if qgm:
+    rejected = absorb(setup, state, node, rnd, inbox)
+    loss = train(setup, state, node, rnd)
+    return RoundOut(emit(setup, state, node, rnd), loss, rejected)
+
+
+def train_batched(setup: Setup, engine, states: list[NodeState], nodes: list[int], rnd: int) -> list[float]:
+    """:func:`train` for several nodes at once on ``engine`` (batched.BatchedSGD): same batches, same arithmetic."""
+    cfg = setup.cfg
+    if rnd >= cfg["num-rounds"] or not nodes:
+        return [float("nan")] * len(nodes)
+    if cfg["qgm"]:
+        for state in states:
             qgm_update(setup, state, rnd)
-        z_new, state.momentum, loss = local_sgd(setup, state.z, state.momentum, node, rnd, qgm=qgm)
-        PushSum.local_update(state, z_new)
-    outs = setup.graph.out_neighbours(rnd)[node]
-    msgs = algo.send(state, node, outs, rnd)
-    return RoundOut(msgs, loss, rejected)
+    augs = [generator(cfg["seed"], i, "aug", rnd) for i in nodes]
+    batches = []
+    for step in range(cfg["local-steps"]):
+        pairs = [node_batch(setup, i, rnd, step, aug) for i, aug in zip(nodes, augs)]
+        batches.append((torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])))
+    z = torch.stack([s.z.to(torch.float32) for s in states])
+    mom = None
+    if cfg["momentum"] and any(s.momentum is not None for s in states):
+        mom = torch.stack([torch.zeros_like(z[0]) if s.momentum is None else s.momentum for s in states])
+    hp = {k: cfg[k] for k in ("momentum", "weight-decay", "nesterov", "qgm")} | {"lr": lr_at(cfg, rnd)}
+    z_new, mom_new, losses = engine.local_sgd(z, mom, batches, hp)
+    z_new = z_new.cpu()
+    mom_new = None if mom_new is None else mom_new.cpu()
+    for k, state in enumerate(states):
+        state.momentum = None if mom_new is None else mom_new[k].clone()
+        PushSum.local_update(state, z_new[k])
+    return losses.cpu().tolist()
+
+
+def merge_exact(states: list[NodeState]) -> None:
+    """The final global merge: every node takes the exact push-sum average ``sum x / sum y`` (with weight
+    ``sum y / n``, so the mass is unchanged). What a ring all-reduce computes; its bits are counted by the caller."""
+    n = len(states)
+    total_x = torch.stack([s.x.to(torch.float64) for s in states]).sum(0)
+    total_y = float(sum(s.y for s in states))
+    for s in states:
+        s.x = (total_x / n).to(s.x.dtype)
+        s.y = total_y / n
+
+
+def merge_bits(d: int) -> int:
+    """Bits one node sends in the final merge: a ring all-reduce (reduce-scatter, then all-gather) of a float32
+    d-vector sends 2 (n - 1) / n d values per node; counted here as 2 whole dense messages with their headers."""
+    from flower_sparsepush.codec import Message, encode
+    from flower_sparsepush.compression import Identity
+
+    return 2 * 8 * len(encode(Message(0, 0, 1.0, 1.0, Identity()(torch.zeros(d, dtype=torch.float32)))))
 
 
 def init_state(setup: Setup) -> NodeState:
@@ -284,18 +393,25 @@ def eval_subset(n: int, limit: int) -> torch.Tensor:
     return torch.from_numpy(np.sort(np.random.default_rng(0).permutation(n)[:limit]))
 
 
-@torch.no_grad()
-def evaluate(setup: Setup, z: torch.Tensor, limit: int = 0) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of model ``z`` on the test set, or on ``limit`` of its samples when > 0
-    (a fixed random subset, :func:`eval_subset`: test sets read from image folders are sorted by class)."""
+def eval_data(setup: Setup, limit: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized inputs and labels of the ``test`` set or the ``val`` split (``limit`` > 0: a fixed subset)."""
     from flower_sparsepush.data import normalize
 
     ds = setup.ds
-    key = limit
+    key = (split, limit)
     if key not in setup.eval_cache:
-        idx = eval_subset(len(ds.y_test), limit)
-        setup.eval_cache[key] = (normalize(ds.x_test[idx], ds.mean, ds.std), ds.y_test[idx])
-    xt, yt = setup.eval_cache[key]
+        x, y = (ds.x_test, ds.y_test) if split == "test" else setup.val
+        idx = eval_subset(len(y), limit)
+        setup.eval_cache[key] = (normalize(x[idx], ds.mean, ds.std), y[idx])
+    return setup.eval_cache[key]
+
+
+@torch.no_grad()
+def evaluate(setup: Setup, z: torch.Tensor, limit: int = 0, split: str = "test") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of model ``z`` on the test set (or the ``val`` split), or on ``limit`` of its
+    samples when > 0 (a fixed random subset, :func:`eval_subset`: test sets read from image folders are sorted by
+    class)."""
+    xt, yt = eval_data(setup, limit, split)
     model = setup.model
     load_flat(model, z)
     model.eval()
@@ -307,19 +423,45 @@ def evaluate(setup: Setup, z: torch.Tensor, limit: int = 0) -> tuple[float, floa
     return correct / len(yt), loss / len(yt)
 
 
-def consensus_metrics(setup: Setup, zs: list[torch.Tensor], node_limit: int) -> dict[str, float]:
-    """Consensus-model accuracy/loss (whole test set), per-node accuracy mean/min, and mean_i ||z_i - z_bar||^2."""
+@torch.no_grad()
+def evaluate_many(setup: Setup, engine, zs: torch.Tensor, limit: int, split: str = "test") -> list[tuple[float, float]]:
+    """:func:`evaluate` of every row of ``zs`` at once on ``engine`` (batched.BatchedSGD)."""
+    xt, yt = eval_data(setup, limit, split)
+    zs = zs.to(engine.device, torch.float32)
+    correct = torch.zeros(len(zs), device=engine.device)
+    loss = torch.zeros(len(zs), device=engine.device, dtype=torch.float64)
+    for i in range(0, len(yt), 500):
+        xb, yb = xt[i : i + 500].to(engine.device), yt[i : i + 500].to(engine.device)
+        out = engine.logits(zs, xb)
+        correct += (out.argmax(2) == yb).sum(1)
+        for k in range(len(zs)):
+            loss[k] += float(F.cross_entropy(out[k], yb, reduction="sum"))
+    return [(float(c) / len(yt), float(lo) / len(yt)) for c, lo in zip(correct.cpu(), loss.cpu())]
+
+
+def consensus_metrics(setup: Setup, zs: list[torch.Tensor], node_limit: int, engine=None) -> dict[str, float]:
+    """Consensus-model accuracy/loss (whole test set), per-node accuracy mean/min, and mean_i ||z_i - z_bar||^2.
+
+    With a validation split the same numbers on it are added as ``val_acc_consensus``, ``val_acc_node_mean`` and
+    ``val_acc_node_min`` (the nodes on ``node_limit`` samples of it). With ``engine`` every model is evaluated in one batch."""
     zbar = torch.stack([z.to(torch.float64) for z in zs]).mean(0)
     dist = float(np.mean([float(((z.to(torch.float64) - zbar) ** 2).sum()) for z in zs]))
-    acc_c, loss_c = evaluate(setup, zbar, 0)
-    node_acc = [evaluate(setup, z, node_limit)[0] for z in zs]
-    return {
-        "acc_consensus": acc_c,
-        "loss": loss_c,
-        "acc_node_mean": float(np.mean(node_acc)),
-        "acc_node_min": float(np.min(node_acc)),
-        "consensus_distance": dist,
-    }
+    splits = [("", "test", node_limit)] + ([("val_", "val", node_limit)] if setup.val is not None else [])
+    out = {"consensus_distance": dist}
+    for prefix, split, limit in splits:
+        if engine is not None:
+            acc_c, loss_c = evaluate_many(setup, engine, zbar[None], 0, split)[0]
+            node_acc = [a for a, _ in evaluate_many(setup, engine, torch.stack(zs), limit, split)]
+        else:
+            acc_c, loss_c = evaluate(setup, zbar, 0, split)
+            node_acc = [evaluate(setup, z, limit, split)[0] for z in zs]
+        out |= {
+            f"{prefix}acc_consensus": acc_c,
+            f"{prefix}loss": loss_c,
+            f"{prefix}acc_node_mean": float(np.mean(node_acc)),
+            f"{prefix}acc_node_min": float(np.min(node_acc)),
+        }
+    return out
 
 
 # --------------------------------------------------------------------------- in-process loop
@@ -491,6 +633,17 @@ def load_checkpoint(cfg: dict[str, Any], router: Router) -> tuple[int, list[Node
     return int(ck["round"]), states, [int(b) for b in ck["bits_sent"]], [dict(h) for h in ck["history"]]
 
 
+def make_engine(setup: Setup):
+    """The batched local-SGD engine for ``device`` (batched.BatchedSGD), or None to train node by node: on the CPU
+    the per-node path is faster (vmap turns the convolutions into slow grouped ones there)."""
+    if setup.cfg["device"] == "cpu":
+        return None
+    from flower_sparsepush.batched import BatchedSGD, resolve_device
+
+    dev = resolve_device(setup.cfg["device"])
+    return BatchedSGD(setup.model, dev) if dev.type != "cpu" else None
+
+
 def run_inprocess(
     cfg: dict[str, Any], num_rounds: int | None = None, eval_every: int | None = None, log=None
 ) -> InProcessResult:
@@ -522,23 +675,46 @@ def run_inprocess(
                 if log:
                     log(dict(row))
     every = cfg["checkpoint-every"]
+    engine = make_engine(setup)
+    dense_merge_bits = merge_bits(setup.x0.numel()) if cfg["final-merge"] else 0
     for t in range(start, rounds):
         t0 = time.perf_counter()
         online = [i for i in range(n) if router.network.online(t, i) and i not in router.excluded]
         boxes = {i: router.collect(i) for i in online}  # bits_received counted on delivery, as in the Flower path
-        for i in online:
-            inbox, bounced = boxes[i]
-            absorb_bounces(setup, states[i], i, t, bounced)
-            res = node_round(setup, states[i], i, t, inbox)
-            if res.rejected:
-                raise RuntimeError(f"node {i} rejected a message in round {t}: {res.rejected[0]}")
-            sent[i] += relay(guard, i, t, res.messages)
+        if engine is None:
+            for i in online:
+                inbox, bounced = boxes[i]
+                absorb_bounces(setup, states[i], i, t, bounced)
+                res = node_round(setup, states[i], i, t, inbox)
+                if res.rejected:
+                    raise RuntimeError(f"node {i} rejected a message in round {t}: {res.rejected[0]}")
+                sent[i] += relay(guard, i, t, res.messages)
+        else:  # the same three steps, local SGD of all online nodes in one batched call
+            for i in online:
+                inbox, bounced = boxes[i]
+                absorb_bounces(setup, states[i], i, t, bounced)
+                rejected = absorb(setup, states[i], i, t, inbox)
+                if rejected:
+                    raise RuntimeError(f"node {i} rejected a message in round {t}: {rejected[0]}")
+            train_batched(setup, engine, [states[i] for i in online], online, t)
+            for i in online:
+                msgs = emit(setup, states[i], i, t)
+                sent[i] += relay(guard, i, t, msgs)
+        if cfg["final-merge"] and t + 1 == rounds:
+            for i in range(n):  # deliver what is in flight, then the exact average everywhere
+                inbox, bounced = router.collect(i)
+                absorb_bounces(setup, states[i], i, t + 1, bounced)
+                absorb(setup, states[i], i, t + 1, inbox)
+            merge_exact(states)
+            for i in range(n):
+                sent[i] += dense_merge_bits
+                router.delivered_bits[i] += dense_merge_bits
         secs.append(time.perf_counter() - t0)
         if eval_every and ((t + 1) % eval_every == 0 or t + 1 == rounds):
-            m = consensus_metrics(setup, [s.z for s in states], cfg["eval-node-samples"])
+            m = consensus_metrics(setup, [s.z for s in states], cfg["eval-node-samples"], engine)
             m.update(
                 round=t + 1,
-                epoch=round(setup.epoch(t + 1), 4),
+                epoch=round(setup.epoch(min(t + 1, cfg["num-rounds"])), 4),
                 bits_sent_per_node=float(np.mean(sent)),
                 bits_received_per_node=float(np.mean(router.delivered_bits)),
                 messages_dropped=router.dropped,
@@ -616,16 +792,8 @@ def run_fedavg_inprocess(
         w = acc.to(torch.float32)
         secs.append(time.perf_counter() - t0)
         if eval_every and ((t + 1) % eval_every == 0 or t + 1 == rounds):
-            a, loss = evaluate(setup, w, 0)
-            m = {
-                "acc_consensus": a,
-                "loss": loss,
-                "acc_node_mean": a,
-                "acc_node_min": a,
-                "consensus_distance": 0.0,
-                "round": t + 1,
-                "bits_sent_per_node": float(np.mean(sent)),
-            }
+            m = consensus_metrics(setup, [w], 0)  # one global model: node mean = min = consensus
+            m.update(round=t + 1, bits_sent_per_node=float(np.mean(sent)))
             history.append(m)
             if log:
                 log(m)

@@ -1,0 +1,107 @@
+"""The claims switches: their rules (sparsity ramp, gamma ramp, final merge, validation split), their bits, mass
+conservation with them on, and their bad values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flower_sparsepush.config import ConfigError, validate
+from flower_sparsepush.training import (
+    compressor_at,
+    gamma_at,
+    get_setup,
+    in_transit_mass,
+    merge_bits,
+    run_inprocess,
+    validation_split,
+)
+
+
+def _cfg(**kw):
+    base = {"dataset": "synthetic", "model": "mlp", "num-nodes": 8, "graph": "exponential", "num-rounds": 20,
+            "compressor": "topk:0.02+q:4", "gamma": 0.2, "lr": 0.1}  # fmt: skip
+    return validate(base | kw)
+
+
+def test_sparsity_warmup_ramps_exponentially_to_the_target():
+    cfg = _cfg(**{"sparsity-warmup": 10, "sparsity-warmup-start": 0.2})
+    fracs = [float(compressor_at(cfg, t).split("+")[0].split(":")[1]) for t in range(12)]
+    assert fracs[0] == pytest.approx(0.2)
+    assert fracs[5] == pytest.approx(math.sqrt(0.2 * 0.02), rel=1e-4)  # geometric midpoint
+    assert all(a > b for a, b in zip(fracs[:10], fracs[1:11]))  # strictly falling during the ramp
+    assert fracs[10] == fracs[11] == 0.02
+    assert all(compressor_at(cfg, t).endswith("+q:4") for t in range(12))  # the quantizer stays
+    assert compressor_at(_cfg(), 0) == "topk:0.02+q:4"  # off by default
+
+
+def test_gamma_warmup_is_linear_then_constant():
+    cfg = _cfg(**{"gamma-warmup": 4})
+    assert [gamma_at(cfg, t) for t in range(6)] == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
+    assert gamma_at(_cfg(), 0) == 0.2
+
+
+def test_sparsity_warmup_costs_more_bits_early_and_conserves_mass():
+    plain = run_inprocess(_cfg(), eval_every=20)
+    warm = run_inprocess(_cfg(**{"sparsity-warmup": 10, "sparsity-warmup-start": 0.3}), eval_every=20)
+    assert sum(warm.bits_sent) > 1.5 * sum(plain.bits_sent)  # the first rounds send up to 15x more entries
+    last = warm.history[-1]
+    assert last["y_nodes"] + last["y_in_transit"] == pytest.approx(8.0, abs=1e-9)
+
+
+def test_final_merge_gives_every_node_the_exact_average_and_counts_its_bits():
+    base = _cfg(**{"gamma-warmup": 5})
+    merged_cfg = _cfg(**{"gamma-warmup": 5, "final-merge": True})
+    plain = run_inprocess(base, eval_every=20)
+    merged = run_inprocess(merged_cfg, eval_every=20)
+    # the average the merge computes: all mass, in the nodes and in transit (what plain would deliver next)
+    total_x = sum(s.x.double() for s in plain.states)
+    total_y = sum(s.y for s in plain.states)
+    from flower_sparsepush.codec import decode
+
+    for box in plain.mailboxes:
+        for data in box:
+            msg = decode(data)
+            total_y += msg.y
+    zbar_merged = merged.states[0].z.double()
+    for s in merged.states:
+        assert torch.equal(s.z, merged.states[0].z)  # every node holds the same model
+    assert merged.history[-1]["consensus_distance"] == 0.0
+    assert merged.history[-1]["acc_node_min"] == merged.history[-1]["acc_consensus"]
+    assert sum(s.y for s in merged.states) == pytest.approx(8.0, abs=1e-9)  # mass kept, nothing in transit
+    assert in_transit_mass(merged.router) == 0.0
+    assert float(zbar_merged.norm()) > 0 and total_y > 7.999  # (plain's transit mass is part of the total)
+    d = get_setup(merged_cfg).x0.numel()
+    for a, b in zip(plain.bits_sent, merged.bits_sent):
+        assert b - a == merge_bits(d)  # the merge's bits, exactly, on top of the same gossip
+    assert merge_bits(d) >= 2 * 32 * d
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    y = torch.arange(1000) % 10
+    keep, held = validation_split(y, 0.1, seed=3)
+    assert len(set(keep.tolist()) & set(held.tolist())) == 0 and len(keep) + len(held) == 1000
+    assert np.bincount(y[held].numpy(), minlength=10).tolist() == [10] * 10
+    assert torch.equal(held, validation_split(y, 0.1, seed=3)[1])
+    assert not torch.equal(held, validation_split(y, 0.1, seed=4)[1])
+    setup = get_setup(_cfg(**{"val-split": 0.2}))
+    assert len(setup.val[1]) == 400 and setup.train_size == 1600  # synthetic: 2,000 training samples
+
+
+@pytest.mark.parametrize(
+    ("bad", "needle"),
+    [
+        ({"sparsity-warmup": 10, "compressor": "none"}, "keeps a fraction"),
+        ({"sparsity-warmup": 10, "compressor": "topk:20"}, "keeps a fraction"),
+        ({"sparsity-warmup": 10, "sparsity-warmup-start": 0.01}, "larger than"),
+        ({"sparsity-warmup": -1}, "sparsity-warmup"),
+        ({"gamma-warmup": -2}, "gamma-warmup"),
+        ({"val-split": 0.6}, "val-split"),
+        ({"device": "tpu"}, "device"),
+        ({"strategy": "fedavg", "final-merge": True}, "not fedavg"),
+    ],
+)
+def test_bad_switch_values_get_one_clear_error(bad, needle):
+    with pytest.raises(ConfigError, match=needle):
+        _cfg(**bad)
