@@ -276,16 +276,21 @@ def local_sgd(
 
 
 def qgm_update(setup: Setup, state: NodeState, rnd: int) -> None:
-    """Quasi-global momentum (Lin et al. 2021): ``m <- mu m + (1 - mu) (z_prev - z) / lr`` at the start of a round.
+    """Quasi-global momentum (Lin et al. 2021): ``m <- mu m + (1 - mu) (z_prev - z) / (H lr')`` at a round's start.
 
     ``z_prev`` (``state.anchor``) is the model at the start of the previous round and ``z`` the model now, after
-    that round's local steps and gossip, so the buffer follows the change of the model that gossip agreed on
-    rather than the local gradient, which is biased under label skew.
+    that round's ``H = local-steps`` steps and gossip, so the buffer follows the change of the model that gossip
+    agreed on rather than the local gradient, which is biased under label skew. The change is per step (divided by
+    H: with H > 1 the undivided buffer grows by ``mu + (1 - mu) H mu > 1`` per round and diverges) and in gradient
+    units with ``lr' = max(lr of that round, lr / 10)``: gossip moves the model by amounts that do not shrink with
+    the learning rate, so dividing by a cosine schedule's last, near-zero rates blows the buffer up (NaN models).
     """
-    mu = setup.cfg["momentum"]
+    cfg = setup.cfg
+    mu = cfg["momentum"]
     z = state.z.to(torch.float32)
     if state.anchor is not None and rnd > 0 and mu > 0:
-        change = (state.anchor - z) / lr_at(setup.cfg, rnd - 1)
+        scale = cfg["local-steps"] * max(lr_at(cfg, rnd - 1), 0.1 * cfg["lr"])
+        change = (state.anchor - z) / scale
         m = torch.zeros_like(z) if state.momentum is None else state.momentum
         state.momentum = m.mul_(mu).add_(change, alpha=1 - mu)
     state.anchor = z.clone()

@@ -56,7 +56,6 @@ def test_final_merge_gives_every_node_the_exact_average_and_counts_its_bits():
     plain = run_inprocess(base, eval_every=20)
     merged = run_inprocess(merged_cfg, eval_every=20)
     # the average the merge computes: all mass, in the nodes and in transit (what plain would deliver next)
-    total_x = sum(s.x.double() for s in plain.states)
     total_y = sum(s.y for s in plain.states)
     from flower_sparsepush.codec import decode
 
@@ -105,3 +104,23 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
 def test_bad_switch_values_get_one_clear_error(bad, needle):
     with pytest.raises(ConfigError, match=needle):
         _cfg(**bad)
+
+
+def test_qgm_stays_finite_with_local_steps_and_a_cosine_schedule_to_zero():
+    # before the fix the buffer grew by mu + (1 - mu) H mu per round (H = 4: 1.26) and took gossip / (lr -> 0):
+    # every node's model became NaN on the 20-epoch claims schedule
+    cfg = _cfg(**{"qgm": True, "local-steps": 4, "lr-schedule": "cosine", "num-rounds": 60, "partition": "skew:0.8"})
+    res = run_inprocess(cfg, eval_every=60)
+    assert all(torch.isfinite(s.z).all() and torch.isfinite(s.momentum).all() for s in res.states)
+    assert max(float(s.momentum.norm()) for s in res.states) < 100
+    assert res.history[-1]["acc_consensus"] > 0.5  # chance is 0.1
+
+
+def test_scsp_is_sparse_push_with_the_final_merge_and_says_so_on_flower():
+    from flower_sparsepush.config import preflight
+
+    cfg = _cfg(strategy="scsp")
+    assert cfg["final-merge"] and not cfg["qgm"] and cfg["final-gossip-rounds"] == 0
+    assert not _cfg(strategy="scsp", **{"final-merge": False})["final-merge"]
+    with pytest.raises(ConfigError, match="final-merge=false on Flower"):
+        preflight(cfg, flower=True)
