@@ -86,14 +86,21 @@ class BatchedSGD:
         for xb, yb in batches:
             g, loss = self.gradients(z, xb.to(self.device), yb.to(self.device))
             losses += loss.detach()
-            if wd:
-                g = g.add(z, alpha=wd)
-            if buf is not None and hp["qgm"]:
-                d = g.add(buf, alpha=mu)
-            elif buf is not None:
-                buf.mul_(mu).add_(g)
-                d = g.add(buf, alpha=mu) if hp["nesterov"] else buf
-            else:
-                d = g
-            z.sub_(d, alpha=lr)
+            sgd_step_(z, g, buf, lr, mu, wd, hp["nesterov"], hp["qgm"])
         return z, buf, losses / max(1, len(batches))
+
+
+def sgd_step_(z, g, buf, lr: float, mu: float, wd: float, nesterov: bool, qgm: bool) -> None:
+    """One SGD step on ``z`` in place, torch.optim.SGD's arithmetic (weight decay, momentum ``buf`` updated in place,
+    Nesterov); with ``qgm`` the buffer is the quasi-global momentum, read but not updated. Shapes broadcast, so the
+    same function serves one node (``d``) and all nodes at once (``(nodes, d)``)."""
+    if wd:
+        g = g.add(z, alpha=wd)
+    if buf is not None and qgm:
+        d = g.add(buf, alpha=mu)
+    elif buf is not None:
+        buf.mul_(mu).add_(g)
+        d = g.add(buf, alpha=mu) if nesterov else buf
+    else:
+        d = g
+    z.sub_(d, alpha=lr)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flower_sparsepush.batched import sgd_step_
 from flower_sparsepush.compression import make_compressor
 from flower_sparsepush.config import parse_lr_schedule
 from flower_sparsepush.guard import BadReply, Guard, Outbox, message_size_limit
@@ -261,16 +262,7 @@ def local_sgd(
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
         g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters()])
-        if wd:
-            g = g.add(z, alpha=wd)
-        if buf is not None and qgm:
-            d = g.add(buf, alpha=mu)
-        elif buf is not None:
-            buf.mul_(mu).add_(g)
-            d = g.add(buf, alpha=mu) if cfg["nesterov"] else buf
-        else:
-            d = g
-        z.sub_(d, alpha=lr)
+        sgd_step_(z, g, buf, lr, mu, wd, cfg["nesterov"], qgm)
         losses.append(float(loss.detach()))
     return z, buf, float(np.mean(losses))
 

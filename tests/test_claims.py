@@ -1,0 +1,66 @@
+"""The claims table: a --quick run journals every run, reports progress, resumes, and aggregates over seeds; the
+goals read the candidate that the validation split chose."""
+
+import argparse
+import json
+
+import pytest
+from flower_sparsepush.simulations import claims
+
+from flower_sparsepush import data
+
+
+def _fmnist_present() -> bool:
+    try:
+        data.find_data("fashion_mnist")
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _fmnist_present(), reason="Fashion-MNIST is not installed (make data)")
+def test_quick_claims_run_journals_reports_progress_and_resumes(tmp_path):
+    args = argparse.Namespace(quick=True, datasets="fashion_mnist", rows="sgp,sp-h4-merge", seeds="0", rerun=False,
+                              jobs=1, device="cpu", max_hours=0.0, evals=1, out=str(tmp_path))  # fmt: skip
+    assert claims.main(args) == 0
+    journal = (tmp_path / "claims_quick_rows.jsonl").read_text().splitlines()
+    assert len(journal) == 4  # sgp on 3 partitions, sp-h4-merge on iid
+    status = json.loads((tmp_path / "claims_quick.status.json").read_text())
+    assert (status["done"], status["total"], status["finished"]) == (4, 4, True)
+    result = json.loads((tmp_path / "claims_quick.json").read_text())
+    assert result["seeds"] == [0]
+    row = next(r for r in result["rows"] if r["name"] == "sp-h4-merge")
+    assert row["switches"]["final-merge"] is True and row["local_steps"] == 4
+    for key in ("acc_consensus_std", "acc_node_mean_std", "acc_node_min_std", "val_acc_consensus"):
+        assert key in row
+    assert row["acc_node_min"] == row["acc_node_mean"]  # after the merge every node holds the same model
+    assert row["reduction_vs_sgp"] > 1
+    assert (tmp_path / "claims_quick_fashion_mnist.png").stat().st_size > 0
+    assert claims.main(args) == 0  # resumed: nothing new is run
+    assert (tmp_path / "claims_quick_rows.jsonl").read_text().splitlines() == journal
+
+
+def _run(name, group, seed, acc, val, bits, part="iid"):
+    return {"dataset": "fashion_mnist", "model": "cnn", "partition": part, "name": name, "group": group,
+            "switches": {}, "strategy": "sparse-push", "compressor": "x", "gamma": 0.1, "form": "ref", "nodes": 16,
+            "graph": "exponential", "epochs": 20, "rounds": 1, "local_steps": 1, "batch_size": 32, "val_split": 0.1,
+            "seed": seed, "acc_consensus": acc, "acc_node_mean": acc, "acc_node_min": acc - 0.001,
+            "val_acc_consensus": val, "val_acc_node_mean": val, "val_acc_node_min": val, "bits_per_node": bits,
+            "consensus_distance": 0.0, "wall_s": 1.0, "energy_j": 1.0}  # fmt: skip
+
+
+def test_the_validation_split_chooses_and_the_goal_reads_the_test_accuracy_of_that_choice():
+    runs = []
+    for seed in (0, 1, 2):
+        runs.append(_run("sgp", "baseline", seed, 0.92, 0.92, 1000.0))
+        runs.append(_run("a", "466x", seed, 0.915, 0.90, 2.0))  # better on test, worse on validation
+        runs.append(_run("b", "466x", seed, 0.905, 0.91, 2.0))
+        runs.append(_run("c", "466x", seed, 0.99, 0.99, 10.0))  # best, but only 100x: not a candidate
+    rows = claims.aggregate(runs)
+    chosen = [r["name"] for r in rows if r.get("chosen") == "466x"]
+    assert chosen == ["b"]
+    goal = next(g for g in claims.goals(rows) if g["goal"].startswith(">= 466x"))
+    assert goal["row"] == "b" and goal["worst_delta_points"] == pytest.approx(-1.5)
+    assert goal["met"] is False and goal["reduction_vs_sgp"] == pytest.approx(500)
+    b = next(r for r in rows if r["name"] == "b")
+    assert b["seeds"] == [0, 1, 2] and b["acc_consensus_std"] == 0.0
