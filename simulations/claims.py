@@ -435,7 +435,9 @@ def main(args: argparse.Namespace) -> int:
                     except Exception as err:  # one failed run must not lose the others
                         print(f"run {spec['id']} failed: {err!r}", flush=True)
     prog.close()
-    runs = [done[s["id"]] for s in plan(datasets, args.quick, seeds) if s["id"] in done]
+    # the table holds every run of these datasets in the journal, also those of other --rows / --seeds calls
+    order = {s["id"]: k for k, s in enumerate(plan(datasets, args.quick, SEEDS + seeds))}
+    runs = sorted((r for r in done.values() if r["id"] in order), key=lambda r: order[r["id"]])
     if runs:
         finish(runs, out, name, f"sparsepush claims{quick} --datasets {','.join(datasets)}")
         print((out / f"{name}.md").read_text())

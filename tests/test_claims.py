@@ -20,13 +20,22 @@ def _fmnist_present() -> bool:
 
 @pytest.mark.skipif(not _fmnist_present(), reason="Fashion-MNIST is not installed (make data)")
 def test_quick_claims_run_journals_reports_progress_and_resumes(tmp_path):
-    args = argparse.Namespace(quick=True, datasets="fashion_mnist", rows="sgp,sp-h4-merge", seeds="0", rerun=False,
+    args = argparse.Namespace(quick=True, datasets="fashion_mnist", rows="sgp", seeds="0", rerun=False,
                               jobs=1, device="cpu", max_hours=0.0, evals=1, out=str(tmp_path))  # fmt: skip
     assert claims.main(args) == 0
+    assert len((tmp_path / "claims_quick_rows.jsonl").read_text().splitlines()) == 3  # sgp on 3 partitions
+    args.rows = "sgp,sp-h4-merge"  # a later chunk: sgp is in the journal, only sp-h4-merge runs
+    assert claims.main(args) == 0
     journal = (tmp_path / "claims_quick_rows.jsonl").read_text().splitlines()
-    assert len(journal) == 4  # sgp on 3 partitions, sp-h4-merge on iid
+    assert len(journal) == 4
     status = json.loads((tmp_path / "claims_quick.status.json").read_text())
     assert (status["done"], status["total"], status["finished"]) == (4, 4, True)
+    args.rows = "sp-h4-merge"  # the table keeps every run of the journal, not only this call's rows
+    assert claims.main(args) == 0
+    assert {r["name"] for r in json.loads((tmp_path / "claims_quick.json").read_text())["rows"]} == {
+        "sgp",
+        "sp-h4-merge",
+    }
     result = json.loads((tmp_path / "claims_quick.json").read_text())
     assert result["seeds"] == [0]
     row = next(r for r in result["rows"] if r["name"] == "sp-h4-merge")
