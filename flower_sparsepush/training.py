@@ -295,9 +295,10 @@ class RoundOut:
     rejected: list[Rejection]
 
 
-def absorb(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list) -> list:
-    """Credit the messages sent to this node in the previous round (in sender order); returns the rejected ones."""
-    return setup.algo(node, rnd).receive(state, inbox)
+def absorb(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list, algo: PushSum | None = None) -> list:
+    """Credit the messages sent to this node in the previous round (in sender order); returns the rejected ones.
+    ``algo``: this round's rule when the caller already built it (``setup.algo(node, rnd)``)."""
+    return (algo or setup.algo(node, rnd)).receive(state, inbox)
 
 
 def train(setup: Setup, state: NodeState, node: int, rnd: int) -> float:
@@ -313,9 +314,9 @@ def train(setup: Setup, state: NodeState, node: int, rnd: int) -> float:
     return loss
 
 
-def emit(setup: Setup, state: NodeState, node: int, rnd: int) -> dict[int, bytes]:
+def emit(setup: Setup, state: NodeState, node: int, rnd: int, algo: PushSum | None = None) -> dict[int, bytes]:
     """This round's messages to the node's out-neighbours (their mass is debited from ``state``)."""
-    return setup.algo(node, rnd).send(state, node, setup.graph.out_neighbours(rnd)[node], rnd)
+    return (algo or setup.algo(node, rnd)).send(state, node, setup.graph.out_neighbours(rnd)[node], rnd)
 
 
 def node_round(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list) -> RoundOut:
@@ -323,9 +324,10 @@ def node_round(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list)
 
     Rounds from ``num-rounds`` on belong to the final gossip-only phase: absorb and send, no SGD (loss is NaN).
     """
-    rejected = absorb(setup, state, node, rnd, inbox)
+    algo = setup.algo(node, rnd)  # built once a round: compressor spec, seeded generator
+    rejected = absorb(setup, state, node, rnd, inbox, algo)
     loss = train(setup, state, node, rnd)
-    return RoundOut(emit(setup, state, node, rnd), loss, rejected)
+    return RoundOut(emit(setup, state, node, rnd, algo), loss, rejected)
 
 
 def train_batched(setup: Setup, engine, states: list[NodeState], nodes: list[int], rnd: int) -> list[float]:
@@ -431,8 +433,8 @@ def evaluate_many(setup: Setup, engine, zs: torch.Tensor, limit: int, split: str
         xb, yb = xt[i : i + 500].to(engine.device), yt[i : i + 500].to(engine.device)
         out = engine.logits(zs, xb)
         correct += (out.argmax(2) == yb).sum(1)
-        for k in range(len(zs)):
-            loss[k] += float(F.cross_entropy(out[k], yb, reduction="sum"))
+        per_sample = F.cross_entropy(out.flatten(0, 1), yb.repeat(len(zs)), reduction="none")  # one call, no syncs
+        loss += per_sample.view(len(zs), -1).sum(1).double()
     return [(float(c) / len(yt), float(lo) / len(yt)) for c, lo in zip(correct.cpu(), loss.cpu())]
 
 
@@ -687,15 +689,16 @@ def run_inprocess(
                     raise RuntimeError(f"node {i} rejected a message in round {t}: {res.rejected[0]}")
                 sent[i] += relay(guard, i, t, res.messages)
         else:  # the same three steps, local SGD of all online nodes in one batched call
+            algos = {i: setup.algo(i, t) for i in online}
             for i in online:
                 inbox, bounced = boxes[i]
                 absorb_bounces(setup, states[i], i, t, bounced)
-                rejected = absorb(setup, states[i], i, t, inbox)
+                rejected = absorb(setup, states[i], i, t, inbox, algos[i])
                 if rejected:
                     raise RuntimeError(f"node {i} rejected a message in round {t}: {rejected[0]}")
             train_batched(setup, engine, [states[i] for i in online], online, t)
             for i in online:
-                msgs = emit(setup, states[i], i, t)
+                msgs = emit(setup, states[i], i, t, algos[i])
                 sent[i] += relay(guard, i, t, msgs)
         if cfg["final-merge"] and t + 1 == rounds:
             for i in range(n):  # deliver what is in flight, then the exact average everywhere
