@@ -851,10 +851,31 @@ def run_bench(args) -> dict[str, Any]:
     return assemble(sections, machine_info(), command, "quick" if quick else "full", load)
 
 
+def merge_previous(rep: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """``rep`` (a ``--only`` run) with the sections it did not run taken from ``previous`` (the bench.json already
+    there), each section keeping the command, time and load it was measured with (``section_runs``), and the
+    headline keys assembled again from the merged sections."""
+    runs = dict(previous.get("section_runs", {}))
+    for name in previous.get("sections", {}):
+        runs.setdefault(name, {"command": previous.get("command"), "mode": previous.get("mode")})
+    for name in rep["sections"]:
+        runs[name] = {"command": rep["command"], "mode": rep["mode"], "when": time.strftime("%Y-%m-%d %H:%M")}
+    sections = dict(previous.get("sections", {})) | rep["sections"]
+    merged = assemble(sections, rep["machine"], rep["command"], rep["mode"], rep["load"])
+    merged["section_runs"] = {k: runs[k] for k in sections if k in runs}
+    return merged
+
+
 def cmd_bench(args) -> int:
     rep = run_bench(args)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    prev_path = out / "bench.json"
+    if args.only and prev_path.exists():  # refresh the sections asked for, keep the others
+        try:
+            rep = merge_previous(rep, json.loads(prev_path.read_text()))
+        except (ValueError, KeyError) as err:
+            print(f"warning: {prev_path} is not readable ({err}); writing only the sections of this run")
     (out / "bench.json").write_text(json.dumps(rep, indent=2, default=float) + "\n")
     (out / "bench.md").write_text(render_md(rep))
     print(render_md(rep))

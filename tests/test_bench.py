@@ -107,3 +107,19 @@ def test_tree_memory_of_this_process_is_positive():
 
     rss, pss = bench.proc_mem(os.getpid())
     assert rss > 0 and pss > 0
+
+
+def test_an_only_run_refreshes_its_sections_and_keeps_the_others():
+    machine = bench.machine_info()
+    load = {"before": [0.0], "after": [0.0]}
+    codec_old = {"11M|0.01": {"encdec_vs_topk": 0.5}}
+    overhead = {"cnn_16": {"ratio": 1.4}}
+    previous = bench.assemble({"codec": codec_old, "overhead": overhead}, machine, "sparsepush bench", "full", load)
+    new = bench.assemble(
+        {"codec": {"11M|0.01": {"encdec_vs_topk": 0.25}}}, machine, "sparsepush bench --only codec", "full", load
+    )
+    merged = bench.merge_previous(new, json.loads(json.dumps(previous, default=float)))
+    assert merged["codec_vs_topk_ratio_11M"] == 0.25  # the fresh section wins
+    assert merged["flower_overhead_ratio_cnn_16"] == 1.4  # the section not run is kept, with its headline key
+    assert merged["section_runs"]["codec"]["command"] == "sparsepush bench --only codec"
+    assert merged["section_runs"]["overhead"]["command"] == "sparsepush bench"
