@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from flower_sparsepush import compression
 from flower_sparsepush.compression import (
+    SAMPLED_FROM,
     CompressionError,
     Identity,
     Quantize,
@@ -39,6 +41,114 @@ def test_per_tensor_topk_keeps_at_least_one_entry_per_tensor():
     assert TopK(0.01)(v).k == 2  # global top-k would skip it
     with pytest.raises(CompressionError, match="segments sum"):
         TopK(0.1, segments=[1, 2])(v)
+
+
+def rule_order(v: torch.Tensor) -> np.ndarray:
+    """The selection rule spelled out slowly: largest |v| first (NaN above inf), ties to the lowest position."""
+    mag = np.abs(v.numpy()).astype(np.float64)
+    nan = np.isnan(mag)
+    return np.lexsort((np.arange(len(mag)), -np.where(nan, 0.0, mag), ~nan))  # last key first: NaN, |v|, position
+
+
+def rule_topk(v: torch.Tensor, k: int, order: np.ndarray | None = None) -> np.ndarray:
+    return np.sort((rule_order(v) if order is None else order)[:k]).astype(np.int64)
+
+
+def cut_is_tied(v: torch.Tensor, k: int) -> bool:
+    mag = v.abs()
+    return 0 < k < len(v) and int((mag >= torch.topk(mag, k).values[-1]).sum()) > k
+
+
+SIZES = [1, 7, 1000, SAMPLED_FROM - 1, SAMPLED_FROM, SAMPLED_FROM + 1, 50_000, 300_000]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", SIZES)
+def test_topk_selects_the_same_set_as_torch_topk(d, dtype):
+    v = torch.randn(d, dtype=dtype, generator=torch.Generator().manual_seed(d))
+    order = rule_order(v)
+    for amount in (0.5, 0.1, 0.01, 0.001, 1, 3, d):
+        comp = TopK(amount)
+        k = comp.count(d)
+        c = comp(v)
+        assert c.indices.dtype == np.int64 and c.k == k and np.all(np.diff(c.indices) > 0)
+        assert np.array_equal(c.indices, rule_topk(v, k, order)), (amount, k)
+        if not cut_is_tied(v, k):  # with no tie at the k-th magnitude the set is torch.topk's, exactly
+            assert np.array_equal(c.indices, np.sort(torch.topk(v.abs(), k).indices.numpy()))
+        assert np.array_equal(c.values, v.numpy()[c.indices]) and c.values.dtype == v.numpy().dtype
+
+
+@pytest.mark.parametrize("d", [100, SAMPLED_FROM - 1, SAMPLED_FROM + 1, 200_000])
+def test_topk_with_many_zeros_and_ties_keeps_the_lowest_positions(d):
+    g = torch.Generator().manual_seed(3)
+    few_values = torch.randint(-3, 4, (d,), generator=g).float()  # 7 values: every cut is a tie
+    mostly_zero = torch.where(torch.rand(d, generator=g) < 0.95, 0.0, torch.randn(d, generator=g))
+    constant = torch.full((d,), -2.0, dtype=torch.float64)
+    signed_zeros = torch.tensor([0.0, -0.0]).repeat(d // 2)
+    for v in (few_values, mostly_zero, constant, signed_zeros):
+        for amount in (0.5, 0.1, 0.01, 0.001, 1):
+            k = TopK(amount).count(len(v))
+            assert np.array_equal(TopK(amount)(v).indices, rule_topk(v, k)), (amount, v[:5])
+    assert TopK(0.1)(constant).indices.tolist() == list(range(TopK(0.1).count(d)))
+
+
+def test_topk_is_deterministic_and_does_not_depend_on_the_sample(monkeypatch):
+    v = torch.randn(100_000, generator=torch.Generator().manual_seed(5))
+    want = TopK(0.01)(v).indices
+    assert np.array_equal(TopK(0.01)(v.clone()).indices, want)
+    mag_order = np.argsort(np.abs(v.numpy()))
+    samples = {
+        "other seed": lambda d, s: np.random.default_rng(99).integers(0, d, s),
+        "only the largest": lambda d, s: np.resize(mag_order[-5:], s),  # threshold too high: too few candidates
+        "only the smallest": lambda d, s: np.resize(mag_order[:5], s),  # everything is a candidate
+        "only the median": lambda d, s: np.full(s, mag_order[len(v) // 2]),
+    }
+    for name, sample in samples.items():
+        monkeypatch.setattr(compression, "_sample_positions", sample)
+        for amount in (0.1, 0.01, 0.001):
+            got = TopK(amount)(v).indices
+            assert np.array_equal(got, rule_topk(v, TopK(amount).count(len(v)))), (name, amount)
+        assert np.array_equal(TopK(0.01)(v).indices, want), name
+
+
+@pytest.mark.parametrize("d", [100, 50_000])
+def test_topk_treats_nan_as_the_largest_magnitude_like_torch_topk(d):
+    v = torch.randn(d, generator=torch.Generator().manual_seed(7))
+    v[1::17][:3] = float("nan")
+    v[2::19][:2] = -float("nan")
+    v[3::23][:4] = float("inf")
+    v[4::29][:4] = -float("inf")
+    k = 20
+    c = TopK(k)(v)
+    bad = np.flatnonzero(~np.isfinite(v.numpy()))
+    assert len(bad) == 13 and set(bad) <= set(c.indices.tolist())
+    assert np.array_equal(c.indices, np.sort(torch.topk(v.abs(), k).indices.numpy()))
+    assert np.array_equal(c.indices, rule_topk(v, k))
+    nans = np.flatnonzero(np.isnan(v.numpy()))
+    assert np.array_equal(TopK(5)(v).indices, nans)  # NaN before inf, as torch.topk orders them
+    assert np.array_equal(np.sort(torch.topk(v.abs(), 5).indices.numpy()), nans)
+
+
+def test_per_tensor_topk_applies_the_rule_in_each_segment():
+    segments = [1, 5, 300, SAMPLED_FROM - 1, SAMPLED_FROM + 1, 40_000, 2]
+    v = torch.randn(sum(segments), dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    v[300:400] = 0.5  # a tied stretch inside one segment
+    for amount in (0.1, 0.01, 0.001):
+        comp = TopK(amount, segments=segments)
+        want, start = [], 0
+        for size in segments:
+            want.append(rule_topk(v[start : start + size], comp.count(size)) + start)
+            start += size
+        got = comp(v).indices
+        assert np.array_equal(got, np.concatenate(want)) and np.all(np.diff(got) > 0)
+
+
+def test_topk_of_other_dtypes_falls_back_to_torch_topk():
+    v = torch.randn(30_000, generator=torch.Generator().manual_seed(2))
+    sel = TopK(0.01).select(v.to(torch.bfloat16))
+    assert len(sel) == 300 and np.all(np.diff(sel) > 0)
+    h = v.to(torch.float16)
+    assert np.array_equal(TopK(0.01)(h).indices, rule_topk(h.float(), 300))  # float16 -> float32 is exact
 
 
 def test_randk_is_seeded_and_keeps_k_distinct_entries():
