@@ -22,6 +22,9 @@ invocation, one right after the other):
 4. ``codec``: top-k selection, encode, decode at 0.27M and 11M entries vs ``torch.topk`` alone on the magnitudes.
 5. ``data``: batches per second of the loader (``training.node_batch``, ``data.NodeData.next_batch``) vs model
    steps per second (forward + backward) at the same batch size.
+- ``ray`` (not a timing): the Flower simulation on a two-node Ray cluster started on this machine vs a
+  single-machine run of the same config and seed (``simulations/ray_cluster.py``, results/ray_cluster.json): the
+  Ray nodes that hosted ClientApp actors and whether the metrics are equal.
 
 All timings use ``torch.set_num_threads(1)``: the ClientApp runs with one thread per actor, and on this 2-core
 machine shared with other jobs two intra-op threads were measured slower, not faster. The load average before and
@@ -61,6 +64,8 @@ REQUIRED_KEYS = (
     "entropy_ratio_topk_0.001",
     "codec_vs_topk_ratio_0.27M",
     "codec_vs_topk_ratio_11M",
+    "ray_cluster_nodes_used",
+    "ray_cluster_metrics_equal",
     "machine",
     "command",
 )
@@ -588,6 +593,38 @@ def section_data(models_: tuple[str, ...], dataset: str, batches: int, log) -> d
     return out
 
 
+def section_ray(out_dir: str, log) -> dict[str, Any]:
+    """Two Ray nodes on this machine, the Flower run attached to them vs a single-machine run
+    (:mod:`flower_sparsepush.simulations.ray_cluster`, which also writes ray_cluster.json/.md to ``out_dir``)."""
+    from flower_sparsepush.simulations import ray_cluster
+
+    command = (
+        shlex.join(["sparsepush", "bench", *sys.argv[2:]])
+        if sys.argv[1:2] == ["bench"]
+        else "sparsepush bench --only ray"
+    )
+    rep = ray_cluster.run(out_dir, command=command)
+    cmp_ = rep.get("comparison", {})
+    out = {
+        "nodes_used": rep.get("nodes_used", 0),
+        "metrics_equal": bool(rep.get("metrics_equal", False)),
+        "max_abs_metric_diff": rep.get("max_abs_metric_diff", float("nan")),
+        "metrics_bitwise_equal": cmp_.get("metrics_bitwise_equal"),
+        "differing_fields": cmp_.get("differing_fields"),
+        "max_abs_model_diff": cmp_.get("max_abs_model_diff"),
+        "per_node": rep.get("cluster_run", {}).get("per_node", {}),
+        "cluster_startup_s": rep.get("cluster", {}).get("startup_s"),
+        "cluster_run_s": rep.get("cluster_run", {}).get("wall_s"),
+        "single_run_s": rep.get("single_run", {}).get("wall_s"),
+        "leftover_pids": rep.get("leftover_pids", []),
+        "report": str(Path(out_dir) / "ray_cluster.json"),
+    }
+    if "error" in rep:
+        out["error"] = rep["error"]
+    log(f"ray: {out['nodes_used']} Ray node(s) hosted ClientApp actors, metrics equal: {out['metrics_equal']}")
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -613,6 +650,10 @@ def assemble(
         rep[f"codec_vs_topk_ratio_{label}_max_over_fractions"] = max(
             (r["encdec_vs_topk"] for k, r in co.items() if k.startswith(f"{label}|")), default=nan
         )
+    ra = sections.get("ray", {})
+    ray_ok = bool(ra) and "error" not in ra
+    rep["ray_cluster_nodes_used"] = int(ra.get("nodes_used", 0)) if ray_ok else 0
+    rep["ray_cluster_metrics_equal"] = bool(ray_ok and ra.get("metrics_equal"))
     rep["sections"] = sections
     return rep
 
@@ -647,6 +688,12 @@ def render_md(rep: dict[str, Any]) -> str:
             max_ratio("0.27M") <= 2,
         ),
         ("(encode + decode) / torch.topk, 11M (worst of 3 fractions)", "<= 2", max_ratio("11M"), max_ratio("11M") <= 2),
+        (
+            "Flower on a 2-node Ray cluster: Ray nodes hosting ClientApp actors, metrics = single machine",
+            "2, equal",
+            f"{rep.get('ray_cluster_nodes_used', 0)}, {'equal' if rep.get('ray_cluster_metrics_equal') else 'not equal'}",
+            rep.get("ray_cluster_nodes_used", 0) >= 2 and bool(rep.get("ray_cluster_metrics_equal")),
+        ),
     ]
     lines = [
         "# Benchmarks",
@@ -758,6 +805,26 @@ def render_md(rep: dict[str, Any]) -> str:
                 f"| {model} | {r['node_batch_per_s']['median']:.0f} | {r['nodedata_batch_per_s']['median']:.0f}"
                 f" | {r['model_steps_per_s']['median']:.1f} | {100 * r['loader_share_of_step']:.1f}% |"
             )
+    ra = sec.get("ray", {})
+    if ra:
+        lines += [
+            "",
+            "## Ray cluster (two Ray nodes on this machine; details in ray_cluster.md)",
+            "",
+            "| Ray node | role | ClientApp calls | actors |",
+            "|---|---|---|---|",
+        ]
+        for node, r in ra.get("per_node", {}).items():
+            lines.append(f"| `{node[:12]}` | {r['role']} | {r['calls']} | {r['actors']} |")
+        lines += [
+            "",
+            f"Metrics equal to the single-machine run: {'yes' if ra.get('metrics_equal') else 'no'} (max abs "
+            f"difference {ra.get('max_abs_metric_diff', float('nan')):.3g}); start-up "
+            f"{_fmt(ra.get('cluster_startup_s'), 1)} s, cluster run {_fmt(ra.get('cluster_run_s'), 1)} s, "
+            f"single-machine run {_fmt(ra.get('single_run_s'), 1)} s"
+            + (f"; error: `{ra['error']}`" if "error" in ra else "")
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -775,7 +842,7 @@ def growth(scale: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-SECTIONS = ("wire", "codec", "data", "overhead", "scale")
+SECTIONS = ("wire", "codec", "data", "overhead", "scale", "ray")
 STATUS_NAME = "bench.status.json"
 
 
@@ -840,6 +907,9 @@ def run_bench(args) -> dict[str, Any]:
         g = growth(sections["scale"])
         if g:
             sections["growth"] = g
+    if "ray" in parts:
+        starting("ray")
+        sections["ray"] = section_ray(args.out_dir, log)
     prog.update(len(planned), "writing the report")
     prog.close()
     load["after"] = loadavg()
@@ -888,7 +958,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="performance and scale benchmarks -> results/bench.json, bench.md")
     p.add_argument("--quick", action="store_true", help="fewer repeats and rounds, nodes 16 and 64 (a few minutes)")
     p.add_argument("--out-dir", default="results", help="where bench.json and bench.md go")
-    p.add_argument("--only", default="", help="comma list of sections: wire,codec,data,overhead,scale")
+    p.add_argument("--only", default="", help="comma list of sections: wire,codec,data,overhead,scale,ray")
     p.add_argument("--nodes", default="", help="node counts of the scale ladder (default 16,64,256,1000; quick 16,64)")
     p.add_argument("--dataset", default="fashion_mnist", help="data set of the Flower runs and the data section")
     p.add_argument("--local-steps", type=int, default=2, help="local SGD steps per round in the Flower runs")

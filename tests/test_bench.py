@@ -102,6 +102,33 @@ def test_register_adds_the_bench_subcommand():
     assert args.quick and args.only == "wire" and args.func is bench.cmd_bench
 
 
+def test_ray_section_headline_keys_and_goal_row():
+    machine = bench.machine_info()
+    load = {"before": [0.0], "after": [0.0]}
+    none = bench.assemble({}, machine, "sparsepush bench --only wire", "full", load)
+    assert none["ray_cluster_nodes_used"] == 0 and none["ray_cluster_metrics_equal"] is False  # not run
+    ray = {
+        "nodes_used": 2,
+        "metrics_equal": True,
+        "max_abs_metric_diff": 1e-16,
+        "per_node": {
+            "aaaa": {"role": "head", "calls": 5, "actors": 1},
+            "bbbb": {"role": "worker", "calls": 4, "actors": 1},
+        },
+        "cluster_startup_s": 12.0,
+        "cluster_run_s": 30.0,
+        "single_run_s": 25.0,
+    }
+    rep = bench.assemble({"ray": ray}, machine, "sparsepush bench --only ray", "full", load)
+    assert rep["ray_cluster_nodes_used"] == 2 and rep["ray_cluster_metrics_equal"] is True
+    md = bench.render_md(rep)
+    row = "| Flower on a 2-node Ray cluster: Ray nodes hosting ClientApp actors, metrics = single machine | 2, equal |"
+    assert f"{row} 2, equal | yes |" in md and "| `bbbb` | worker | 4 | 1 |" in md
+    failed = bench.assemble({"ray": ray | {"error": "RuntimeError: boom"}}, machine, "x", "full", load)
+    assert failed["ray_cluster_nodes_used"] == 0 and failed["ray_cluster_metrics_equal"] is False
+    assert "ray" in bench.SECTIONS
+
+
 def test_tree_memory_of_this_process_is_positive():
     import os
 
