@@ -20,7 +20,9 @@ invocation, one right after the other):
    top-10%, 1%, 0.1% of ResNet-20-sized vectors: a model difference (ResNet-20 after a few SGD steps minus its
    initialisation) and a Gaussian vector; also the index section alone vs log2 C(d,k).
 4. ``codec``: top-k selection, encode, decode at 0.27M and 11M entries vs ``torch.topk`` alone on the magnitudes.
-5. ``data``: batches per second of the loader (``training.node_batch``, ``data.NodeData.next_batch``) vs model
+5. ``topk``: the whole top-k compressor call (``TopK(frac)(v)``: selection + values) vs the old ``torch.topk`` path
+   vs one ``v.abs().sum()`` pass over the same vector (a memory-bound reference), at 11M and 0.27M entries.
+6. ``data``: batches per second of the loader (``training.node_batch``, ``data.NodeData.next_batch``) vs model
    steps per second (forward + backward) at the same batch size.
 - ``ray`` (not a timing): the Flower simulation on a two-node Ray cluster started on this machine vs a
   single-machine run of the same config and seed (``simulations/ray_cluster.py``, results/ray_cluster.json): the
@@ -64,6 +66,7 @@ REQUIRED_KEYS = (
     "entropy_ratio_topk_0.001",
     "codec_vs_topk_ratio_0.27M",
     "codec_vs_topk_ratio_11M",
+    "topk_vs_memory_pass_ratio_11M",
     "ray_cluster_nodes_used",
     "ray_cluster_metrics_equal",
     "machine",
@@ -551,6 +554,59 @@ def section_codec(dims: dict[str, int], repeat: dict[str, int], log, fractions=F
     return out
 
 
+def _old_topk(v, k: int):
+    """The compressor's selection before linear-time top-k: torch.topk on |v|, sorted positions, their values."""
+    import torch
+
+    from flower_sparsepush.compression import sorted_indices
+
+    idx = sorted_indices(torch.topk(v.abs(), k, sorted=False).indices.numpy(), len(v))
+    return idx, v.numpy()[idx].copy()
+
+
+def section_topk(dims: dict[str, int], repeat: dict[str, int], log, fractions=FRACTIONS) -> dict[str, Any]:
+    """``TopK(frac)(v)`` (selection + values) vs the old torch.topk path vs one ``v.abs().sum()`` pass, float32
+    Gaussian vectors; the three are timed one after the other in every repeat, so load changes hit them alike."""
+    import numpy as np
+    import torch
+
+    from flower_sparsepush.compression import TopK
+
+    out = {}
+    for label, d in dims.items():
+        v = torch.randn(d, generator=torch.Generator().manual_seed(2))
+        for frac in fractions:
+            comp = TopK(frac)
+            k = comp.count(d)
+            t_new, t_old, t_pass = [], [], []
+            for _ in range(repeat[label]):
+                ts, c = timeit(lambda: comp(v), 1)
+                t_new += ts
+                ts, (old_idx, _) = timeit(lambda: _old_topk(v, k), 1)
+                t_old += ts
+                t_pass += timeit(lambda: v.abs().sum(), 1)[0]
+            new, old, mem = (statistics.median(t) for t in (t_new, t_old, t_pass))
+            row = {
+                "k": k,
+                "dim": d,
+                "topk_s": stats(t_new),
+                "torch_topk_path_s": stats(t_old),
+                "abs_sum_pass_s": stats(t_pass),
+                "topk_vs_pass": new / mem,
+                "torch_topk_vs_pass": old / mem,
+                "speedup_vs_torch_topk": old / new,
+                "topk_vs_pass_per_run": stats([a / b for a, b in zip(t_new, t_pass)]),
+                "same_set_as_torch_topk": bool(np.array_equal(c.indices, old_idx)),
+            }
+            out[f"{label}|{frac:g}"] = row
+            log(
+                f"topk {label} top-{frac:g}: TopK {new * 1e3:.2f} ms, torch.topk path {old * 1e3:.2f} ms, abs().sum() "
+                f"{mem * 1e3:.2f} ms; TopK/pass {row['topk_vs_pass']:.2f}, torch.topk/pass "
+                f"{row['torch_topk_vs_pass']:.2f}, same set {row['same_set_as_torch_topk']}"
+            )
+    return out
+
+
 def section_data(models_: tuple[str, ...], dataset: str, batches: int, log) -> dict[str, Any]:
     """Loader batches/s (training.node_batch, data.NodeData) vs model steps/s at batch 32."""
     import torch
@@ -633,7 +689,7 @@ def assemble(
 ) -> dict[str, Any]:
     """The flat headline keys of bench.json from the section results (NaN where a part was not run)."""
     nan = float("nan")
-    ov, sc, wi, co = (sections.get(k, {}) for k in ("overhead", "scale", "wire", "codec"))
+    ov, sc, wi, co, tk = (sections.get(k, {}) for k in ("overhead", "scale", "wire", "codec", "topk"))
     rep: dict[str, Any] = {"machine": machine, "command": command, "mode": mode, "load": load}
     for model, nodes in (("resnet20", 16), ("cnn", 16), ("cnn", 64), ("resnet20", 64)):
         rep[f"flower_overhead_ratio_{model}_{nodes}"] = ov.get(f"{model}_{nodes}", {}).get("ratio", nan)
@@ -650,6 +706,10 @@ def assemble(
         rep[f"codec_vs_topk_ratio_{label}_max_over_fractions"] = max(
             (r["encdec_vs_topk"] for k, r in co.items() if k.startswith(f"{label}|")), default=nan
         )
+    for frac in FRACTIONS:
+        rep[f"topk_vs_memory_pass_ratio_11M_{frac:g}"] = tk.get(f"11M|{frac:g}", {}).get("topk_vs_pass", nan)
+    tk_11m = [rep[f"topk_vs_memory_pass_ratio_11M_{frac:g}"] for frac in FRACTIONS]
+    rep["topk_vs_memory_pass_ratio_11M"] = nan if any(math.isnan(x) for x in tk_11m) else max(tk_11m)
     ra = sections.get("ray", {})
     ray_ok = bool(ra) and "error" not in ra
     rep["ray_cluster_nodes_used"] = int(ra.get("nodes_used", 0)) if ray_ok else 0
@@ -688,6 +748,12 @@ def render_md(rep: dict[str, Any]) -> str:
             max_ratio("0.27M") <= 2,
         ),
         ("(encode + decode) / torch.topk, 11M (worst of 3 fractions)", "<= 2", max_ratio("11M"), max_ratio("11M") <= 2),
+        (
+            "TopK compressor / one abs().sum() pass, 11M (worst of 3 fractions)",
+            "<= 5",
+            rep.get("topk_vs_memory_pass_ratio_11M", float("nan")),
+            rep.get("topk_vs_memory_pass_ratio_11M", float("nan")) <= 5,
+        ),
         (
             "Flower on a 2-node Ray cluster: Ray nodes hosting ClientApp actors, metrics = single machine",
             "2, equal",
@@ -790,11 +856,32 @@ def render_md(rep: dict[str, Any]) -> str:
                 f"{ms('decode_s')} | {ms('add_to_s')} | {r['encdec_vs_topk']:.3f} | "
                 f"{r['pipeline_vs_topk']:.2f} |"
             )
+    tk = sec.get("topk", {})
+    if tk:
+        lines += [
+            "",
+            "## 5. Top-k selection vs one memory pass (ms, median over interleaved repeats; Gaussian float32)",
+            "",
+            "`TopK(frac)(v)` is the whole compressor call (selection + values); the torch.topk path is the selection "
+            "it replaced (torch.topk on |v|, sorted positions, values); `v.abs().sum()` is one pass over the vector "
+            "(at 0.27M it runs from cache, so that ratio is for reference only).",
+            "",
+            "| size, fraction | k | abs().sum() | TopK compressor | torch.topk path | TopK / pass | torch.topk / pass | "
+            "speed-up | same set |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key, r in tk.items():
+            ms = lambda s: _fmt(r[s]["median"] * 1e3, 2)  # noqa: E731
+            lines.append(
+                f"| {key.replace('|', ', ')} | {r['k']} | {ms('abs_sum_pass_s')} | {ms('topk_s')} | "
+                f"{ms('torch_topk_path_s')} | {r['topk_vs_pass']:.2f} | {r['torch_topk_vs_pass']:.2f} | "
+                f"{r['speedup_vs_torch_topk']:.1f}x | {'yes' if r['same_set_as_torch_topk'] else 'no'} |"
+            )
     da = sec.get("data", {})
     if da:
         lines += [
             "",
-            "## 5. Data path (batch 32, per second, median)",
+            "## 6. Data path (batch 32, per second, median)",
             "",
             "| model | training.node_batch | data.NodeData.next_batch | model steps (fwd+bwd) | loader share of a "
             "step |",
@@ -842,7 +929,7 @@ def growth(scale: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-SECTIONS = ("wire", "codec", "data", "overhead", "scale", "ray")
+SECTIONS = ("wire", "codec", "topk", "data", "overhead", "scale", "ray")
 STATUS_NAME = "bench.status.json"
 
 
@@ -876,6 +963,11 @@ def run_bench(args) -> dict[str, Any]:
         starting("codec")
         sections["codec"] = section_codec(
             {"0.27M": 269_722, "11M": 11_000_000}, {"0.27M": 9 if quick else 21, "11M": 3 if quick else 7}, log
+        )
+    if "topk" in parts:
+        starting("topk")
+        sections["topk"] = section_topk(
+            {"11M": 11_000_000, "0.27M": 269_722}, {"11M": 3 if quick else 9, "0.27M": 9 if quick else 31}, log
         )
     if "data" in parts:
         starting("data")
@@ -958,7 +1050,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="performance and scale benchmarks -> results/bench.json, bench.md")
     p.add_argument("--quick", action="store_true", help="fewer repeats and rounds, nodes 16 and 64 (a few minutes)")
     p.add_argument("--out-dir", default="results", help="where bench.json and bench.md go")
-    p.add_argument("--only", default="", help="comma list of sections: wire,codec,data,overhead,scale,ray")
+    p.add_argument("--only", default="", help="comma list of sections: wire,codec,topk,data,overhead,scale,ray")
     p.add_argument("--nodes", default="", help="node counts of the scale ladder (default 16,64,256,1000; quick 16,64)")
     p.add_argument("--dataset", default="fashion_mnist", help="data set of the Flower runs and the data section")
     p.add_argument("--local-steps", type=int, default=2, help="local SGD steps per round in the Flower runs")

@@ -41,6 +41,14 @@ def test_codec_section_runs_on_tiny_sizes():
     assert row["k"] == 200 and row["encdec_vs_topk"] > 0 and row["topk_s"]["n"] == 2
 
 
+def test_topk_section_runs_on_tiny_sizes():
+    out = bench.section_topk({"tiny": 20_000}, {"tiny": 2}, lambda s: None, fractions=(0.01,))
+    row = out["tiny|0.01"]
+    assert row["k"] == 200 and row["topk_s"]["n"] == 2 and row["abs_sum_pass_s"]["n"] == 2
+    assert row["topk_vs_pass"] > 0 and row["torch_topk_vs_pass"] > 0
+    assert row["same_set_as_torch_topk"]  # Gaussian: no tie at the cut, so the old and the new path agree
+
+
 def test_growth_and_report_have_the_required_keys(tmp_path):
     sc = {
         "16": {
@@ -72,6 +80,7 @@ def test_growth_and_report_have_the_required_keys(tmp_path):
         "growth": g,
         "wire": bench.section_wire({"resnet20_update": v}, lambda s: None),
         "codec": bench.section_codec({"0.27M": 3000, "11M": 4000}, {"0.27M": 1, "11M": 1}, lambda s: None),
+        "topk": bench.section_topk({"0.27M": 3000, "11M": 20_000}, {"0.27M": 1, "11M": 1}, lambda s: None),
         "overhead": {
             "cnn_16": {
                 "ratio": 1.1,
@@ -89,9 +98,12 @@ def test_growth_and_report_have_the_required_keys(tmp_path):
     assert rep["max_nodes_run"] == 64 and rep["peak_mem_gib_at_max_nodes"] == 2.0
     assert {"cores", "memory_gib", "torch"} <= set(rep["machine"])
     assert np.isfinite(rep["entropy_ratio_topk_0.01"]) and np.isfinite(rep["codec_vs_topk_ratio_11M"])
+    per_fraction = [rep[f"topk_vs_memory_pass_ratio_11M_{f:g}"] for f in bench.FRACTIONS]
+    assert rep["topk_vs_memory_pass_ratio_11M"] == max(per_fraction) > 0
     json.loads(json.dumps(rep, default=float))  # serializable
     md = bench.render_md(rep)
     assert "| goal | target | measured | met |" in md and "1,000 virtual nodes" in md
+    assert "TopK compressor / one abs().sum() pass, 11M" in md and "## 5. Top-k selection" in md
 
 
 def test_register_adds_the_bench_subcommand():
@@ -150,3 +162,7 @@ def test_an_only_run_refreshes_its_sections_and_keeps_the_others():
     assert merged["flower_overhead_ratio_cnn_16"] == 1.4  # the section not run is kept, with its headline key
     assert merged["section_runs"]["codec"]["command"] == "sparsepush bench --only codec"
     assert merged["section_runs"]["overhead"]["command"] == "sparsepush bench"
+    assert math.isnan(merged["topk_vs_memory_pass_ratio_11M"])  # no topk section in either run: n/a, not an error
+    assert "| TopK compressor / one abs().sum() pass, 11M (worst of 3 fractions) | <= 5 | n/a | no |" in (
+        bench.render_md(merged | {"sections": {}})
+    )
