@@ -67,6 +67,7 @@ REQUIRED_KEYS = (
     "codec_vs_topk_ratio_0.27M",
     "codec_vs_topk_ratio_11M",
     "topk_vs_memory_pass_ratio_11M",
+    "scale_per_node_ratio_1000_vs_16",
     "ray_cluster_nodes_used",
     "ray_cluster_metrics_equal",
     "machine",
@@ -318,6 +319,16 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             return r
 
         s.configure_train, s.aggregate_train = configure_train, aggregate_train
+        if spec.get("linear"):  # the ServerApp polls for replies at an interval that grows with the node count
+            from flower_sparsepush.linkstate import scale_pull_interval
+
+            st = s.start
+
+            def start(grid, *a, **k):
+                scale_pull_interval(grid, c["num-nodes"])
+                return st(grid, *a, **k)
+
+            s.start = start
         return s
 
     server_app.build_strategy = timed_strategy
@@ -326,14 +337,21 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
         "init_args": {"log_to_driver": False, "logging_level": "ERROR", "num_cpus": spec.get("ray_cpus", 2)},
     }
+    import contextlib
+
+    from flower_sparsepush.linkstate import indexed_message_lookup
+
+    # scale runs: Flower's link state finds each node's messages through an index (linkstate.py), not a scan
+    lookup = indexed_message_lookup() if spec.get("linear") else contextlib.nullcontext()
     t0 = time.perf_counter()
-    run_simulation(
-        server_app.make_server_app(cfg),
-        make_client_app(cfg),
-        num_supernodes=cfg["num-nodes"],
-        backend_config=backend,
-        verbose_logging=False,
-    )
+    with lookup:
+        run_simulation(
+            server_app.make_server_app(cfg),
+            make_client_app(cfg),
+            num_supernodes=cfg["num-nodes"],
+            backend_config=backend,
+            verbose_logging=False,
+        )
     total = time.perf_counter() - t0
     summary = Path(cfg["out-dir"], cfg["run-name"], "summary.json")
     if not summary.exists() or len(starts) != cfg["num-rounds"]:
@@ -392,12 +410,32 @@ def section_overhead(cases, rounds: int, local_steps: int, dataset: str, mem_lim
     return out
 
 
-def section_scale(ladder, rounds: int, local_steps: int, dataset: str, mem_limit: float, log, timeout: float):
-    """Small CNN through Flower (two actors, one CPU each) at growing node counts; stops at the first failure."""
+SCALE_MODELS = ("cnn", "mlp", "logreg")
+
+
+def section_scale(
+    ladder,
+    rounds: int,
+    local_steps: int,
+    dataset: str,
+    mem_limit: float,
+    log,
+    timeout: float,
+    model: str = "cnn",
+    linear: bool = True,
+):
+    """``model`` through Flower (two actors, one CPU each) at growing node counts; stops at the first failure.
+
+    With ``linear`` (the default) the runs use what keeps a round O(N) on Flower's simulation engine
+    (linkstate.py: indexed message lookup, reply polling scaled to the node count); ``linear=False`` measures
+    Flower's engine as it comes. Each row has ``s_per_node_round`` (median seconds per round / nodes)."""
+    if model not in SCALE_MODELS:
+        raise ValueError(f"scale model {model!r}: one of {', '.join(SCALE_MODELS)}")
     out = {}
     for nodes in ladder:
         spec = {
-            "model": "cnn",
+            "linear": linear,
+            "model": model,
             "nodes": nodes,
             "rounds": rounds,
             "local_steps": local_steps,
@@ -409,6 +447,8 @@ def section_scale(ladder, rounds: int, local_steps: int, dataset: str, mem_limit
         res = run_worker(spec, mem_limit, timeout)
         row = {
             "ok": res["ok"],
+            "model": model,
+            "linear": linear,
             "s_per_round": _per_round(res),
             "peak_rss_gib": res["peak_rss_gib"],
             "peak_pss_gib": res["peak_pss_gib"],
@@ -420,11 +460,13 @@ def section_scale(ladder, rounds: int, local_steps: int, dataset: str, mem_limit
             "timed_out": res["timed_out"],
             "load_after": loadavg(),
         }
+        row["s_per_node_round"] = row["s_per_round"]["median"] / nodes if row["s_per_round"]["n"] else float("nan")
         if not res["ok"]:
             row["log_tail"] = res.get("log_tail", "")
         out[str(nodes)] = row
         log(
-            f"scale {nodes} nodes: ok={row['ok']} {row['s_per_round']['median']:.2f} s/round, peak PSS "
+            f"scale {model} {nodes} nodes: ok={row['ok']} {row['s_per_round']['median']:.2f} s/round "
+            f"({1000 * row['s_per_node_round']:.1f} ms per node), peak PSS "
             f"{row['peak_pss_gib']:.2f} GiB (RSS sum {row['peak_rss_gib']:.2f} GiB), wall {row['wall_s']:.0f} s"
         )
         if not res["ok"]:
@@ -697,6 +739,8 @@ def assemble(
     rep["max_nodes_run"] = max(ok) if ok else 0
     rep["peak_mem_gib_at_max_nodes"] = sc[str(max(ok))]["peak_pss_gib"] if ok else nan
     rep["peak_rss_sum_gib_at_max_nodes"] = sc[str(max(ok))]["peak_rss_gib"] if ok else nan
+    rep["scale_model"] = sc[str(max(ok))].get("model", "cnn") if ok else None
+    rep["scale_per_node_ratio_1000_vs_16"] = per_node_ratio(sc, 1000, 16)
     for frac in FRACTIONS:
         rep[f"entropy_ratio_topk_{frac:g}"] = wi.get(f"resnet20_update|topk:{frac:g}", {}).get("ratio", nan)
         rep[f"entropy_ratio_topk_{frac:g}_q4"] = wi.get(f"resnet20_update|topk:{frac:g}+q:4", {}).get("ratio", nan)
@@ -739,6 +783,18 @@ def render_md(rep: dict[str, Any]) -> str:
             ">= 1000",
             rep["max_nodes_run"],
             rep["max_nodes_run"] >= 1000,
+        ),
+        (
+            "Seconds per node per round, 1,000 nodes / 16 nodes (a round linear in the node count: 1)",
+            "<= 1.3",
+            rep.get("scale_per_node_ratio_1000_vs_16", float("nan")),
+            rep.get("scale_per_node_ratio_1000_vs_16", float("nan")) <= 1.3,
+        ),
+        (
+            f"10,000 virtual nodes run ({rep.get('scale_model') or 'small model'}), peak memory (PSS) <= 20 GiB",
+            ">= 10000, <= 20 GiB",
+            f"{rep['max_nodes_run']}, {_fmt(rep['peak_mem_gib_at_max_nodes'], 2)} GiB",
+            rep["max_nodes_run"] >= 10000 and rep["peak_mem_gib_at_max_nodes"] <= 20,
         ),
         ("Wire bits / entropy bound, top-10/1/0.1% (worst)", "<= 1.10", entropy_max, entropy_max <= 1.10),
         (
@@ -804,18 +860,20 @@ def render_md(rep: dict[str, Any]) -> str:
     if sc:
         lines += [
             "",
-            "## 2. Scale (small CNN through Flower, 2 actors)",
+            f"## 2. Scale ({_scale_title(sc)} through Flower, 2 actors)",
             "",
-            "| nodes | ran | s/round median [min, max] | peak PSS GiB (tree) | peak RSS sum GiB | processes | "
-            "start-up s | wall s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| nodes | ran | s/round median [min, max] | ms per node per round | peak PSS GiB (tree) | "
+            "peak RSS sum GiB | processes | start-up s | wall s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for n, r in sc.items():
             s = r["s_per_round"]
+            per_node = s["median"] / int(n) * 1000 if s.get("n") else float("nan")
             lines.append(
                 f"| {n} | {'yes' if r['ok'] else 'no'} | {_fmt(s['median'], 2)} [{_fmt(s['min'], 2)}, "
-                f"{_fmt(s['max'], 2)}] | {_fmt(r['peak_pss_gib'], 2)} | {_fmt(r['peak_rss_gib'], 2)} | "
-                f"{r['peak_processes']} | {_fmt(r['startup_s'], 1)} | {_fmt(r['wall_s'], 0)} |"
+                f"{_fmt(s['max'], 2)}] | {_fmt(per_node, 1)} | {_fmt(r['peak_pss_gib'], 2)} | "
+                f"{_fmt(r['peak_rss_gib'], 2)} | {r['peak_processes']} | {_fmt(r['startup_s'], 1)} | "
+                f"{_fmt(r['wall_s'], 0)} |"
             )
         if "growth" in sec:
             g = sec["growth"]
@@ -915,6 +973,25 @@ def render_md(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _scale_title(sc: dict[str, Any]) -> str:
+    """``small CNN`` / ``logreg`` ..., and whether Flower's engine ran as it comes (rows from before the model and
+    the linear switch were recorded are the small CNN, as it comes)."""
+    rows = list(sc.values())
+    model = rows[0].get("model", "cnn") if rows else "cnn"
+    name = "small CNN" if model == "cnn" else model
+    linear = rows[0].get("linear", False) if rows else False
+    return f"{name}, {'indexed message lookup (linkstate.py)' if linear else 'Flower engine as it comes'}"
+
+
+def per_node_ratio(scale: dict[str, Any], big: int, small: int) -> float:
+    """Seconds per node per round at ``big`` nodes / at ``small`` nodes (1.0: a round is linear in the node count);
+    NaN unless both ran."""
+    a, b = scale.get(str(small), {}), scale.get(str(big), {})
+    if not (a.get("ok") and b.get("ok")):
+        return float("nan")
+    return (b["s_per_round"]["median"] / big) / (a["s_per_round"]["median"] / small)
+
+
 def growth(scale: dict[str, Any]) -> dict[str, Any] | None:
     ok = sorted(int(n) for n, r in scale.items() if r.get("ok"))
     if len(ok) < 2:
@@ -995,6 +1072,8 @@ def run_bench(args) -> dict[str, Any]:
             mem_limit=args.mem_limit_gib,
             log=log,
             timeout=args.run_timeout,
+            model=args.scale_model,
+            linear=not args.scale_flower_as_is,
         )
         g = growth(sections["scale"])
         if g:
@@ -1051,12 +1130,22 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats and rounds, nodes 16 and 64 (a few minutes)")
     p.add_argument("--out-dir", default="results", help="where bench.json and bench.md go")
     p.add_argument("--only", default="", help="comma list of sections: wire,codec,topk,data,overhead,scale,ray")
-    p.add_argument("--nodes", default="", help="node counts of the scale ladder (default 16,64,256,1000; quick 16,64)")
+    p.add_argument(
+        "--nodes", default="", help="node counts of the scale ladder, up to 10000 (default 16,64,256,1000; quick 16,64)"
+    )
     p.add_argument("--dataset", default="fashion_mnist", help="data set of the Flower runs and the data section")
     p.add_argument("--local-steps", type=int, default=2, help="local SGD steps per round in the Flower runs")
     p.add_argument("--resnet64", action="store_true", help="also measure the overhead of ResNet-20 at 64 nodes")
     p.add_argument("--mem-limit-gib", type=float, default=18.0, help="stop a run whose process tree passes this")
     p.add_argument("--run-timeout", type=float, default=1500.0, help="seconds before a scale run is stopped")
+    p.add_argument(
+        "--scale-model", default="cnn", choices=SCALE_MODELS, help="model of the scale runs (logreg/mlp: 10,000 nodes)"
+    )
+    p.add_argument(
+        "--scale-flower-as-is",
+        action="store_true",
+        help="scale runs without linkstate.py's indexed lookup and scaled polling (Flower's engine as it comes)",
+    )
     p.set_defaults(func=cmd_bench)
 
 

@@ -7,6 +7,7 @@ keeps ``1/(d+1)`` of its mass and sends ``1/(d+1)`` to each out-neighbour. No Fl
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -82,12 +83,7 @@ class Graph:
             shifts = [2 ** ((t * self.param + p) % m) for p in range(self.param)]
             return [sorted((i + s) % n for s in shifts) for i in range(n)]
         if k == "random-out":
-            rng = np.random.default_rng([self.seed, t])
-            out = []
-            for i in range(n):
-                others = rng.choice(n - 1, size=self.param, replace=False)
-                out.append(sorted(int(j + (j >= i)) for j in others))
-            return out
+            return [list(o) for o in _random_out_round(n, self.param, self.seed, t)]
         if k == "complete":
             return [[j for j in range(n) if j != i] for i in range(n)]
         if k == "undirected-ring":
@@ -108,6 +104,45 @@ class Graph:
             return out
         raise GraphError(f"unknown graph kind {k!r}")  # unreachable through make_graph
 
+    def out_of(self, t: int, i: int) -> list[int]:
+        """Out-neighbours of node ``i`` in round ``t``: ``out_neighbours(t)[i]`` without building every node's list.
+
+        O(out-degree) for the deterministic graphs (a node computing its own destinations does not pay for all n
+        nodes: at n nodes that would make a round O(n^2)). ``random-out`` draws all nodes' choices from one
+        per-round generator, so its round ``t`` is computed once and kept (:func:`_random_out_round`); ``static``
+        reads its stored edges.
+        """
+        n, k = self.n, self.kind
+        if not 0 <= i < n:
+            raise GraphError(f"node {i} is not in 0..{n - 1}")
+        if k == "static":
+            return list(self.edges[i])
+        if k == "ring":
+            return [(i + 1) % n]
+        if k == "exponential":
+            return [(i + 2 ** (t % _log2_ceil(n))) % n]
+        if k == "exponential-multi":
+            m = _log2_ceil(n)
+            return sorted((i + 2 ** ((t * self.param + p) % m)) % n for p in range(self.param))
+        if k == "random-out":
+            return list(_random_out_round(n, self.param, self.seed, t)[i])
+        if k == "complete":
+            return [j for j in range(n) if j != i]
+        if k == "undirected-ring":
+            return sorted({(i - 1) % n, (i + 1) % n})
+        if k == "torus":
+            rows, cols = torus_shape(n)
+            r, c = divmod(i, cols)
+            nb = {
+                ((r - 1) % rows) * cols + c,
+                ((r + 1) % rows) * cols + c,
+                r * cols + (c - 1) % cols,
+                r * cols + (c + 1) % cols,
+            }
+            nb.discard(i)
+            return sorted(nb)
+        raise GraphError(f"unknown graph kind {k!r}")
+
     def mixing_weights(self, t: int) -> list[float]:
         """The weight ``1/(d_out+1)`` each node gives to itself and to each out-neighbour in round ``t``."""
         return [1.0 / (len(o) + 1) for o in self.out_neighbours(t)]
@@ -122,6 +157,18 @@ class Graph:
                 cols.append(i)
                 vals.append(w)
         return sp.csr_matrix((vals, (rows, cols)), shape=(self.n, self.n))
+
+
+@functools.lru_cache(maxsize=4)
+def _random_out_round(n: int, k: int, seed: int, t: int) -> tuple[tuple[int, ...], ...]:
+    """Every node's ``k`` random out-neighbours in round ``t`` (one generator per round, nodes in order); the last
+    few rounds are kept, so the nodes of a round computed in one process draw them once."""
+    rng = np.random.default_rng([seed, t])
+    out = []
+    for i in range(n):
+        others = rng.choice(n - 1, size=k, replace=False)
+        out.append(tuple(sorted(int(j + (j >= i)) for j in others)))
+    return tuple(out)
 
 
 def _log2_ceil(n: int) -> int:

@@ -104,6 +104,37 @@ def test_growth_and_report_have_the_required_keys(tmp_path):
     md = bench.render_md(rep)
     assert "| goal | target | measured | met |" in md and "1,000 virtual nodes" in md
     assert "TopK compressor / one abs().sum() pass, 11M" in md and "## 5. Top-k selection" in md
+    assert math.isnan(rep["scale_per_node_ratio_1000_vs_16"])  # 1,000 nodes not in this ladder
+    assert "Seconds per node per round, 1,000 nodes / 16 nodes" in md and "10,000 virtual nodes run" in md
+
+
+def test_scale_per_node_ratio_and_scale_options():
+    def row(s_per_round: float, model: str = "logreg") -> dict:
+        return {
+            "ok": True,
+            "model": model,
+            "linear": True,
+            "s_per_round": bench.stats([s_per_round]),
+            "peak_pss_gib": 2.0,
+            "peak_rss_gib": 3.0,
+            "peak_processes": 12,
+            "startup_s": 9.0,
+            "total_s": 20.0,
+            "wall_s": 30.0,
+        }
+
+    sc = {"16": row(0.32), "1000": row(25.0)}
+    assert math.isclose(bench.per_node_ratio(sc, 1000, 16), (25.0 / 1000) / (0.32 / 16))
+    assert math.isnan(bench.per_node_ratio({"16": row(0.32)}, 1000, 16))
+    rep = bench.assemble({"scale": sc}, bench.machine_info(), "c", "full", {"before": [0.0], "after": [0.0]})
+    assert math.isclose(rep["scale_per_node_ratio_1000_vs_16"], 1.25) and rep["scale_model"] == "logreg"
+    md = bench.render_md(rep | {"flower_overhead_ratio_resnet20_16": float("nan")})
+    assert "## 2. Scale (logreg, indexed message lookup (linkstate.py) through Flower, 2 actors)" in md
+    assert "| 1000 | yes | 25.00 [25.00, 25.00] | 25.0 |" in md
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--only", "scale", "--scale-model", "mlp", "--nodes", "16,10000"])
+    assert args.scale_model == "mlp" and not args.scale_flower_as_is and args.nodes == "16,10000"
 
 
 def test_register_adds_the_bench_subcommand():

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from flower_sparsepush import topology
 from flower_sparsepush.topology import Graph, GraphError, check_strongly_connected, make_graph, torus_shape
 
 ALL_SPECS = ["ring", "exponential", "exponential-multi:2", "random-out:2", "complete", "undirected-ring", "torus"]
@@ -108,3 +109,44 @@ def test_static_graph_rejects_self_loops_and_out_of_range():
         Graph.static([[0], [0]])
     with pytest.raises(GraphError, match="node 1"):
         Graph.static([[1], [5]])
+
+
+@pytest.mark.parametrize(
+    "spec,n",
+    [
+        ("ring", 7),
+        ("exponential", 13),
+        ("exponential-multi:2", 16),
+        ("random-out:3", 11),
+        ("complete", 5),
+        ("undirected-ring", 6),
+        ("torus", 12),
+    ],
+)
+def test_out_of_is_the_row_of_out_neighbours(spec, n):
+    g = make_graph(spec, n, seed=3)
+    for t in range(6):
+        rows = g.out_neighbours(t)
+        assert [g.out_of(t, i) for i in range(n)] == rows
+    s = Graph.static([[1, 2], [0], [1]])
+    assert [s.out_of(0, i) for i in range(3)] == s.out_neighbours(0)
+
+
+def test_out_of_does_not_build_every_nodes_list(monkeypatch):
+    """One node's destinations cost O(out-degree): no call of out_neighbours, and random-out draws a round once."""
+    calls = {"rows": 0, "draws": 0}
+    monkeypatch.setattr(Graph, "out_neighbours", lambda self, t: calls.__setitem__("rows", calls["rows"] + 1))
+    for spec in ("ring", "exponential", "exponential-multi:3", "undirected-ring", "torus"):
+        g = make_graph(spec, 10_000)
+        assert len(g.out_of(5, 9_999)) >= 1
+    assert calls["rows"] == 0
+    real = np.random.default_rng
+
+    def counting(*a, **k):
+        calls["draws"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(topology.np.random, "default_rng", counting)
+    g = make_graph("random-out:2", 50, seed=11)
+    [g.out_of(t, i) for t in (100, 101) for i in range(50)]
+    assert calls["draws"] == 2  # one generator per round, not one per node
