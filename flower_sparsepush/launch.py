@@ -6,7 +6,8 @@
   ``flwr run . sparsepush --stream --run-config ... --federation-config "num-supernodes=N client-resources-num-cpus=1"``
   and always stops the SuperLink (its whole process group) at the end, also on errors and Ctrl-C.
 - :func:`simulate` (used by the tests): ``flwr.simulation.run_simulation`` with apps built around an explicit run
-  config (deprecated in Flower 1.42 but works; no SuperLink, no subprocesses).
+  config (deprecated in Flower 1.42 but works; no SuperLink, no subprocesses), with the link state's per-node
+  message index of :mod:`flower_sparsepush.linkstate` (a round stays linear in the node count).
 
 The run config is validated before anything starts, so a bad value never reaches Ray.
 """
@@ -68,15 +69,18 @@ def simulate(raw_cfg: dict[str, Any], verbose: bool = False, client_mods: list |
     from flower_sparsepush.results import run_dir
     from flower_sparsepush.server_app import make_server_app
 
+    from flower_sparsepush.linkstate import indexed_message_lookup
+
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(
-        make_server_app(cfg),
-        make_client_app(cfg, mods=client_mods),
-        num_supernodes=cfg["num-nodes"],
-        backend_config=BACKEND_CONFIG,
-        verbose_logging=False,
-    )
+    with indexed_message_lookup():  # a node's messages found through an index, not a scan (linkstate.py)
+        run_simulation(
+            make_server_app(cfg),
+            make_client_app(cfg, mods=client_mods),
+            num_supernodes=cfg["num-nodes"],
+            backend_config=BACKEND_CONFIG,
+            verbose_logging=False,
+        )
     out = run_dir(cfg)
     if not (out / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without results in {out} (see the log above)")
