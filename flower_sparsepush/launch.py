@@ -66,10 +66,9 @@ def simulate(raw_cfg: dict[str, Any], verbose: bool = False, client_mods: list |
     from flwr.simulation import run_simulation
 
     from flower_sparsepush.client_app import make_client_app
+    from flower_sparsepush.linkstate import indexed_message_lookup
     from flower_sparsepush.results import run_dir
     from flower_sparsepush.server_app import make_server_app
-
-    from flower_sparsepush.linkstate import indexed_message_lookup
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
