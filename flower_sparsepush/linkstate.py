@@ -29,6 +29,7 @@ import threading
 from collections.abc import Iterator
 
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+from flwr.supercore.date import now
 
 _INDEX = "_sparsepush_pending"  # on the link state: (generation, {dst node id: {message id: None}} (ordered))
 _active = 0
@@ -65,7 +66,9 @@ def _get_message_ins(self: InMemoryLinkState, node_id: int, limit: int | None, *
     found = []
     with self.lock:
         ids = _pending(self).get(node_id)
-        for msg_id in list(ids or ()):
+        if not ids:  # the common case in a sweep over all nodes: nothing pending for this one
+            return found
+        for msg_id in list(ids):
             self._check_stored_messages({msg_id})
             msg = self.message_ins_store.get(msg_id)
             if msg is None or msg.metadata.delivered_at != "" or msg.metadata.dst_node_id != node_id:
@@ -76,13 +79,12 @@ def _get_message_ins(self: InMemoryLinkState, node_id: int, limit: int | None, *
                 ids.pop(msg_id, None)
             if limit and len(found) == limit:
                 break
-        if ids is not None and not ids:
+        if not ids:
             _pending(self).pop(node_id, None)
-    from flwr.supercore.date import now
-
-    delivered_at = now().isoformat()
-    for msg in found:
-        msg.metadata.delivered_at = delivered_at
+    if found:
+        delivered_at = now().isoformat()
+        for msg in found:
+            msg.metadata.delivered_at = delivered_at
     return found
 
 
