@@ -1,18 +1,20 @@
 """Flower ClientApp (Message API): each virtual client is one push-sum node (node id = partition id).
 
-- ``query``: answers its ``partition-id`` (the ServerApp learns node id -> partition id before round 1).
-- ``train`` (sgp / sparse-push): takes back the mass of its bounced messages (``inbox.bounced``; router.py),
-  absorbs the packed inbox (each frame's sender is the one the router names; a message that says otherwise is
-  rejected), runs the local SGD steps and replies with its outgoing encoded push-sum messages (one frame per
-  out-neighbour), the positions of the inbox messages it rejected (the server bounces them to their senders) and
-  metrics. The work is :func:`training.node_round`,
-  the same function the in-process loop runs.
+- ``query``: answers its ``partition-id`` (the ServerApp learns node id -> partition id, also of a SuperNode that
+  reconnects mid-run).
+- ``train`` (sgp / sparse-push / scsp): loads the node's state, does the node's round
+  (:func:`training.node_round`, the function the in-process loop runs: bounces back, inbox absorbed, local SGD,
+  messages out), keeps the state and replies with its messages (protocol.py has the records).
 - ``train`` (fedavg): local SGD steps from the received global model, replies the model and ``num-examples``.
 - ``evaluate``: accuracy/loss of the node's de-biased model z on the test set (its first ``eval-node-samples``
   samples), and z itself so the ServerApp computes the consensus model and the consensus distance.
 
-Push-sum state lives in ``context.state`` as one ArrayRecord (x, momentum, error memory, per-edge references)
-and one ConfigRecord (y); it is pickled with every message, so nothing else is kept there.
+Node state lives in the node store (store.py: one file per node where the node runs; ``context.state`` keeps only
+its :class:`~flower_sparsepush.store.Stamp`), or, with ``node-store=context``, whole in ``context.state``.
+
+A node keeps each outbox until the relay acknowledges it (``acked`` in the next train message), and resends the
+unacknowledged ones with its next reply: a reply lost on the way loses no mass. Frames handed to it again after a
+lost reply are absorbed only if the node had not finished that round.
 """
 
 from __future__ import annotations
@@ -24,53 +26,88 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flower_sparsepush import protocol, training
+from flower_sparsepush.codec import decode
 from flower_sparsepush.config import validate
-from flower_sparsepush.pushsum import NodeState
-from flower_sparsepush.strategies.routing import pack_frames, unpack_frames
-from flower_sparsepush.training import absorb_bounces, evaluate, get_setup, init_state, local_sgd, node_round
+from flower_sparsepush.node import state_from_flat, state_to_flat
+from flower_sparsepush.store import CONTEXT, NodeStore, Stamp, StoreError
 
-STATE_ARRAYS = "ps"
-STATE_META = "ps-meta"
-
-
-def _np(t: torch.Tensor) -> Array:
-    return Array(t.detach().cpu().numpy())
+STAMP = "ps-stamp"  # context.state: the Stamp of the node's stored state
+STATE = "ps-state"  # context.state with node-store=context: the flat state itself
+SNAPSHOT = "ps-snap"  # context.state with node-store=context: the last checkpoint copy
 
 
-def save_state(context: Context, state: NodeState) -> None:
-    arrays = {"x": _np(state.x)}
-    if state.momentum is not None:
-        arrays["m"] = _np(state.momentum)
-    if state.error is not None:
-        arrays["e"] = _np(state.error)
-    if state.anchor is not None:
-        arrays["a"] = _np(state.anchor)
-    for j, ref in state.refs_out.items():
-        arrays[f"ro.{j}"] = _np(ref)
-    for j, ref in state.refs_in.items():
-        arrays[f"ri.{j}"] = _np(ref)
-    context.state[STATE_ARRAYS] = ArrayRecord(arrays)
-    context.state[STATE_META] = ConfigRecord({"y": float(state.y)})
+class NodeHolder:
+    """Where one node's flat state is kept between messages: the node store, or ``context.state``."""
+
+    def __init__(self, context: Context, cfg: dict, node: int, token: str) -> None:
+        self.context, self.node, self.token = context, node, token
+        self.in_context = cfg["node-store"] == CONTEXT
+        self.store = None if self.in_context else NodeStore(cfg["node-store"] or None, token)
+
+    def stamp(self) -> Stamp | None:
+        rec = self.context.state.get(STAMP)
+        if rec is None or rec["token"] != self.token:
+            return None  # a new run, or a SuperNode that restarted: the store decides
+        return Stamp(rec["token"], int(rec["node"]), int(rec["round"]), int(rec["checksum"]))
+
+    def load(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """(last finished round, flat state), or None for a node that has no state yet."""
+        if self.in_context:
+            if STATE not in self.context.state or self.stamp() is None:
+                return None
+            rec = self.context.state[STATE]
+            return self.stamp().round, {k: torch.from_numpy(np.array(rec[k].numpy())) for k in rec}
+        hit = self.store.load(self.node, self.stamp())
+        return None if hit is None else (hit[0].round, hit[1])
+
+    def save(self, rnd: int, flat: dict[str, torch.Tensor], snapshot: bool) -> None:
+        if self.in_context:
+            rec = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in flat.items()})
+            self.context.state[STATE] = rec
+            if snapshot:
+                self.context.state[SNAPSHOT] = ArrayRecord(dict(rec.items()))
+                self.context.state[SNAPSHOT + "-round"] = ConfigRecord({"round": rnd})
+            stamp = Stamp(self.token, self.node, rnd, 0)
+        else:
+            stamp = self.store.save(self.node, rnd, flat)
+            if snapshot:
+                self.store.snapshot(self.node, rnd + 1)
+        self.context.state[STAMP] = ConfigRecord(
+            {"token": stamp.token, "node": stamp.node, "round": stamp.round, "checksum": stamp.checksum}
+        )
+
+    def restore(self, checkpoint: int) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """Go back to the copy kept after round ``checkpoint - 1`` (a resumed run). None: the node had no state."""
+        if self.in_context:
+            raise StoreError("a resumed run needs node-store to be a folder: context.state does not outlive a run")
+        if checkpoint == 0:
+            return None
+        stamp, flat = self.store.restore(self.node, checkpoint)
+        self.context.state[STAMP] = ConfigRecord(
+            {"token": stamp.token, "node": stamp.node, "round": stamp.round, "checksum": stamp.checksum}
+        )
+        return stamp.round, flat
 
 
-def load_state(context: Context) -> NodeState | None:
-    if STATE_ARRAYS not in context.state:
-        return None
-    arr = context.state[STATE_ARRAYS]
+def split(flat: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, protocol.Frames]]:
+    """A stored flat dict -> (node state part, pending outboxes by round)."""
+    pending = {int(k[4:]): protocol.unpack_frames(v.numpy().tobytes()) for k, v in flat.items() if k[:4] == "out."}
+    return {k: v for k, v in flat.items() if k[:4] != "out."}, pending
 
-    def t(key: str) -> torch.Tensor:
-        return torch.from_numpy(np.array(arr[key].numpy()))
 
-    state = NodeState(x=t("x"), y=float(context.state[STATE_META]["y"]))
-    state.momentum = t("m") if "m" in arr else None
-    state.error = t("e") if "e" in arr else None
-    state.anchor = t("a") if "a" in arr else None
-    for key in arr:
-        if key.startswith("ro."):
-            state.refs_out[int(key[3:])] = t(key)
-        elif key.startswith("ri."):
-            state.refs_in[int(key[3:])] = t(key)
-    return state
+def join(state_flat: dict[str, torch.Tensor], pending: dict[int, protocol.Frames]) -> dict[str, torch.Tensor]:
+    out = dict(state_flat)
+    for r, frames in pending.items():
+        buf = protocol.pack_frames(frames)
+        out[f"out.{r}"] = (
+            torch.frombuffer(bytearray(buf), dtype=torch.uint8) if buf else torch.zeros(0, dtype=torch.uint8)
+        )
+    return out
+
+
+def pending_weight(pending: dict[int, protocol.Frames]) -> float:
+    return float(sum(decode(d).y for frames in pending.values() for _, d in frames))
 
 
 def make_client_app(run_config: dict | None = None, mods: list | None = None) -> ClientApp:
@@ -93,72 +130,74 @@ def make_client_app(run_config: dict | None = None, mods: list | None = None) ->
     def node_id(context: Context) -> int:
         return int(context.node_config["partition-id"])
 
+    def open_node(holder: NodeHolder, setup, restore: int):
+        """(state, pending outboxes, last finished round) of the node, after a restore when asked."""
+        got = holder.restore(restore) if restore >= 0 else holder.load()
+        if got is None:
+            return training.init_state(setup), {}, -1
+        done, flat = got
+        state_flat, pending = split(flat)
+        return state_from_flat(state_flat), pending, done
+
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return Message(RecordDict({"info": ConfigRecord({"partition-id": node_id(context)})}), reply_to=msg)
+        return Message(protocol.query_reply_content(node_id(context)), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         setup_threads()
         cfg = cfg_of(context)
-        setup = get_setup(cfg)
+        setup = training.get_setup(cfg)
         node = node_id(context)
         if cfg["strategy"] == "fedavg":
-            z = torch.from_numpy(np.array(msg.content["arrays"]["z"].numpy()))
-            rnd = int(msg.content["config"]["server-round"]) - 1
-            mom = torch.from_numpy(np.array(context.state["m"]["m"].numpy())) if "m" in context.state else None
-            z_new, mom, loss = local_sgd(setup, z, mom, node, rnd)
-            if mom is not None:
-                context.state["m"] = ArrayRecord({"m": _np(mom)})
-            return Message(
-                RecordDict(
-                    {
-                        "arrays": ArrayRecord({"z": _np(z_new)}),
-                        "metrics": MetricRecord({"num-examples": len(setup.shards[node][1]), "train_loss": loss}),
-                    }
-                ),
-                reply_to=msg,
-            )
-        state = load_state(context) or init_state(setup)
-        rnd = int(msg.content["config"]["round"])
-        box = msg.content["inbox"]
-        inbox = unpack_frames(box["frames"])  # (sender, bytes): the sender is the router's, not the message's
-        bounced = unpack_frames(box["bounced"]) if "bounced" in box else []
-        absorb_bounces(setup, state, node, rnd, bounced)  # before node_round absorbs the inbox, as in-process
-        res = node_round(setup, state, node, rnd, inbox)
-        save_state(context, state)
-        refused = np.array([r.index for r in res.rejected], dtype="<u4").tobytes()  # the server bounces them
+            return fedavg_train(msg, context, cfg, setup, node)
+        order = protocol.read_train(msg.content)
+        holder = NodeHolder(context, cfg, node, order.token or "run")
+        state, pending, done = open_node(holder, setup, order.restore)
+        t = order.round
+        if t <= done:
+            raise RuntimeError(f"node {node} was asked for round {t} but has already finished round {done}")
+        pending = {r: f for r, f in pending.items() if r > order.acked}  # the relay routed those
+        # what was handed again after a lost reply counts first (positions), absorbed only for unfinished rounds
+        groups = [*order.redo, (t, order.inbox)]
+        handed = [(r, f) for r, frames in groups for f in frames]
+        keep = [i for i, (r, _) in enumerate(handed) if r > done]
+        bounced = [f for r, frames in [*order.redo_bounced, (t, order.bounced)] if r > done for f in frames]
+        res = training.node_round(setup, state, node, t, [handed[i][1] for i in keep], bounced)
+        refused = [keep[r.index] for r in res.rejected]
+        resent = sorted(pending.items())
+        pending[t] = sorted(res.messages.items())
+        holder.save(t, join(state_to_flat(state), pending), order.snapshot)
+        content = protocol.train_reply_content(t, pending[t], refused, resent, res.loss, state.y)
+        return Message(content, reply_to=msg)
+
+    def fedavg_train(msg: Message, context: Context, cfg: dict, setup, node: int) -> Message:
+        z = torch.from_numpy(np.array(msg.content["arrays"]["z"].numpy()))
+        rnd = protocol.core_round(int(msg.content["config"]["server-round"]))
+        holder = NodeHolder(context, cfg, node, str(msg.content["config"].get("token", "fedavg")))
+        got = holder.load()
+        mom = got[1]["m"] if got is not None and "m" in got[1] else None
+        z_new, mom, loss = training.local_sgd(setup, z, mom, node, rnd)
+        if mom is not None:
+            holder.save(rnd, {"m": mom}, snapshot=False)
+        metrics = MetricRecord({"num-examples": len(setup.shards[node][1]), "train_loss": loss})
         return Message(
-            RecordDict(
-                {
-                    "out": ConfigRecord(
-                        {"round": rnd, "frames": pack_frames(sorted(res.messages.items())), "rejected": refused}
-                    ),
-                    "metrics": MetricRecord(
-                        {"train_loss": res.loss, "rejected": len(res.rejected), "y": float(state.y)}
-                    ),
-                }
-            ),
-            reply_to=msg,
+            RecordDict({"arrays": ArrayRecord({"z": Array(z_new.numpy())}), "metrics": metrics}), reply_to=msg
         )
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         setup_threads()
         cfg = cfg_of(context)
-        setup = get_setup(cfg)
-        state = load_state(context) or init_state(setup)
+        setup = training.get_setup(cfg)
+        conf = msg.content[protocol.CONFIG]
+        holder = NodeHolder(context, cfg, node_id(context), str(conf.get("token", "run")))
+        state, pending, done = open_node(holder, setup, int(conf.get("restore", -1)))
+        pending = {r: f for r, f in pending.items() if r > int(conf.get("acked", -1))}  # routed ones are in mailboxes
         z = state.z.to(torch.float32)
-        acc, loss = evaluate(setup, z, cfg["eval-node-samples"])
-        return Message(
-            RecordDict(
-                {
-                    "model": ArrayRecord({"z": _np(z)}),
-                    "metrics": MetricRecord({"acc": acc, "loss": loss, "y": float(state.y)}),
-                }
-            ),
-            reply_to=msg,
-        )
+        acc, loss = training.evaluate(setup, z, cfg["eval-node-samples"])
+        content = protocol.eval_reply_content(z.numpy(), acc, loss, state.y, pending_weight(pending), done)
+        return Message(content, reply_to=msg)
 
     return app
 

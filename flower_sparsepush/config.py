@@ -148,12 +148,17 @@ KEYS: dict[str, Key] = {
     "checkpoint-every": Key(
         0,
         int,
-        "in-process loop: write <out-dir>/<run-name>/checkpoint.pt every this many rounds (0 = never)",
+        "write <out-dir>/<run-name>/checkpoint.pt every this many rounds (0 = never); on Flower the nodes keep "
+        "their copy in the node store",
         0,
         10_000_000,
     ),
-    "resume": Key(
-        False, bool, "in-process loop: continue from <out-dir>/<run-name>/checkpoint.pt (from round 0 if there is none)"
+    "resume": Key(False, bool, "continue from <out-dir>/<run-name>/checkpoint.pt (from round 0 if there is none)"),
+    "node-store": Key(
+        "",
+        str,
+        "Flower path: folder of the nodes' state files ('' = $SPARSEPUSH_NODE_STORE or "
+        "~/.cache/flower_sparsepush/node-store; 'context' = keep node state in Flower's context.state)",
     ),
 }
 
@@ -381,8 +386,7 @@ def preflight(cfg: dict[str, Any], flower: bool = False) -> None:
       of parameters ``d`` (a fraction is always within (0, d]);
     - the dataset's files are present (``data.find_data``); a ``hf:`` dataset loads, with its columns;
     - the results folder ``<out-dir>/<run-name>`` can be created or written (nothing is created here);
-    - with ``flower``: no ``checkpoint-every`` / ``resume`` (node states live in the ClientApps' context.state;
-      checkpoints are implemented for the in-process loop only).
+    - with ``flower``: no ``final-merge`` (in-process only), and no checkpoints with ``node-store=context``.
 
     ``sparsepush train``, :func:`launch.simulate` and the ServerApp call it before Ray starts / before any message.
     """
@@ -391,18 +395,18 @@ def preflight(cfg: dict[str, Any], flower: bool = False) -> None:
 
     from flower_sparsepush.topology import GraphError, check_strongly_connected, make_graph
 
-    for key in ("checkpoint-every", "resume", "final-merge") if flower else ():
-        if cfg[key]:
-            hint = (
-                " (strategy scsp turns it on: set final-merge=false on Flower, final-gossip-rounds=N emulates the "
-                "merge by gossip)"
-                if key == "final-merge"
-                else ""
-            )
-            raise ConfigError(
-                f"run-config {key}={cfg[key]!r}: checkpoints, resume and the final merge are implemented for the "
-                f"in-process loop only (python -m flower_sparsepush.training ...; docs/reliability.md){hint}"
-            )
+    if flower and cfg["final-merge"]:
+        raise ConfigError(
+            f"run-config final-merge={cfg['final-merge']!r}: the final merge is implemented for the in-process loop "
+            "only (python -m flower_sparsepush.training ...); strategy scsp turns it on: set final-merge=false on "
+            "Flower, final-gossip-rounds=N emulates the merge by gossip"
+        )
+    if flower and cfg["node-store"] == "context" and (cfg["checkpoint-every"] or cfg["resume"]):
+        key = "checkpoint-every" if cfg["checkpoint-every"] else "resume"
+        raise ConfigError(
+            f"run-config {key}={cfg[key]!r} with node-store=context: Flower's context.state does not outlive a run, "
+            "so the nodes cannot keep checkpoints there; set node-store to a folder (docs/node-store.md)"
+        )
     if cfg["device"].startswith("cuda"):
         import torch
 

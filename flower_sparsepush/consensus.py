@@ -9,6 +9,7 @@ import torch
 
 from flower_sparsepush.codec import message_entropy_bits
 from flower_sparsepush.compression import make_compressor
+from flower_sparsepush.node import Node
 from flower_sparsepush.pushsum import PushSum
 from flower_sparsepush.router import Network, Router
 from flower_sparsepush.topology import check_strongly_connected, make_graph
@@ -46,16 +47,12 @@ def run_consensus(
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(nodes, dim, generator=gen, dtype=torch.float64)
     mean0, total0 = x0.mean(0), x0.sum(0)
-    states = [algo.init_state(x0[i]) for i in range(nodes)]
+    outs = lambda i: lambda t: g.out_neighbours(t)[i]  # noqa: E731
+    peers = [Node(i, algo.init_state(x0[i]), lambda t: algo, outs(i)) for i in range(nodes)]
+    states = [p.state for p in peers]
 
     def error() -> float:
         return max(float((s.z - mean0).norm() / mean0.norm()) for s in states)
-
-    def absorb(i: int) -> None:
-        inbox, bounced = router.collect(i)
-        for dest, data in bounced:
-            algo.bounce(states[i], dest, data)
-        algo.receive(states[i], inbox)
 
     bits = entropy = 0.0
     trace = []
@@ -63,10 +60,10 @@ def run_consensus(
     for t in range(rounds):
         online = [i for i in range(nodes) if router.network.online(t, i)]
         for i in online:
-            absorb(i)
-        outs = g.out_neighbours(t)
+            inbox, bounced = router.collect(i)
+            peers[i].begin(t, inbox, bounced)
         for i in online:
-            msgs = algo.send(states[i], i, outs[i], t)
+            msgs = peers[i].finish(t)
             router.post(i, t, msgs)
             for data in msgs.values():
                 bits += 8 * len(data)
@@ -74,7 +71,7 @@ def run_consensus(
         if trace_every and (t + 1) % trace_every == 0:
             trace.append({"round": t + 1, "consensus_error": error()})
     for i in range(nodes):  # deliver what is still in flight
-        absorb(i)
+        peers[i].begin(rounds, *router.collect(i))
     wall = time.perf_counter() - start
     total = sum(s.x for s in states)
     result = {

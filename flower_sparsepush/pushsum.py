@@ -165,21 +165,3 @@ class PushSum:
     def local_update(state: NodeState, z_new: torch.Tensor) -> None:
         """Apply a local training step that moved the de-biased model to ``z_new``: ``x += y * (z_new - z)``."""
         state.x = state.y * z_new.detach().to(state.x.dtype)
-
-
-def gossip_round(algo: PushSum, states: list[NodeState], out_lists: list[list[int]], rnd: int) -> int:
-    """One synchronous round for all nodes in this process: everyone sends, then everyone receives.
-
-    Returns the bits sent in total (8 x the encoded length of every message).
-    """
-    inbox: list[list[tuple[int, bytes]]] = [[] for _ in states]
-    bits = 0
-    for i, (state, outs) in enumerate(zip(states, out_lists)):
-        for j, data in algo.send(state, i, outs, rnd).items():
-            inbox[j].append((i, data))
-            bits += 8 * len(data)
-    for state, msgs in zip(states, inbox):
-        rejected = algo.receive(state, msgs)
-        if rejected:
-            raise CodecError(f"in-process gossip produced a message that does not decode: {rejected[0].reason}")
-    return bits

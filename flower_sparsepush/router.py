@@ -145,6 +145,27 @@ class Router:
         """Every message the router still holds (undelivered or bounced), for mass accounting."""
         return [d for box in self.mailboxes for _, _, d in box] + [d for box in self.bounced for _, d in box]
 
+    def in_transit_mass(self) -> float:
+        """Push-sum weight y carried by the messages the router holds (the one mass-in-transit sum of the code)."""
+        return float(sum(decode(d).y for d in self.in_transit()))
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the router (plain types)."""
+        return {
+            "mailboxes": [list(box) for box in self.mailboxes],
+            "bounced": [list(box) for box in self.bounced],
+            "dropped": self.dropped,
+            "delivered_bits": list(self.delivered_bits),
+            "excluded": sorted(self.excluded),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        self.mailboxes = [[tuple(m) for m in box] for box in d["mailboxes"]]
+        self.bounced = [[tuple(m) for m in box] for box in d["bounced"]]
+        self.dropped = int(d["dropped"])
+        self.delivered_bits = [int(b) for b in d["delivered_bits"]]
+        self.excluded = set(d.get("excluded", ()))
+
 
 def round_of(data: bytes) -> int:
     """The round a message was sent in, read from its header (messages the router holds always decode)."""

@@ -12,22 +12,33 @@
 
 from __future__ import annotations
 
+import shutil
+import uuid
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from flower_sparsepush.config import preflight, validate
+from flower_sparsepush.config import ConfigError, preflight, validate
 from flower_sparsepush.results import Recorder
+from flower_sparsepush.store import CONTEXT, NodeStore
 from flower_sparsepush.strategies.routing import SCSP, SGP, CountingFedAvg, SparsePush
-from flower_sparsepush.training import evaluate, get_setup, network_of, relay_checks
+from flower_sparsepush.training import (
+    checkpoint_identity,
+    checkpoint_path,
+    evaluate,
+    get_setup,
+    network_of,
+    relay_checks,
+)
 
 ROUND_TIMEOUT_S = 3600.0  # the default of the round-timeout key
+FLOWER_CHECKPOINT = "flower"  # the engine a Flower checkpoint belongs to (the in-process loop writes "inprocess")
 
 
-def build_strategy(cfg: dict[str, Any]):
+def build_strategy(cfg: dict[str, Any], token: str = "run"):
     n = cfg["num-nodes"]
     if cfg["strategy"] == "fedavg":
         return CountingFedAvg(n, fraction_train=1.0, min_train_nodes=n)
@@ -38,8 +49,46 @@ def build_strategy(cfg: dict[str, Any]):
         sample_seed=cfg["seed"],
         network=network_of(cfg),
         bounce=cfg["bounce"],
+        token=token,
+        checkpoint_every=cfg["checkpoint-every"],
         **relay_checks(get_setup(cfg)),  # every reply is checked before anything of it is routed (guard.py)
     )
+
+
+def save_flower_checkpoint(cfg: dict[str, Any], done: int, strategy, history: list[dict]) -> None:
+    """The relay's side after ``done`` rounds (the nodes keep their own copies: store.NodeStore.snapshot)."""
+    import os
+
+    path = checkpoint_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ck = {
+        "engine": FLOWER_CHECKPOINT,
+        "round": done,
+        "config": checkpoint_identity(cfg),
+        "strategy": strategy.state_dict(),
+        "history": [dict(h) for h in history],
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ck, tmp)
+    os.replace(tmp, path)
+
+
+def load_flower_checkpoint(cfg: dict[str, Any]) -> dict | None:
+    path = checkpoint_path(cfg)
+    if not path.exists():
+        return None
+    ck = torch.load(path, weights_only=True)
+    if ck.get("engine") != FLOWER_CHECKPOINT:
+        raise ConfigError(f"{path} was written by the in-process loop; resume it there, or use another run-name")
+    mine = checkpoint_identity(cfg)
+    diff = sorted(k for k in set(mine) | set(ck["config"]) if mine.get(k) != ck["config"].get(k))
+    if diff:
+        k = diff[0]
+        raise ConfigError(
+            f"run-config resume: {path} belongs to another run ({k}={ck['config'].get(k)!r} there, "
+            f"{mine.get(k)!r} now); use another run-name or the same settings"
+        )
+    return ck
 
 
 def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -49,95 +98,132 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     setup = get_setup(cfg)
     rec = Recorder(cfg)
-    strategy = build_strategy(cfg)
+    token = f"{cfg['run-name']}-{uuid.uuid4().hex[:10]}"  # this run's folder in every node's store
+    ck = load_flower_checkpoint(cfg) if cfg["resume"] and cfg["strategy"] != "fedavg" else None
+    strategy = build_strategy(cfg, token)
     n, last = cfg["num-nodes"], cfg["num-rounds"] + cfg["final-gossip-rounds"]
+    done0 = 0
+    if ck is not None:
+        done0 = int(ck["round"])
+        strategy.num_rounds = last - done0
+        strategy.load_state_dict(ck["strategy"], done0)
+        token = strategy.token
+        for row in ck["history"]:
+            rec.log(dict(row))
 
     def row(rnd: int, acc_c: float, loss: float, node_mean: float, node_min: float, dist: float, **extra) -> dict:
+        rep = strategy.report()
         return rec.log(
             extra
             | {
                 "round": rnd,
-                "epoch": round(setup.epoch(rnd), 4),
+                "epoch": round(setup.epoch(min(rnd, cfg["num-rounds"])), 4),
                 "acc_consensus": acc_c,
                 "acc_node_mean": node_mean,
                 "acc_node_min": node_min,
                 "loss": loss,
                 "consensus_distance": dist,
-                "bits_sent_per_node": float(np.mean(strategy.bits_sent)),
-                "bits_received_per_node": float(np.mean(strategy.bits_received)),
+                "bits_sent_per_node": float(np.mean(rep.bits_sent)),
+                "bits_received_per_node": float(np.mean(rep.bits_received)),
             }
         )
 
-    def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
-        # Flower calls this after every round: the one per-round hook of Strategy.start, so progress is kept here
-        if rnd == 0 or not (rnd % cfg["eval-every"] == 0 or rnd == last):
-            if rnd:
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        # Flower calls this after every round: the one per-round hook of Strategy.start, so progress and
+        # checkpoints are kept here
+        rnd = server_round + done0 if server_round else 0
+        if server_round == 0 or not (rnd % cfg["eval-every"] == 0 or rnd == last):
+            if server_round:
                 rec.progress.update(rnd, rec.progress.note)
+                checkpoint(rnd)
             return None
         if cfg["strategy"] == "fedavg":
             z = torch.from_numpy(np.array(arrays["z"].numpy()))
             acc, loss = evaluate(setup, z, 0)
             r = row(rnd, acc, loss, acc, acc, 0.0)
         else:
-            ev = strategy.last_eval
-            if ev is None or ev["round"] != rnd:
+            rep = strategy.report()
+            ev = rep.last_eval
+            if ev is None or ev.round != server_round:
                 raise RuntimeError(f"round {rnd}: no node evaluation arrived")
-            acc, loss = evaluate(setup, torch.from_numpy(ev["zbar"]), 0)
+            acc, loss = evaluate(setup, torch.from_numpy(ev.zbar), 0)
             r = row(
                 rnd,
                 acc,
                 loss,
-                ev["acc_node_mean"],
-                ev["acc_node_min"],
-                ev["consensus_distance"],
-                y_nodes=ev["y_nodes"],
-                y_mailboxes=ev["y_mailboxes"],
-                messages_dropped=strategy.router.dropped,
-                messages_rejected=strategy.messages_rejected,
-                replies_rejected=len(strategy.guard.rejected_replies),
-                nodes_excluded=len(strategy.guard.excluded),
-                stragglers=len(strategy.stragglers),
-                num_evaluated=ev["num_evaluated"],
+                ev.acc_node_mean,
+                ev.acc_node_min,
+                ev.consensus_distance,
+                y_nodes=ev.y_nodes,
+                y_mailboxes=ev.y_mailboxes,
+                y_pending=ev.y_pending,
+                messages_dropped=rep.messages_dropped,
+                messages_rejected=rep.messages_rejected,
+                replies_rejected=len(rep.rejected_replies),
+                nodes_excluded=len(rep.excluded_nodes),
+                stragglers=len(rep.straggler_events),
+                messages_resent=rep.messages_resent,
+                num_evaluated=ev.num_evaluated,
             )
+        checkpoint(rnd)
         return MetricRecord({k: float(v) for k, v in r.items()})
+
+    def checkpoint(rnd: int) -> None:
+        every = cfg["checkpoint-every"]
+        if every and rnd % every == 0 and cfg["strategy"] != "fedavg":
+            save_flower_checkpoint(cfg, rnd, strategy, rec.rows)
 
     strategy.start(
         grid,
         ArrayRecord({"z": Array(setup.x0.numpy())}),
-        num_rounds=last,
+        num_rounds=last - done0,
         timeout=cfg["round-timeout"],
         evaluate_fn=evaluate_fn,
+        **({"train_config": ConfigRecord({"token": token})} if cfg["strategy"] == "fedavg" else {}),
     )
+    rep = strategy.report()
     extra: dict[str, Any] = {
-        "bits_sent_per_node": float(np.mean(strategy.bits_sent)),
-        "bits_received_per_node": float(np.mean(strategy.bits_received)),
-        "bits_sent_by_node": list(map(int, strategy.bits_sent)),
-        "bits_received_by_node": list(map(int, strategy.bits_received)),
+        "bits_sent_per_node": float(np.mean(rep.bits_sent)),
+        "bits_received_per_node": float(np.mean(rep.bits_received)),
+        "bits_sent_by_node": list(map(int, rep.bits_sent)),
+        "bits_received_by_node": list(map(int, rep.bits_received)),
         "num_params": int(setup.x0.numel()),
+        "resumed_from_round": done0,
     }
     if cfg["strategy"] != "fedavg":
-        ev = strategy.last_eval
+        ev = rep.last_eval
         extra["mass"] = {
-            "y_nodes": ev["y_nodes"],
-            "y_mailboxes": ev["y_mailboxes"],
+            "y_nodes": ev.y_nodes,
+            "y_pending": ev.y_pending,
+            "y_mailboxes": ev.y_mailboxes,
             "n": n,
-            "y_by_node": {str(p): y for p, y in ev["y_by_node"].items()},
+            "y_by_node": {str(p): y for p, y in ev.y_by_node.items()},
         }
-        extra["mailbox_messages"] = sum(len(b) for b in strategy.mailboxes)
-        extra["mailbox_bits"] = sum(8 * len(d) for b in strategy.mailboxes for _, _, d in b)
-        extra["rejected_messages"] = strategy.rejected
-        extra["messages_rejected"] = strategy.messages_rejected
-        extra["rejected_replies"] = strategy.guard.rejected_replies
-        extra["replies_rejected_by_node"] = {str(k): v for k, v in sorted(strategy.guard.offences.items())}
-        extra["messages_rejected_by_sender"] = {str(k): v for k, v in sorted(strategy.guard.rejected_by_sender.items())}
-        extra["messages_bounced_after_rejection"] = strategy.guard.bounced_rejected
-        extra["excluded_nodes"] = strategy.guard.excluded
-        extra["messages_dropped"] = strategy.router.dropped
-        extra["straggler_events"] = strategy.stragglers
-        extra["nodes_not_returned"] = strategy.nodes_not_returned()
-        extra["eval_failures"] = strategy.eval_failures
+        extra |= {
+            k: getattr(rep, k)
+            for k in (
+                "mailbox_messages",
+                "mailbox_bits",
+                "rejected_messages",
+                "messages_rejected",
+                "rejected_replies",
+                "replies_rejected_by_node",
+                "messages_rejected_by_sender",
+                "messages_bounced_after_rejection",
+                "excluded_nodes",
+                "messages_dropped",
+                "straggler_events",
+                "nodes_not_returned",
+                "eval_failures",
+                "messages_resent",
+                "reconnected_nodes",
+            )
+        }
         if cfg["save-nodes"]:
-            np.savez(rec.dir / "nodes.npz", **{f"z{p}": z for p, z in sorted(ev["z_nodes"].items())})
+            np.savez(rec.dir / "nodes.npz", **{f"z{p}": z for p, z in sorted(ev.z_nodes.items())})
+    if not cfg["checkpoint-every"] and cfg["node-store"] != CONTEXT:
+        # the nodes' files of a finished run that keeps no checkpoints (where this process can see them)
+        shutil.rmtree(NodeStore(cfg["node-store"] or None, token).dir, ignore_errors=True)
     return rec.finish(extra)
 
 

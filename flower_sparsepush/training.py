@@ -30,7 +30,8 @@ from flower_sparsepush.batched import sgd_step_
 from flower_sparsepush.compression import make_compressor
 from flower_sparsepush.config import parse_lr_schedule
 from flower_sparsepush.guard import BadReply, Guard, Outbox, message_size_limit
-from flower_sparsepush.pushsum import NodeState, PushSum, Rejection
+from flower_sparsepush.node import Node, RoundOut, state_from_flat, state_to_flat
+from flower_sparsepush.pushsum import NodeState, PushSum
 from flower_sparsepush.router import Network, Router
 from flower_sparsepush.topology import make_graph
 
@@ -88,6 +89,15 @@ def gamma_at(cfg: dict[str, Any], rnd: int) -> float:
     return cfg["gamma"]
 
 
+def round_rule(compressor, segments, seed: int, node: int, rnd: int, gamma: float, form: str, ref_init) -> PushSum:
+    """The push-sum rule of one node and round: a compressor spec is built with a ``(seed, node, round)`` generator
+    (random-k draws), a compressor object is used as it is. The native run (:meth:`Setup.algo`) and the drop-in
+    strategy both build their rules here."""
+    if isinstance(compressor, str):
+        compressor = make_compressor(compressor, segments=segments, seed=seed_for(seed, node, "compress", rnd))
+    return PushSum(compressor, gamma=gamma, form=form, ref_init=ref_init)
+
+
 # --------------------------------------------------------------------------- setup (data, model, graph)
 
 
@@ -113,10 +123,9 @@ class Setup:
     def algo(self, node: int, rnd: int) -> PushSum:
         """The push-sum rule for one node and round (random-k draws from a (seed, node, round) generator)."""
         cfg = self.cfg
-        comp = make_compressor(
-            compressor_at(cfg, rnd), segments=self.segments, seed=seed_for(cfg["seed"], node, "compress", rnd)
+        return round_rule(
+            compressor_at(cfg, rnd), self.segments, cfg["seed"], node, rnd, gamma_at(cfg, rnd), cfg["form"], self.x0
         )
-        return PushSum(comp, gamma=gamma_at(cfg, rnd), form=cfg["form"], ref_init=self.x0)
 
     def epoch(self, rnd: int) -> float:
         """Epochs of the whole training set seen after ``rnd`` rounds (all nodes together)."""
@@ -288,19 +297,6 @@ def qgm_update(setup: Setup, state: NodeState, rnd: int) -> None:
     state.anchor = z.clone()
 
 
-@dataclass
-class RoundOut:
-    messages: dict[int, bytes]
-    loss: float
-    rejected: list[Rejection]
-
-
-def absorb(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list, algo: PushSum | None = None) -> list:
-    """Credit the messages sent to this node in the previous round (in sender order); returns the rejected ones.
-    ``algo``: this round's rule when the caller already built it (``setup.algo(node, rnd)``)."""
-    return (algo or setup.algo(node, rnd)).receive(state, inbox)
-
-
 def train(setup: Setup, state: NodeState, node: int, rnd: int) -> float:
     """This round's local SGD (quasi-global momentum first when on); returns the mean loss, NaN in the final
     gossip-only phase (rounds from ``num-rounds`` on), where nothing is trained."""
@@ -314,20 +310,16 @@ def train(setup: Setup, state: NodeState, node: int, rnd: int) -> float:
     return loss
 
 
-def emit(setup: Setup, state: NodeState, node: int, rnd: int, algo: PushSum | None = None) -> dict[int, bytes]:
-    """This round's messages to the node's out-neighbours (their mass is debited from ``state``)."""
-    return (algo or setup.algo(node, rnd)).send(state, node, setup.graph.out_neighbours(rnd)[node], rnd)
+def make_node(setup: Setup, node: int, state: NodeState) -> Node:
+    """The :class:`~flower_sparsepush.node.Node` ``node`` of this run, holding ``state``."""
+    return Node(node, state, lambda rnd: setup.algo(node, rnd), lambda rnd: setup.graph.out_neighbours(rnd)[node])
 
 
-def node_round(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list) -> RoundOut:
-    """One gossip round of one node: :func:`absorb` the inbox, :func:`train`, :func:`emit`. Mutates ``state``.
-
-    Rounds from ``num-rounds`` on belong to the final gossip-only phase: absorb and send, no SGD (loss is NaN).
-    """
-    algo = setup.algo(node, rnd)  # built once a round: compressor spec, seeded generator
-    rejected = absorb(setup, state, node, rnd, inbox, algo)
-    loss = train(setup, state, node, rnd)
-    return RoundOut(emit(setup, state, node, rnd, algo), loss, rejected)
+def node_round(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list, bounced: list = ()) -> RoundOut:
+    """One training round of one node (:meth:`Node.round` with :func:`train`): take back ``bounced``, absorb
+    ``inbox``, train, send. Mutates ``state``. Rounds from ``num-rounds`` on belong to the final gossip-only phase:
+    absorb and send, no SGD (loss is NaN). The in-process loop and the ClientApp both call this."""
+    return make_node(setup, node, state).round(rnd, inbox, bounced, lambda st: train(setup, st, node, rnd))
 
 
 def train_batched(setup: Setup, engine, states: list[NodeState], nodes: list[int], rnd: int) -> list[float]:
@@ -502,21 +494,6 @@ def relay(guard: Guard, node: int, rnd: int, messages: dict[int, bytes]) -> int:
     return sum(8 * len(d) for d in messages.values())
 
 
-def absorb_bounces(setup: Setup, state: NodeState, node: int, rnd: int, bounced: list[tuple[int, bytes]]) -> None:
-    """Take back the mass of this node's messages that the network bounced (before it next uses those edges)."""
-    if bounced:
-        algo = setup.algo(node, rnd)
-        for dest, data in bounced:
-            algo.bounce(state, dest, data)
-
-
-def in_transit_mass(router: Router) -> float:
-    """Push-sum weight y held by the router (mailboxes and bounces)."""
-    from flower_sparsepush.codec import decode
-
-    return float(sum(decode(d).y for d in router.in_transit()))
-
-
 @dataclass
 class InProcessResult:
     states: list[NodeState]
@@ -531,7 +508,7 @@ class InProcessResult:
 
 
 # checkpoint.pt: torch.save of plain types (tensors, numbers, bytes, lists, dicts); loads with weights_only=True
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: node states in the flat form of node.state_to_flat
 _NOT_IDENTITY = (
     "resume",
     "checkpoint-every",
@@ -543,34 +520,15 @@ _NOT_IDENTITY = (
 )
 
 
+def checkpoint_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config keys a checkpoint must agree on to be resumed (not the output or evaluation settings)."""
+    return {k: v for k, v in cfg.items() if k not in _NOT_IDENTITY}
+
+
 def checkpoint_path(cfg: dict[str, Any]):
     from flower_sparsepush.results import run_dir
 
     return run_dir(cfg) / "checkpoint.pt"
-
-
-def state_to_dict(s: NodeState) -> dict[str, Any]:
-    return {
-        "x": s.x,
-        "y": float(s.y),
-        "error": s.error,
-        "momentum": s.momentum,
-        "anchor": s.anchor,
-        "refs_out": dict(s.refs_out),
-        "refs_in": dict(s.refs_in),
-    }
-
-
-def state_from_dict(d: dict[str, Any]) -> NodeState:
-    return NodeState(
-        x=d["x"],
-        y=float(d["y"]),
-        error=d["error"],
-        refs_out=dict(d["refs_out"]),
-        refs_in=dict(d["refs_in"]),
-        momentum=d["momentum"],
-        anchor=d["anchor"],
-    )
 
 
 def save_checkpoint(
@@ -592,13 +550,11 @@ def save_checkpoint(
     ck = {
         "version": CHECKPOINT_VERSION,
         "round": rnd,
-        "config": {k: v for k, v in cfg.items() if k not in _NOT_IDENTITY},
-        "states": [state_to_dict(s) for s in states],
-        "mailboxes": [list(box) for box in router.mailboxes],
-        "bounced": [list(box) for box in router.bounced],
-        "dropped": router.dropped,
+        "engine": "inprocess",
+        "config": checkpoint_identity(cfg),
+        "states": [state_to_flat(s) for s in states],
+        "router": router.state_dict(),
         "bits_sent": list(sent),
-        "bits_received": list(router.delivered_bits),
         "history": [dict(h) for h in history],
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -614,9 +570,11 @@ def load_checkpoint(cfg: dict[str, Any], router: Router) -> tuple[int, list[Node
     if not path.exists():
         return None
     ck = torch.load(path, weights_only=True)
+    if ck.get("engine", "inprocess") != "inprocess":
+        raise ConfigError(f"{path} was written by a Flower run; resume it there, or use another run-name")
     if ck.get("version") != CHECKPOINT_VERSION:
         raise ConfigError(f"{path}: checkpoint version {ck.get('version')!r}, this code reads {CHECKPOINT_VERSION}")
-    mine = {k: v for k, v in cfg.items() if k not in _NOT_IDENTITY}
+    mine = checkpoint_identity(cfg)
     diff = sorted(k for k in set(mine) | set(ck["config"]) if mine.get(k) != ck["config"].get(k))
     if diff:
         k = diff[0]
@@ -624,11 +582,8 @@ def load_checkpoint(cfg: dict[str, Any], router: Router) -> tuple[int, list[Node
             f"run-config resume: {path} belongs to another run ({k}={ck['config'].get(k)!r} there, "
             f"{mine.get(k)!r} now); use another run-name or the same settings"
         )
-    router.mailboxes = [[tuple(m) for m in box] for box in ck["mailboxes"]]
-    router.bounced = [[tuple(m) for m in box] for box in ck["bounced"]]
-    router.dropped = int(ck["dropped"])
-    router.delivered_bits = [int(b) for b in ck["bits_received"]]
-    states = [state_from_dict(d) for d in ck["states"]]
+    router.load_state_dict(ck["router"])
+    states = [state_from_flat(d) for d in ck["states"]]
     return int(ck["round"]), states, [int(b) for b in ck["bits_sent"]], [dict(h) for h in ck["history"]]
 
 
@@ -683,28 +638,22 @@ def run_inprocess(
         if engine is None:
             for i in online:
                 inbox, bounced = boxes[i]
-                absorb_bounces(setup, states[i], i, t, bounced)
-                res = node_round(setup, states[i], i, t, inbox)
+                res = node_round(setup, states[i], i, t, inbox, bounced)
                 if res.rejected:
                     raise RuntimeError(f"node {i} rejected a message in round {t}: {res.rejected[0]}")
                 sent[i] += relay(guard, i, t, res.messages)
-        else:  # the same three steps, local SGD of all online nodes in one batched call
-            algos = {i: setup.algo(i, t) for i in online}
+        else:  # the same round, local SGD of all online nodes in one batched call
+            nodes = {i: make_node(setup, i, states[i]) for i in online}
             for i in online:
-                inbox, bounced = boxes[i]
-                absorb_bounces(setup, states[i], i, t, bounced)
-                rejected = absorb(setup, states[i], i, t, inbox, algos[i])
+                rejected = nodes[i].begin(t, *boxes[i])
                 if rejected:
                     raise RuntimeError(f"node {i} rejected a message in round {t}: {rejected[0]}")
             train_batched(setup, engine, [states[i] for i in online], online, t)
             for i in online:
-                msgs = emit(setup, states[i], i, t, algos[i])
-                sent[i] += relay(guard, i, t, msgs)
+                sent[i] += relay(guard, i, t, nodes[i].finish(t))
         if cfg["final-merge"] and t + 1 == rounds:
             for i in range(n):  # deliver what is in flight, then the exact average everywhere
-                inbox, bounced = router.collect(i)
-                absorb_bounces(setup, states[i], i, t + 1, bounced)
-                absorb(setup, states[i], i, t + 1, inbox)
+                make_node(setup, i, states[i]).begin(t + 1, *router.collect(i))
             merge_exact(states)
             for i in range(n):
                 sent[i] += dense_merge_bits
@@ -720,7 +669,7 @@ def run_inprocess(
                 messages_dropped=router.dropped,
                 nodes_online=len(online),
                 y_nodes=float(sum(s.y for s in states)),
-                y_in_transit=in_transit_mass(router),
+                y_in_transit=router.in_transit_mass(),
             )
             history.append(m)
             if log:
@@ -749,7 +698,7 @@ def train_inprocess(raw_cfg: dict[str, Any], echo=print) -> dict[str, Any]:
     preflight(cfg)
     rec = Recorder(cfg, echo=echo)
     res = run_inprocess(cfg, eval_every=cfg["eval-every"], log=rec.log)
-    y_transit = in_transit_mass(res.router) if res.router is not None else 0.0
+    y_transit = res.router.in_transit_mass() if res.router is not None else 0.0
     return rec.finish(
         {
             "engine": "inprocess",

@@ -31,7 +31,6 @@ The ArrayRecord the strategy returns to ``Strategy.start`` (``Result.arrays``, t
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -41,25 +40,25 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from flower_sparsepush.codec import FORMS, decode
+from flower_sparsepush.codec import FORMS
 from flower_sparsepush.compression import CompressionError, Identity, make_compressor
-from flower_sparsepush.pushsum import NodeState, PushSum
+from flower_sparsepush.node import Node
+from flower_sparsepush.pushsum import NodeState
 from flower_sparsepush.router import Network, Router
 from flower_sparsepush.topology import Graph, GraphError, make_graph
-from flower_sparsepush.training import seed_for
+from flower_sparsepush.training import round_rule
 
-from .routing import wait_and_register
+from .base import PushSumStrategy, Report, wait_and_register
 
 NODE_ORDERS = ("node-id", "partition-id")
 MetricsAggr = Callable[[list[RecordDict], str], MetricRecord]
 NodesEval = Callable[[int, list[ArrayRecord]], MetricRecord | None]
 
 
-class DecentralizedFedAvg(Strategy):
+class DecentralizedFedAvg(PushSumStrategy):
     """Decentralized (push-sum gossip) training as a drop-in replacement for Flower's ``FedAvg``.
 
     Parameters
@@ -205,6 +204,7 @@ class DecentralizedFedAvg(Strategy):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{name} must be callable, got {fn!r}")
 
+        super().__init__(num_nodes or 0, seed, register_timeout)
         self.fraction_train = float(fraction_train)
         self.fraction_evaluate = float(fraction_evaluate)
         self.min_train_nodes = min_train_nodes
@@ -220,24 +220,22 @@ class DecentralizedFedAvg(Strategy):
         self.gamma = float(gamma)
         self.form = form
         self.seed = seed
-        self.num_nodes = num_nodes
+        self.num_nodes_asked = num_nodes
         self.node_order = node_order
         self.network = network or Network()
         self.evaluate_nodes_fn = evaluate_nodes_fn
         self.register_timeout = float(register_timeout)
-        self._rng = random.Random(seed)
 
         # filled in by start()
         self.node_ids: list[int] = []  # node index i -> Flower node id
         self.index_of: dict[int, int] = {}  # Flower node id -> node index
         self.graph: Graph | None = None
-        self.states: list[NodeState] = []
+        self.nodes: list[Node] = []
         self.router: Router | None = None
         self.layout: list[tuple[str, tuple[int, ...], np.dtype, bool]] = []  # (key, shape, dtype, mixed?)
         self.segments: list[int] = []
         self.x0: torch.Tensor | None = None
         self.fixed: list[dict[str, np.ndarray]] = []  # per node: non-floating arrays, passed through unmixed
-        self.peer_bits_sent: list[int] = []
         self.flower_bits_down: list[int] = []  # dense arrays ServerApp -> node
         self.flower_bits_up: list[int] = []  # dense arrays node -> ServerApp
         self.failures: list[str] = []
@@ -251,14 +249,14 @@ class DecentralizedFedAvg(Strategy):
 
     def _connect(self, grid: Grid) -> list[int]:
         """Wait for the nodes; returns the Flower node ids in node-index order."""
-        want = self.num_nodes or self.min_available_nodes
+        want = self.num_nodes_asked or self.min_available_nodes
         end = time.time() + self.register_timeout
         while len(ids := sorted(grid.get_node_ids())) < want:
             if time.time() > end:
                 raise RuntimeError(f"only {len(ids)} of {want} nodes connected after {self.register_timeout:.0f} s")
             time.sleep(0.2)
-        if self.num_nodes is not None:
-            ids = ids[: self.num_nodes]
+        if self.num_nodes_asked is not None:
+            ids = ids[: self.num_nodes_asked]
         if self.node_order == "node-id":
             return ids
         part_of = wait_and_register(grid, len(ids), self.register_timeout)
@@ -288,11 +286,12 @@ class DecentralizedFedAvg(Strategy):
             raise ValueError("initial_arrays holds no floating-point array: nothing to train")
         self.segments = [int(np.prod(shape)) for _, shape, _, mixed in self.layout if mixed]
         self.x0 = self._flatten(initial_arrays)
-        self.states = [NodeState(x=self.x0.clone(), y=1.0) for _ in range(n)]
+        self.nodes = [Node(i, NodeState(x=self.x0.clone(), y=1.0), self._rule(i), self._outs(i)) for i in range(n)]
         fixed = {k: np.array(a.numpy()) for k, a in initial_arrays.items() if not self._mixed(k)}
         self.fixed = [dict(fixed) for _ in range(n)]
         self.router = Router(n, self.network, bounce=True)
-        self.peer_bits_sent = [0] * n
+        self.num_nodes = n
+        self.bits_sent = [0] * n
         self.flower_bits_down = [0] * n
         self.flower_bits_up = [0] * n
 
@@ -366,6 +365,11 @@ class DecentralizedFedAvg(Strategy):
         """Every node's de-biased model z_i as a flat float32 vector (node-index order)."""
         return [s.z.to(torch.float32) for s in self.states]
 
+    @property
+    def states(self) -> list[NodeState]:
+        """Every node's push-sum state (node-index order)."""
+        return [node.state for node in self.nodes]
+
     def node_arrays(self) -> list[ArrayRecord]:
         """Every node's de-biased model z_i with the initial keys, shapes and dtypes (node-index order)."""
         return [self._record(z, f) for z, f in zip(self.node_vectors(), self.fixed)]
@@ -378,26 +382,36 @@ class DecentralizedFedAvg(Strategy):
     def mass(self) -> dict[str, float]:
         """Push-sum weight held by the nodes and by messages in transit; together they are always n."""
         y_nodes = float(sum(s.y for s in self.states))
-        y_transit = float(sum(decode(d).y for d in self.router.in_transit())) if self.router else 0.0
+        y_transit = self.router.in_transit_mass() if self.router else 0.0
         return {"y_nodes": y_nodes, "y_in_transit": y_transit, "y_total": y_nodes + y_transit}
+
+    @property
+    def peer_bits_sent(self) -> list[int]:
+        """Bits of the encoded push-sum messages each node sent (what the graph carries)."""
+        return self.bits_sent
 
     @property
     def peer_bits_received(self) -> list[int]:
         return list(self.router.delivered_bits) if self.router else []
 
+    def report(self) -> Report:
+        return Report(
+            bits_sent=list(self.bits_sent),
+            bits_received=self.peer_bits_received,
+            messages_dropped=self.router.dropped if self.router else 0,
+            straggler_events=list(self.failures),
+        )
+
     # -- sampling and the push-sum rule --------------------------------------------------------------------------------
 
-    def _sample(self, fraction: float, minimum: int) -> list[int]:
-        if fraction >= 1:
-            return list(range(self.n))
-        k = min(self.n, max(minimum, int(fraction * self.n)))
-        return sorted(self._rng.sample(range(self.n), k))
+    def _rule(self, node: int):
+        """Node's push-sum rule of each round (training.round_rule, as the native mode builds it)."""
+        return lambda rnd: round_rule(
+            self.compressor, self.segments, self.seed, node, rnd, self.gamma, self.form, self.x0
+        )
 
-    def _algo(self, node: int, rnd: int) -> PushSum:
-        comp = self.compressor
-        if isinstance(comp, str):  # as training.Setup.algo: random-k draws depend on (seed, node, round) only
-            comp = make_compressor(comp, segments=self.segments, seed=seed_for(self.seed, node, "compress", rnd))
-        return PushSum(comp, gamma=self.gamma, form=self.form, ref_init=self.x0)
+    def _outs(self, node: int):
+        return lambda rnd: self.graph.out_neighbours(rnd)[node]
 
     def _message(self, node: int, config: ConfigRecord, mtype: str) -> Message:
         record = self._record(self.states[node].z, self.fixed[node])
@@ -412,15 +426,11 @@ class DecentralizedFedAvg(Strategy):
     ) -> Iterable[Message]:
         """Each sampled node absorbs its inbox, then is sent its own de-biased model z_i."""
         t = server_round - 1
-        self._training = self._sample(self.fraction_train, self.min_train_nodes)
+        self._training = self.sample(self.fraction_train, self.min_train_nodes)
         config["server-round"] = server_round
         messages = []
         for i in self._training:
-            inbox, bounced = self.router.collect(i)
-            algo = self._algo(i, t)
-            for dest, data in bounced:
-                algo.bounce(self.states[i], dest, data)
-            rejected = algo.receive(self.states[i], inbox)
+            rejected = self.nodes[i].begin(t, *self.router.collect(i))
             if rejected:
                 raise RuntimeError(f"round {server_round}: node {i} rejected a message: {rejected[0]}")
             messages.append(self._message(i, config, MessageType.TRAIN))
@@ -451,15 +461,13 @@ class DecentralizedFedAvg(Strategy):
                 self._fail(server_round, i, f"bad reply: {err}")
                 continue
             self.flower_bits_up[i] += 8 * sum(a.numpy().nbytes for a in record.values())
-            PushSum.local_update(self.states[i], z_new)
             self.fixed[i] = {k: np.array(record[k].numpy()) for k, *_, m in self.layout if not m}
-            trained.append(i)
+            trained.append((i, z_new))
             contents.append(r.content)
-        outs = self.graph.out_neighbours(t)
-        for i in sorted(trained):
-            msgs = self._algo(i, t).send(self.states[i], i, outs[i], t)
+        for i, z_new in sorted(trained, key=lambda e: e[0]):
+            msgs = self.nodes[i].finish(t, z_new)  # x_i = y_i z_i', then this round's messages
             self.router.post(i, t, msgs)
-            self.peer_bits_sent[i] += sum(8 * len(d) for d in msgs.values())
+            self.bits_sent[i] += sum(8 * len(d) for d in msgs.values())
         metrics = MetricRecord()
         if contents:
             try:
@@ -492,7 +500,7 @@ class DecentralizedFedAvg(Strategy):
         if self.fraction_evaluate == 0:
             return []
         config["server-round"] = server_round
-        nodes = self._sample(self.fraction_evaluate, self.min_evaluate_nodes)
+        nodes = self.sample(self.fraction_evaluate, self.min_evaluate_nodes)
         return [self._message(i, config, MessageType.EVALUATE) for i in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

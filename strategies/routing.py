@@ -8,13 +8,10 @@ in round t+1, or later if the receiver is offline, or bounced back if the link d
 counted are the peer-to-peer payloads: 8 x the length of every encoded push-sum message, charged to its sender
 when routed and to its receiver when delivered. Flower's own envelopes (protobuf, headers) are not counted.
 
-Wire format between ClientApp and ServerApp (both directions one ``bytes`` entry in a ConfigRecord):
-``pack_frames([(peer, bytes), ...])`` = repeated ``<uint32 peer><uint32 length><payload>``; ``peer`` is the
-destination partition id on the way out and the sender partition id on the way in. The train message also carries
-``inbox.bounced``: the node's own messages that the network bounced, as (destination, bytes) frames; the node takes
-their mass back (``PushSum.bounce``) before it absorbs its inbox. The reply is ``out`` (ConfigRecord: ``round``,
-``frames``, ``rejected`` = the inbox positions the node refused, uint32 little-endian) and ``metrics``
-(MetricRecord: ``train_loss``, ``rejected``, ``y``).
+What travels between the ServerApp and the ClientApp (records, frames, rounds) is defined in
+flower_sparsepush/protocol.py. A node keeps each outbox until the relay acknowledges it, and frames handed to a
+node whose reply never came are handed again (``redo``), so a lost reply loses no mass: the node resends its
+outbox with its next reply and absorbs only what it had not absorbed.
 
 Nothing in a reply is trusted: before anything of it is routed, :func:`read_train_reply` checks the records and
 :class:`flower_sparsepush.guard.Guard` the content (round, destinations, sizes, every message's sender, round, form
@@ -24,131 +21,29 @@ straggler for that round; messages a receiver refused are bounced to their sende
 
 from __future__ import annotations
 
-import random
-import struct
-import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from flower_sparsepush import protocol
 from flower_sparsepush.codec import decode
 from flower_sparsepush.guard import BadReply, Guard, Outbox
 from flower_sparsepush.router import Network, Router
 
-_FRAME = struct.Struct("<II")
+from .base import EvalReport, PushSumStrategy, Report, wait_and_register
 
 
-def pack_frames(frames: list[tuple[int, bytes]]) -> bytes:
-    """``[(peer, payload)]`` -> one buffer."""
-    return b"".join(_FRAME.pack(p, len(d)) + d for p, d in frames)
+def _weight(frames: protocol.Frames) -> float:
+    return float(sum(decode(d).y for _, d in frames))
 
 
-def unpack_frames(buf: bytes) -> list[tuple[int, bytes]]:
-    """Inverse of :func:`pack_frames`; raises ValueError on a truncated buffer."""
-    out, pos, mv = [], 0, memoryview(buf)
-    while pos < len(buf):
-        if pos + _FRAME.size > len(buf):
-            raise ValueError("truncated frame header")
-        peer, n = _FRAME.unpack_from(buf, pos)
-        pos += _FRAME.size
-        if pos + n > len(buf):
-            raise ValueError("truncated frame payload")
-        out.append((peer, bytes(mv[pos : pos + n])))
-        pos += n
-    return out
-
-
-TRAIN_REPLY = {"out": ("round", "frames", "rejected"), "metrics": ("train_loss", "rejected", "y")}
-
-
-def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def read_train_reply(content: object) -> tuple[Outbox, float]:
-    """The outbox and training loss of a train reply; raises :class:`BadReply` (kind ``schema``) unless the reply
-    has exactly the records and fields of :data:`TRAIN_REPLY`, with their types."""
-    if not isinstance(content, RecordDict):
-        raise BadReply("schema", f"the reply content is {type(content).__name__}, not a RecordDict")
-    if sorted(content.keys()) != sorted(TRAIN_REPLY):
-        raise BadReply("schema", f"records {sorted(content.keys())}, expected {sorted(TRAIN_REPLY)}")
-    out, metrics = content["out"], content["metrics"]
-    if not isinstance(out, ConfigRecord) or not isinstance(metrics, MetricRecord):
-        raise BadReply("schema", "'out' must be a ConfigRecord and 'metrics' a MetricRecord")
-    for name, record in (("out", out), ("metrics", metrics)):
-        if sorted(record.keys()) != sorted(TRAIN_REPLY[name]):
-            raise BadReply(
-                "schema", f"'{name}' has fields {sorted(record.keys())}, expected {sorted(TRAIN_REPLY[name])}"
-            )
-    if not all(_number(metrics[k]) for k in TRAIN_REPLY["metrics"]):
-        raise BadReply("schema", "a 'metrics' field is not a number")
-    frames, rejected = out["frames"], out["rejected"]
-    if not isinstance(frames, bytes) or not isinstance(rejected, bytes) or len(rejected) % 4:
-        raise BadReply("schema", "'out.frames' must be bytes and 'out.rejected' bytes of uint32 positions")
-    try:
-        frames = unpack_frames(frames)
-    except ValueError as err:
-        raise BadReply("schema", f"'out.frames': {err}") from None
-    positions = np.frombuffer(rejected, dtype="<u4").tolist()
-    return Outbox(out["round"], frames, positions), float(metrics["train_loss"])
-
-
-def read_eval_reply(content: object, dim: int | None) -> tuple[np.ndarray, float, float]:
-    """(z, accuracy, y) of an evaluate reply; raises :class:`BadReply` unless it has the ``model.z`` array
-    (finite, one entry per model parameter) and the ``metrics`` ``acc`` (in [0, 1]) and ``y`` (finite)."""
-    try:
-        model, metrics = content["model"], content["metrics"]
-        z, acc, y = model["z"].numpy(), metrics["acc"], metrics["y"]
-    except (KeyError, TypeError, ValueError, AttributeError, OSError, EOFError) as err:
-        raise BadReply(
-            "schema", f"evaluate reply without a readable model.z, metrics.acc and metrics.y: {err!r}"
-        ) from None
-    if not (isinstance(z, np.ndarray) and z.ndim == 1 and z.dtype.kind == "f" and np.isfinite(z).all()):
-        raise BadReply("schema", "model.z is not a finite 1-D float array")
-    if dim is not None and len(z) != dim:
-        raise BadReply("schema", f"model.z has {len(z)} entries, the model has {dim}")
-    if not (_number(acc) and 0 <= acc <= 1 and _number(y) and np.isfinite(y)):
-        raise BadReply("schema", f"metrics acc={acc!r} (must be in [0, 1]) or y={y!r} (must be finite)")
-    return z.astype(np.float64), float(acc), float(y)
-
-
-def wait_and_register(grid: Grid, num_nodes: int, timeout: float, poll: float = 0.2) -> dict[int, int]:
-    """Wait until ``num_nodes`` nodes are connected, then ask each for its partition id: {node_id: partition_id}."""
-    end = time.time() + timeout
-    while True:
-        ids = sorted(grid.get_node_ids())
-        if len(ids) >= num_nodes:
-            break
-        if time.time() > end:
-            raise RuntimeError(
-                f"only {len(ids)} of {num_nodes} nodes connected after {timeout:.0f} s "
-                "(num-nodes must equal the federation's num-supernodes)"
-            )
-        time.sleep(poll)
-    msgs = [
-        Message(
-            RecordDict({"q": ConfigRecord({"what": "partition-id"})}), dst_node_id=nid, message_type=MessageType.QUERY
-        )
-        for nid in ids
-    ]
-    replies = list(grid.send_and_receive(msgs, timeout=timeout))
-    mapping = {}
-    for r in replies:
-        if r.has_error():
-            raise RuntimeError(f"node {r.metadata.src_node_id} failed the registration query: {r.error.reason}")
-        mapping[r.metadata.src_node_id] = int(r.content["info"]["partition-id"])
-    parts = sorted(mapping.values())
-    if parts != list(range(num_nodes)):
-        raise RuntimeError(f"expected partition ids 0..{num_nodes - 1}, nodes reported {parts}")
-    return mapping
-
-
-class _Router(Strategy):
+class _Router(PushSumStrategy):
     """Shared mailbox routing of :class:`SGP` and :class:`SparsePush` (see their docstrings)."""
 
     label = "router"
@@ -168,61 +63,54 @@ class _Router(Strategy):
         form: str | None = None,
         max_message_bytes: int | None = None,
         exclude_after: int = 0,
+        token: str = "run",
+        checkpoint_every: int = 0,
     ) -> None:
         if num_nodes < 2:
             raise ValueError(f"num_nodes must be >= 2, got {num_nodes}")
         for name, v in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {v}")
-        self.num_nodes = num_nodes
+        super().__init__(num_nodes, sample_seed, register_timeout)
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.eval_every = eval_every
-        self.register_timeout = register_timeout
-        self._rng = random.Random(sample_seed)
-        self.node_to_part: dict[int, int] = {}
-        self.part_to_node: dict[int, int] = {}
         self.router = Router(num_nodes, network or Network(), bounce=bounce)
         self.guard = Guard(self.router, graph, dim, form, max_message_bytes, exclude_after)
-        self.bits_sent = [0] * num_nodes
-        self.bits_received = [0] * num_nodes
+        self.token = token  # names the nodes' store folder for this run (store.py); kept by a resumed run
+        self.checkpoint_every = checkpoint_every  # nodes keep a copy of their state every this many rounds
+        self.round_offset = 0  # rounds done before this Flower run started (a resumed run)
         self.num_rounds = 0
-        self.last_eval: dict | None = None
+        self.last_eval: EvalReport | None = None
         self.rejected: list[str] = []
         self.messages_rejected = 0
+        self.messages_resent = 0
         self.awaiting: dict[int, int] = {}  # partition -> round of the train message it has not answered yet
-        self.stragglers: list[dict] = []  # {"round", "node", "reason", "y_inbox"} per reply that never came
+        self.stragglers: list[dict] = []  # {"round", "node", "reason", "y_inbox", "y_held"} per reply that never came
         self.last_seen: dict[int, int] = {}  # partition -> last server round it answered a train message
         self.eval_failures: list[dict] = []
-        # partition -> (sender, bytes) delivered and (destination, bytes) bounced in its last train message
-        self._handed: dict[int, tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]] = {}
+        self.acked = [-1] * num_nodes  # last round whose outbox of the node was routed
+        # per node: (round first handed, inbox, bounced) handed to it since its last good reply
+        self.unacked: list[list[tuple[int, protocol.Frames, protocol.Frames]]] = [[] for _ in range(num_nodes)]
+        self.restore_round = -1  # a resumed run: the checkpoint round nodes go back to, until they answered once
+        self.to_restore: set[int] = set()
+        # partition -> every (sender, bytes) handed in its last train message (earlier rounds' first)
+        self._handed: dict[int, protocol.Frames] = {}
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
-    def register(self, grid: Grid) -> None:
-        """First query round: learn node id -> partition id, after waiting for every node to connect."""
-        if not self.node_to_part:
-            self.node_to_part = wait_and_register(grid, self.num_nodes, self.register_timeout)
-            self.part_to_node = {p: nid for nid, p in self.node_to_part.items()}
-
-    def _sample(self, fraction: float) -> list[int]:
-        parts = list(range(self.num_nodes))
-        if fraction >= 1:
-            return parts
-        k = max(1, int(round(fraction * self.num_nodes)))
-        return sorted(self._rng.sample(parts, k))
+    def core(self, server_round: int) -> int:
+        """The core round of a Flower server round (a resumed run continues the count)."""
+        return protocol.core_round(server_round) + self.round_offset
 
     def is_eval_round(self, server_round: int) -> bool:
-        return server_round % self.eval_every == 0 or server_round == self.num_rounds
+        done = server_round + self.round_offset
+        return done % self.eval_every == 0 or server_round == self.num_rounds
 
     @property
     def mailboxes(self) -> list[list[tuple[int, int, bytes]]]:
         """Per receiver: (round, sender, data) routed but not delivered yet (the router's mailboxes)."""
         return self.router.mailboxes
-
-    def mailbox_mass(self) -> float:
-        """Push-sum weight y carried by messages the router holds (undelivered or bounced)."""
-        return float(sum(decode(d).y for d in self.router.in_transit()))
 
     def nodes_not_returned(self) -> list[int]:
         """Nodes whose last train message of the run was never answered (they did not come back)."""
@@ -243,35 +131,81 @@ class _Router(Strategy):
             self.eval_every,
         )
 
+    def _restore_for(self, p: int) -> int:
+        return self.restore_round if p in self.to_restore else -1
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The relay's side of a checkpoint (plain types); the nodes keep theirs (store.py snapshots)."""
+        return {
+            "token": self.token,
+            "router": self.router.state_dict(),
+            "bits_sent": list(self.bits_sent),
+            "bits_received": list(self.bits_received),
+            "acked": list(self.acked),
+            "unacked": [[(r, list(i), list(b)) for r, i, b in u] for u in self.unacked],
+            "stragglers": list(self.stragglers),
+            "messages_rejected": self.messages_rejected,
+            "messages_resent": self.messages_resent,
+            "rejected": list(self.rejected),
+            "sample_rng": self._rng.getstate(),
+        }
+
+    def load_state_dict(self, d: dict[str, Any], done: int) -> None:
+        """Continue after ``done`` rounds from a checkpoint: every node first goes back to its copy of that round."""
+        self.token = d["token"]
+        self.router.load_state_dict(d["router"])
+        self.bits_sent, self.bits_received = list(d["bits_sent"]), list(d["bits_received"])
+        self.acked = list(d["acked"])
+        self.unacked = [[(r, [tuple(f) for f in i], [tuple(f) for f in b]) for r, i, b in u] for u in d["unacked"]]
+        self.stragglers = list(d["stragglers"])
+        self.messages_rejected, self.messages_resent = d["messages_rejected"], d["messages_resent"]
+        self.rejected = list(d["rejected"])
+        self._rng.setstate(_rng_state(d["sample_rng"]))
+        self.round_offset = done
+        self.restore_round = done
+        self.to_restore = set(range(self.num_nodes))
+
     # -- train: deliver mailboxes, collect outgoing messages --------------------------------------------------------
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One train message per sampled, online node: its mailbox ("frames") and its bounced messages ("bounced").
+        """One train message per sampled, online node: its mailbox, its bounced messages, and what it was handed
+        since its last good reply (``redo``).
 
         Nodes offline in this round (``churn``) get nothing; their mail waits in the router. A straggler (a node
         that did not answer its previous train message) is contacted again in its next online round. Excluded
         nodes (repeat offenders, ``exclude_after``) are never contacted again.
         """
         self.register(grid)
-        rnd = server_round - 1  # the core counts rounds from 0
+        if grid is not None:
+            self.refresh(grid, server_round)
+        rnd = self.core(server_round)
+        snapshot = bool(self.checkpoint_every) and (rnd + 1) % self.checkpoint_every == 0
         out = []
-        for p in self._sample(self.fraction_train):
+        for p in self.sample(self.fraction_train):
             if not self.router.network.online(rnd, p) or self.guard.is_excluded(p):
                 continue
             inbox, bounced = self.router.collect(p)
             self.bits_received[p] += sum(8 * len(d) for _, d in inbox)
-            cfg = ConfigRecord(dict(config))
-            cfg["round"] = rnd
-            content = RecordDict(
-                {
-                    "config": cfg,
-                    "inbox": ConfigRecord({"frames": pack_frames(inbox), "bounced": pack_frames(bounced)}),
-                }
+            earlier = self.unacked[p]
+            order = protocol.TrainOrder(
+                round=rnd,
+                inbox=inbox,
+                bounced=bounced,
+                redo=[(r, i) for r, i, _ in earlier if i],
+                redo_bounced=[(r, b) for r, _, b in earlier if b],
+                token=self.token,
+                acked=self.acked[p],
+                restore=self._restore_for(p),
+                snapshot=snapshot,
             )
+            self._handed[p] = [f for _, frames in order.redo for f in frames] + inbox
+            earlier.append((rnd, inbox, bounced))
             self.awaiting[p] = server_round
-            self._handed[p] = (inbox, bounced)  # to bounce what it rejects, and to report what a straggler held
+            content = protocol.train_content(order, dict(config))
             out.append(Message(content, dst_node_id=self.part_to_node[p], message_type=MessageType.TRAIN))
         return out
 
@@ -282,14 +216,14 @@ class _Router(Strategy):
         bounce what receivers rejected, and record refused replies and stragglers.
 
         A reply is refused whole when its records, round, destinations, sizes or any message's sender, round, form
-        or model size are wrong (:func:`read_train_reply`, :meth:`Guard.check`): nothing of it is routed, it is
-        recorded (``rejected_replies``), and the node is a straggler for the round. A train message with no reply
-        (error, or no answer within the round timeout) is a straggler round too. The server cannot know whether a
-        straggler absorbed its inbox and debited what it meant to send (its ``context.state`` may hold either), so
-        that mass is lost to the run: it is reported (``stragglers`` in the metrics, ``straggler_events`` and
-        ``mass`` in summary.json), never silently repaired. The run stops only when no node returned a good reply.
+        or model size are wrong (:func:`protocol.read_train_reply`, :meth:`Guard.check`, also for every resent
+        earlier outbox): nothing of it is routed, it is recorded (``rejected_replies``), and the node is a
+        straggler for the round. A train message with no reply (error, or no answer within the round timeout) is
+        a straggler round too. A straggler's mass is held, not lost: what it was handed is handed again, and it
+        resends the outboxes the relay has not acknowledged. Only a node that never comes back takes its mass out
+        of the run (``nodes_not_returned``). The run stops only when no node returned a good reply.
         """
-        rnd = server_round - 1
+        rnd = self.core(server_round)
         losses = []
         answered: set[int] = set()
         reports: list[tuple[int, list[int]]] = []
@@ -311,22 +245,31 @@ class _Router(Strategy):
             self.awaiting.pop(sender, None)
             self.last_seen[sender] = server_round
             try:
-                outbox, loss = read_train_reply(r.content)
-                self.guard.check(sender, rnd, outbox, len(self._handed.get(sender, ([], []))[0]))
+                reply = protocol.read_train_reply(r.content)
+                resent = [(k, f) for k, f in reply.resent if self.acked[sender] < k < rnd]
+                for k, frames in resent:
+                    self.guard.check(sender, k, Outbox(k, frames, []), 0)
+                handed = self._handed.get(sender, [])
+                self.guard.check(sender, rnd, Outbox(reply.round, reply.frames, reply.rejected), len(handed))
             except BadReply as err:
                 self._refuse(server_round, sender, err)
                 continue
-            msgs = dict(outbox.frames)
-            self.router.post(sender, rnd, msgs)  # counted as sent when it reaches the router, dropped or not
-            self.bits_sent[sender] += sum(8 * len(d) for d in msgs.values())
-            losses.append(loss)
-            if outbox.rejected:
-                reports.append((sender, outbox.rejected))  # needs what it was handed: kept until then
+            for k, frames in sorted(resent) + [(rnd, reply.frames)]:
+                msgs = dict(frames)
+                self.router.post(sender, k, msgs)  # counted as sent when it reaches the router, dropped or not
+                self.bits_sent[sender] += sum(8 * len(d) for d in msgs.values())
+                self.messages_resent += len(msgs) if k < rnd else 0
+            self.acked[sender] = rnd
+            self.unacked[sender] = []
+            self.to_restore.discard(sender)
+            losses.append(reply.loss)
+            if reply.rejected:
+                reports.append((sender, reply.rejected))  # needs what it was handed: kept until then
             else:
                 self._handed.pop(sender, None)
         # after every reply is posted, so that a rejected message's later ones on the same edge are all held
-        for receiver, positions in reports:
-            self._receiver_rejected(server_round, receiver, positions)
+        for receiver, pos in reports:
+            self._receiver_rejected(server_round, receiver, pos)
         for p, asked in list(self.awaiting.items()):
             if asked == server_round and p not in answered:
                 self._straggler(server_round, p, "no reply within the round timeout")
@@ -353,6 +296,7 @@ class _Router(Strategy):
         self._straggler(server_round, p, f"rejected reply ({err.kind}): {err}")
         if excluded:
             self.awaiting.pop(p, None)
+            self.unacked[p] = []  # its mass leaves the run with it
             log(
                 WARNING,
                 "round %d: node %d excluded after %d refused replies: nothing is routed to or from it any more; "
@@ -363,7 +307,7 @@ class _Router(Strategy):
             )
 
     def _receiver_rejected(self, server_round: int, receiver: int, positions: list[int]) -> None:
-        box, _ = self._handed.pop(receiver, ([], []))
+        box = self._handed.pop(receiver, [])
         nrej = len(positions)
         self.messages_rejected += nrej
         self.rejected.append(f"round {server_round}: node {receiver} rejected {nrej} message(s)")
@@ -388,13 +332,17 @@ class _Router(Strategy):
                 )
 
     def _straggler(self, server_round: int, p: int, reason: str) -> None:
-        box, bounced = self._handed.pop(p, ([], []))
-        y_in = float(sum(decode(d).y for _, d in box) + sum(decode(d).y for _, d in bounced))
-        self.stragglers.append({"round": server_round, "node": p, "reason": reason, "y_inbox": y_in})
+        self._handed.pop(p, None)
+        batches = self.unacked[p]
+        y_held = float(sum(_weight(i) + _weight(b) for _, i, b in batches))  # everything not acknowledged
+        y_inbox = _weight(batches[-1][1]) + _weight(batches[-1][2]) if batches else 0.0  # handed this round
+        self.stragglers.append(
+            {"round": server_round, "node": p, "reason": reason, "y_inbox": y_inbox, "y_held": y_held}
+        )
         log(
             WARNING,
-            "round %d: node %d did not return a valid train reply (%s); the mass it held in flight is lost "
-            "to the run (docs/reliability.md)",
+            "round %d: node %d did not return a valid train reply (%s); what it was handed is handed again, and "
+            "it resends its outbox when it answers (docs/reliability.md)",
             server_round,
             p,
             reason,
@@ -407,53 +355,84 @@ class _Router(Strategy):
     ) -> Iterable[Message]:
         if not self.is_eval_round(server_round):
             return []
-        cfg = ConfigRecord(dict(config))
-        cfg["round"] = server_round - 1
+        rnd = self.core(server_round)
         return [
-            Message(RecordDict({"config": cfg}), dst_node_id=self.part_to_node[p], message_type=MessageType.EVALUATE)
-            for p in self._sample(self.fraction_evaluate)
+            Message(
+                protocol.eval_content(rnd, self.token, self._restore_for(p), self.acked[p], dict(config)),
+                dst_node_id=self.part_to_node[p],
+                message_type=MessageType.EVALUATE,
+            )
+            for p in self.sample(self.fraction_evaluate)
             if not self.guard.is_excluded(p)
         ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Consensus measurements from the nodes' reports. A node whose report is an error or malformed (or that is
         unknown, or reports twice) is left out of this evaluation and recorded in ``eval_failures``."""
-        zs, accs, ys, parts = [], [], [], []
+        reps: dict[int, protocol.EvalReply] = {}
         for r in replies:
             p = self.node_to_part.get(r.metadata.src_node_id)
             try:
                 if r.has_error():
                     raise BadReply("error", r.error.reason)
-                if p is None or p in parts:
+                if p is None or p in reps:
                     raise BadReply("unexpected", f"a report from node id {r.metadata.src_node_id} it was not asked for")
-                z, acc, y = read_eval_reply(r.content, self.guard.dim)
+                reps[p] = protocol.read_eval_reply(r.content, self.guard.dim)
             except BadReply as err:
                 self.eval_failures.append({"round": server_round, "node": p, "reason": str(err)})
                 log(WARNING, "round %d: evaluation failed on node %s: %s", server_round, p, err)
                 continue
-            parts.append(p)
-            zs.append(z)
-            accs.append(acc)
-            ys.append(y)
-        if not zs:
+        if not reps:
             return None
-        order = np.argsort(parts)
-        zs = [zs[i] for i in order]
-        zbar = np.mean(zs, axis=0)
-        dist = float(np.mean([np.sum((z - zbar) ** 2) for z in zs]))
-        self.last_eval = {
-            "round": server_round,
-            "zbar": zbar.astype(np.float32),
-            "z_nodes": {parts[i]: zs[j].astype(np.float32) for j, i in enumerate(order)},
-            "y_by_node": {parts[i]: ys[i] for i in order},
-            "acc_node_mean": float(np.mean(accs)),
-            "acc_node_min": float(np.min(accs)),
-            "consensus_distance": dist,
-            "y_nodes": float(np.sum(ys)),
-            "y_mailboxes": self.mailbox_mass(),
-            "num_evaluated": len(zs),
-        }
-        return MetricRecord({k: v for k, v in self.last_eval.items() if isinstance(v, float)})
+        parts = sorted(reps)
+        zs = np.stack([reps[p].z for p in parts])
+        zbar = zs.mean(0)
+        # handed but not absorbed: the batches of rounds the node had not finished when it reported
+        y_unabsorbed = sum(_weight(i) + _weight(b) for p in parts for r, i, b in self.unacked[p] if r > reps[p].done)
+        self.last_eval = EvalReport(
+            round=server_round,
+            zbar=zbar.astype(np.float32),
+            z_nodes={p: reps[p].z.astype(np.float32) for p in parts},
+            y_by_node={p: reps[p].y for p in parts},
+            acc_node_mean=float(np.mean([reps[p].acc for p in parts])),
+            acc_node_min=float(np.min([reps[p].acc for p in parts])),
+            consensus_distance=float(np.mean(((zs - zbar) ** 2).sum(1))),
+            y_nodes=float(sum(reps[p].y for p in parts)),
+            y_pending=float(sum(reps[p].y_pending for p in parts)),
+            y_mailboxes=self.router.in_transit_mass() + float(y_unabsorbed),
+            num_evaluated=len(parts),
+        )
+        ev = self.last_eval
+        keys = ("acc_node_mean", "acc_node_min", "consensus_distance", "y_nodes", "y_pending", "y_mailboxes")
+        return MetricRecord({k: float(getattr(ev, k)) for k in keys})
+
+    def report(self) -> Report:
+        g = self.guard
+        return Report(
+            bits_sent=list(self.bits_sent),
+            bits_received=list(self.bits_received),
+            last_eval=self.last_eval,
+            messages_dropped=self.router.dropped,
+            messages_rejected=self.messages_rejected,
+            rejected_messages=list(self.rejected),
+            rejected_replies=list(g.rejected_replies),
+            replies_rejected_by_node={str(k): v for k, v in sorted(g.offences.items())},
+            messages_rejected_by_sender={str(k): v for k, v in sorted(g.rejected_by_sender.items())},
+            messages_bounced_after_rejection=g.bounced_rejected,
+            excluded_nodes=list(g.excluded),
+            straggler_events=list(self.stragglers),
+            nodes_not_returned=self.nodes_not_returned(),
+            eval_failures=list(self.eval_failures),
+            messages_resent=self.messages_resent,
+            reconnected_nodes=list(self.reconnected),
+            mailbox_messages=sum(len(b) for b in self.mailboxes),
+            mailbox_bits=sum(8 * len(d) for b in self.mailboxes for _, _, d in b),
+        )
+
+
+def _rng_state(state) -> tuple:
+    """random.Random.getstate() after a trip through plain lists (a checkpoint)."""
+    return (state[0], tuple(state[1]), state[2])
 
 
 class SGP(_Router):

@@ -155,10 +155,9 @@ def test_mass_conserved_on_server_states(dropin_run):
     assert m["y_in_transit"] > 0  # the last round's messages wait in the router
     assert m["y_total"] == pytest.approx(cfg["num-nodes"], abs=1e-9)
     # deliver what is in transit: the nodes then hold all the mass, sum_i y_i = n
-    algo = strategy._algo(0, cfg["num-rounds"])
-    for i, state in enumerate(strategy.states):
+    for i, node in enumerate(strategy.nodes):
         inbox, bounced = strategy.router.collect(i)
-        assert not bounced and not algo.receive(state, inbox)
+        assert not bounced and not node.begin(cfg["num-rounds"], inbox)
     assert sum(s.y for s in strategy.states) == pytest.approx(cfg["num-nodes"], abs=1e-9)
 
 

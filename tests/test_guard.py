@@ -14,7 +14,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from flower_sparsepush.strategies.routing import SparsePush, pack_frames, unpack_frames
+from flower_sparsepush.strategies.routing import SparsePush
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +23,7 @@ from flower_sparsepush.codec import Message as Msg
 from flower_sparsepush.codec import decode, encode
 from flower_sparsepush.compression import Identity, make_compressor
 from flower_sparsepush.guard import KINDS, message_size_limit
+from flower_sparsepush.protocol import pack_frames, unpack_frames
 from flower_sparsepush.pushsum import PushSum
 from flower_sparsepush.router import Network, Router
 from flower_sparsepush.topology import Graph
@@ -271,7 +272,7 @@ def test_honest_replies_pass_and_nothing_is_refused():
     for _ in range(4):
         sc.play()
     assert sc.s.guard.rejected_replies == [] and sc.s.stragglers == []
-    assert sum(s.y for s in sc.states) + sc.s.mailbox_mass() == pytest.approx(N, abs=1e-12)
+    assert sum(s.y for s in sc.states) + sc.s.router.in_transit_mass() == pytest.approx(N, abs=1e-12)
 
 
 def test_no_good_reply_at_all_stops_the_run():
@@ -483,11 +484,11 @@ def test_messages_a_receiver_rejects_go_home_exactly():
     assert [(r.index, r.sender) for r in sc.rejections[2]] == [(0, 0), (2, 0)]  # inbox: 0, 1, 0, 1 (round order)
     assert sc.s.guard.bounced_rejected == 3 and sc.s.guard.rejected_by_sender == {0: 2}
     assert [decode(d).round for dest, d in sc.s.router.bounced[0]] == [2, 1, 0]
-    total = sum(s.y for s in sc.states) + sc.s.mailbox_mass()
+    total = sum(s.y for s in sc.states) + sc.s.router.in_transit_mass()
     assert total == pytest.approx(4, abs=1e-12)
     for _ in range(3):
         sc.play()
-    assert sum(s.y for s in sc.states) + sc.s.mailbox_mass() == pytest.approx(4, abs=1e-12)
+    assert sum(s.y for s in sc.states) + sc.s.router.in_transit_mass() == pytest.approx(4, abs=1e-12)
     for i, outs_i in enumerate(outs):
         for j in outs_i:
             assert sc.in_step(i, j), (i, j)
@@ -598,8 +599,8 @@ def inprocess_runs():
 
     handed = {}
 
-    def hostile_round(setup, state, node, rnd, inbox):
-        res = node_round(setup, state, node, rnd, inbox)
+    def hostile_round(setup, state, node, rnd, inbox, bounced=()):
+        res = node_round(setup, state, node, rnd, inbox, bounced)
         if node != HOSTILE:
             return res
         handed[rnd] = sum(decode(d).y for _, d in inbox)

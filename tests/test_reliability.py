@@ -11,7 +11,7 @@ import torch
 
 from flower_sparsepush.config import validate
 from flower_sparsepush.results import read_metrics
-from flower_sparsepush.training import in_transit_mass, network_of, run_inprocess, train_inprocess
+from flower_sparsepush.training import network_of, run_inprocess, train_inprocess
 
 torch.set_num_threads(1)
 
@@ -51,7 +51,7 @@ CONV = {
 
 
 def total_mass(res) -> float:
-    return sum(s.y for s in res.states) + in_transit_mass(res.router)
+    return sum(s.y for s in res.states) + res.router.in_transit_mass()
 
 
 def test_lossy_network_is_exercised():
@@ -197,10 +197,11 @@ def _reply(node_id: int, frames: bytes = b"", error: str | None = None, rnd: int
 
 def test_stragglers_reported_and_run_goes_on(monkeypatch):
     from flower_sparsepush.strategies import routing
-    from flower_sparsepush.strategies.routing import SparsePush, pack_frames
+    from flower_sparsepush.strategies.routing import SparsePush
 
     from flower_sparsepush.codec import Message, encode
     from flower_sparsepush.compression import Identity
+    from flower_sparsepush.protocol import pack_frames
 
     # Flower Messages need a running Flower task; the routing logic does not
     monkeypatch.setattr(
@@ -214,15 +215,15 @@ def test_stragglers_reported_and_run_goes_on(monkeypatch):
     s.part_to_node = {0: 10, 1: 11, 2: 12}
     msg = encode(Message(0, 1, 0.5, 0.25, Identity()(torch.ones(4, dtype=torch.float64))))
     s.router.post(0, 0, {2: msg})  # node 2 has mail waiting
-    s.configure_train(2, None, {}, grid=SimpleNamespace())
+    s.configure_train(2, None, {}, grid=SimpleNamespace(get_node_ids=lambda: [10, 11, 12]))
     assert set(s.awaiting) == {0, 1, 2}
     _, metrics = s.aggregate_train(2, [_reply(10, pack_frames([(1, msg)])), _reply(11, error="boom")])
     assert [(e["node"], e["reason"][:5]) for e in s.stragglers] == [(1, "error"), (2, "no re")]
-    assert s.stragglers[1]["y_inbox"] == pytest.approx(0.25)  # what it was handed and never acknowledged
+    assert s.stragglers[1]["y_held"] == pytest.approx(0.25)  # what it was handed and never acknowledged
     assert metrics["stragglers"] == 2 and s.nodes_not_returned() == [1, 2]
-    s.configure_train(3, None, {}, grid=SimpleNamespace())
+    s.configure_train(3, None, {}, grid=SimpleNamespace(get_node_ids=lambda: [10, 11, 12]))
     s.aggregate_train(3, [_reply(10, rnd=2), _reply(11, rnd=2)])
     assert s.nodes_not_returned() == [2]  # node 1 came back, node 2 never did
-    s.configure_train(4, None, {}, grid=SimpleNamespace())
+    s.configure_train(4, None, {}, grid=SimpleNamespace(get_node_ids=lambda: [10, 11, 12]))
     with pytest.raises(RuntimeError, match="no node returned"):
         s.aggregate_train(4, [])

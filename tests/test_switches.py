@@ -12,7 +12,6 @@ from flower_sparsepush.training import (
     compressor_at,
     gamma_at,
     get_setup,
-    in_transit_mass,
     merge_bits,
     run_inprocess,
     validation_split,
@@ -69,7 +68,7 @@ def test_final_merge_gives_every_node_the_exact_average_and_counts_its_bits():
     assert merged.history[-1]["consensus_distance"] == 0.0
     assert merged.history[-1]["acc_node_min"] == merged.history[-1]["acc_consensus"]
     assert sum(s.y for s in merged.states) == pytest.approx(8.0, abs=1e-9)  # mass kept, nothing in transit
-    assert in_transit_mass(merged.router) == 0.0
+    assert merged.router.in_transit_mass() == 0.0
     assert float(zbar_merged.norm()) > 0 and total_y > 7.999  # (plain's transit mass is part of the total)
     d = get_setup(merged_cfg).x0.numel()
     for a, b in zip(plain.bits_sent, merged.bits_sent):

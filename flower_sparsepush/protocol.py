@@ -1,0 +1,242 @@
+"""What travels between the ServerApp and the ClientApp: record keys, frames, round numbers, and the reading of
+replies that trusts nothing. The one place both sides import from.
+
+Rounds: the core counts rounds from 0 (``t``); Flower's ``server_round`` is ``t + 1`` (:func:`core_round`). Every
+message carries the core round ``t``.
+
+Frames: ``pack_frames([(peer, bytes), ...])`` = repeated ``<uint32 peer><uint32 length><payload>``. ``peer`` is the
+destination on the way out and the sender on the way in. Groups of frames from several rounds nest: the outer
+``peer`` is the round and the payload a packed group.
+
+Train message (server -> node), a RecordDict:
+
+- ``config`` (ConfigRecord): the user's config plus ``round`` (t), ``token`` (the run's node-store token),
+  ``acked`` (the last round whose outbox of this node the relay has routed; -1: none), ``restore`` (a checkpoint
+  round the node must return to first; -1: none) and ``snapshot`` (keep a checkpoint copy after this round).
+- ``inbox`` (ConfigRecord): ``frames`` (this round's messages for the node, ``(sender, bytes)``), ``bounced`` (its
+  own messages the network returned, ``(destination, bytes)``), and, after a lost reply, ``redo`` / ``redo-bounced``:
+  the frames handed to it in earlier rounds that it may not have absorbed, grouped by the round they were first
+  handed. A node absorbs a group only when it has not finished that round, so nothing is absorbed twice.
+
+Train reply (node -> server): ``out`` (ConfigRecord: ``round``, ``frames``, ``rejected`` = uint32 positions of the
+handed messages it refused, counting ``redo`` groups first, and optional ``resent``: its outboxes of earlier rounds
+the relay has not acknowledged, grouped by round) and ``metrics`` (MetricRecord: ``train_loss``, ``rejected``,
+``y``).
+
+Evaluate message: ``config`` (``round``, ``token``, ``restore``, ``acked``); reply ``model`` (ArrayRecord ``z``) and
+``metrics`` (``acc``, ``loss``, ``y``, and optional ``y_pending`` (weight in outboxes not yet acknowledged) and
+``done`` (the last round the node finished)).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from flower_sparsepush.guard import BadReply
+
+_FRAME = struct.Struct("<II")
+Frames = list[tuple[int, bytes]]
+
+# record and field names
+CONFIG, INBOX, OUT, METRICS, MODEL, INFO = "config", "inbox", "out", "metrics", "model", "info"
+TRAIN_REPLY = {OUT: ("round", "frames", "rejected"), METRICS: ("train_loss", "rejected", "y")}
+TRAIN_REPLY_OPTIONAL = {OUT: ("resent",), METRICS: ()}
+EVAL_OPTIONAL = ("y_pending", "done")
+
+
+def core_round(server_round: int) -> int:
+    """The core's 0-based round of Flower's 1-based ``server_round``."""
+    return server_round - 1
+
+
+def pack_frames(frames: Frames) -> bytes:
+    """``[(peer, payload)]`` -> one buffer."""
+    return b"".join(_FRAME.pack(p, len(d)) + d for p, d in frames)
+
+
+def unpack_frames(buf: bytes) -> Frames:
+    """Inverse of :func:`pack_frames`; raises ValueError on a truncated buffer."""
+    out, pos, mv = [], 0, memoryview(buf)
+    while pos < len(buf):
+        if pos + _FRAME.size > len(buf):
+            raise ValueError("truncated frame header")
+        peer, n = _FRAME.unpack_from(buf, pos)
+        pos += _FRAME.size
+        if pos + n > len(buf):
+            raise ValueError("truncated frame payload")
+        out.append((peer, bytes(mv[pos : pos + n])))
+        pos += n
+    return out
+
+
+def pack_groups(groups: list[tuple[int, Frames]]) -> bytes:
+    """``[(round, frames)]`` -> one buffer (frames of several rounds)."""
+    return pack_frames([(r, pack_frames(f)) for r, f in groups])
+
+
+def unpack_groups(buf: bytes) -> list[tuple[int, Frames]]:
+    return [(r, unpack_frames(g)) for r, g in unpack_frames(buf)]
+
+
+def positions(buf: bytes) -> list[int]:
+    return np.frombuffer(buf, dtype="<u4").tolist()
+
+
+def pack_positions(pos: list[int]) -> bytes:
+    return np.array(pos, dtype="<u4").tobytes()
+
+
+# --------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainOrder:
+    """A train message as the node reads it."""
+
+    round: int
+    inbox: Frames
+    bounced: Frames
+    redo: list[tuple[int, Frames]] = field(default_factory=list)
+    redo_bounced: list[tuple[int, Frames]] = field(default_factory=list)
+    token: str = ""
+    acked: int = -1
+    restore: int = -1
+    snapshot: bool = False
+
+
+def train_content(order: TrainOrder, config: dict | None = None) -> RecordDict:
+    cfg = ConfigRecord(dict(config or {}))
+    cfg.update(
+        {
+            "round": order.round,
+            "token": order.token,
+            "acked": order.acked,
+            "restore": order.restore,
+            "snapshot": order.snapshot,
+        }
+    )
+    box = {"frames": pack_frames(order.inbox), "bounced": pack_frames(order.bounced)}
+    if order.redo:
+        box["redo"] = pack_groups(order.redo)
+    if order.redo_bounced:
+        box["redo-bounced"] = pack_groups(order.redo_bounced)
+    return RecordDict({CONFIG: cfg, INBOX: ConfigRecord(box)})
+
+
+def read_train(content: RecordDict) -> TrainOrder:
+    cfg, box = content[CONFIG], content[INBOX]
+    return TrainOrder(
+        round=int(cfg["round"]),
+        inbox=unpack_frames(box["frames"]),
+        bounced=unpack_frames(box["bounced"]) if "bounced" in box else [],
+        redo=unpack_groups(box["redo"]) if "redo" in box else [],
+        redo_bounced=unpack_groups(box["redo-bounced"]) if "redo-bounced" in box else [],
+        token=str(cfg.get("token", "")),
+        acked=int(cfg.get("acked", -1)),
+        restore=int(cfg.get("restore", -1)),
+        snapshot=bool(cfg.get("snapshot", False)),
+    )
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A checked train reply: this round's outbox, the positions refused, earlier outboxes resent, the loss."""
+
+    round: object
+    frames: Frames
+    rejected: list[int]
+    resent: list[tuple[int, Frames]]
+    loss: float
+
+
+def train_reply_content(
+    rnd: int, frames: Frames, rejected: list[int], resent: list[tuple[int, Frames]], loss: float, y: float
+) -> RecordDict:
+    out = {"round": rnd, "frames": pack_frames(frames), "rejected": pack_positions(rejected)}
+    if resent:
+        out["resent"] = pack_groups(resent)
+    metrics = {"train_loss": loss, "rejected": len(rejected), "y": float(y)}
+    return RecordDict({OUT: ConfigRecord(out), METRICS: MetricRecord(metrics)})
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_train_reply(content: object) -> TrainReply:
+    """Raises :class:`BadReply` (kind ``schema``) unless the reply has exactly the records and fields of
+    :data:`TRAIN_REPLY` (plus those of :data:`TRAIN_REPLY_OPTIONAL`), with their types."""
+    if not isinstance(content, RecordDict):
+        raise BadReply("schema", f"the reply content is {type(content).__name__}, not a RecordDict")
+    if sorted(content.keys()) != sorted(TRAIN_REPLY):
+        raise BadReply("schema", f"records {sorted(content.keys())}, expected {sorted(TRAIN_REPLY)}")
+    out, metrics = content[OUT], content[METRICS]
+    if not isinstance(out, ConfigRecord) or not isinstance(metrics, MetricRecord):
+        raise BadReply("schema", "'out' must be a ConfigRecord and 'metrics' a MetricRecord")
+    for name, record in ((OUT, out), (METRICS, metrics)):
+        need, may = set(TRAIN_REPLY[name]), set(TRAIN_REPLY_OPTIONAL[name])
+        if not need <= set(record.keys()) <= need | may:
+            raise BadReply("schema", f"'{name}' has fields {sorted(record.keys())}, expected {sorted(need)}")
+    if not all(_number(metrics[k]) for k in TRAIN_REPLY[METRICS]):
+        raise BadReply("schema", "a 'metrics' field is not a number")
+    frames, rejected, resent = out["frames"], out["rejected"], out.get("resent", b"")
+    if not all(isinstance(b, bytes) for b in (frames, rejected, resent)) or len(rejected) % 4:
+        raise BadReply("schema", "'out.frames' / 'out.resent' must be bytes and 'out.rejected' uint32 positions")
+    try:
+        frames, groups = unpack_frames(frames), unpack_groups(resent)
+    except ValueError as err:
+        raise BadReply("schema", f"'out.frames' or 'out.resent': {err}") from None
+    return TrainReply(out["round"], frames, positions(rejected), groups, float(metrics["train_loss"]))
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def eval_content(rnd: int, token: str, restore: int = -1, acked: int = -1, config: dict | None = None) -> RecordDict:
+    cfg = ConfigRecord(dict(config or {}))
+    cfg.update({"round": rnd, "token": token, "restore": restore, "acked": acked})
+    return RecordDict({CONFIG: cfg})
+
+
+def eval_reply_content(z: np.ndarray, acc: float, loss: float, y: float, y_pending: float, done: int) -> RecordDict:
+    metrics = {"acc": acc, "loss": loss, "y": float(y), "y_pending": float(y_pending), "done": int(done)}
+    return RecordDict({MODEL: ArrayRecord({"z": Array(z)}), METRICS: MetricRecord(metrics)})
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    z: np.ndarray
+    acc: float
+    y: float
+    y_pending: float
+    done: int
+
+
+def read_eval_reply(content: object, dim: int | None) -> EvalReply:
+    """Raises :class:`BadReply` unless it has the ``model.z`` array (finite, one entry per model parameter) and the
+    ``metrics`` ``acc`` (in [0, 1]) and ``y`` (finite); ``y_pending`` and ``done`` are optional."""
+    try:
+        model, metrics = content[MODEL], content[METRICS]
+        z, acc, y = model["z"].numpy(), metrics["acc"], metrics["y"]
+        y_pending, done = metrics.get("y_pending", 0.0), metrics.get("done", -1)
+    except (KeyError, TypeError, ValueError, AttributeError, OSError, EOFError) as err:
+        raise BadReply(
+            "schema", f"evaluate reply without a readable model.z, metrics.acc and metrics.y: {err!r}"
+        ) from None
+    if not (isinstance(z, np.ndarray) and z.ndim == 1 and z.dtype.kind == "f" and np.isfinite(z).all()):
+        raise BadReply("schema", "model.z is not a finite 1-D float array")
+    if dim is not None and len(z) != dim:
+        raise BadReply("schema", f"model.z has {len(z)} entries, the model has {dim}")
+    if not (_number(acc) and 0 <= acc <= 1 and _number(y) and np.isfinite(y)):
+        raise BadReply("schema", f"metrics acc={acc!r} (must be in [0, 1]) or y={y!r} (must be finite)")
+    if not (_number(y_pending) and np.isfinite(y_pending) and y_pending >= 0 and _number(done)):
+        raise BadReply("schema", f"metrics y_pending={y_pending!r} (must be >= 0) or done={done!r} not a number")
+    return EvalReply(z.astype(np.float64), float(acc), float(y), float(y_pending), int(done))
+
+
+def query_reply_content(partition_id: int) -> RecordDict:
+    return RecordDict({INFO: ConfigRecord({"partition-id": partition_id})})

@@ -1,0 +1,144 @@
+"""What every push-sum strategy shares: node registration, sampling, traffic counting and the typed report the
+ServerApp reads (instead of the strategy's attributes).
+
+- Registration: wait until the run's nodes are connected, then ask each for its partition id (one query message).
+  A node id that appears later (a SuperNode that restarted and reconnected) is asked too, and takes over its
+  partition (:meth:`PushSumStrategy.refresh`).
+- Sampling: :meth:`PushSumStrategy.sample` is Flower's rule (``int(fraction * n)``, at least ``minimum``), seeded.
+- Traffic: ``bits_sent`` / ``bits_received`` per node, 8 x the bytes of every peer-to-peer message.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from flower_sparsepush import protocol
+
+
+def query_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, int]:
+    """Ask each node for its partition id: ``{node_id: partition_id}``."""
+    msgs = [
+        Message(
+            RecordDict({"q": ConfigRecord({"what": "partition-id"})}), dst_node_id=nid, message_type=MessageType.QUERY
+        )
+        for nid in node_ids
+    ]
+    mapping = {}
+    for r in grid.send_and_receive(msgs, timeout=timeout):
+        if r.has_error():
+            raise RuntimeError(f"node {r.metadata.src_node_id} failed the registration query: {r.error.reason}")
+        mapping[r.metadata.src_node_id] = int(r.content[protocol.INFO]["partition-id"])
+    return mapping
+
+
+def wait_and_register(grid: Grid, num_nodes: int, timeout: float, poll: float = 0.2) -> dict[int, int]:
+    """Wait until ``num_nodes`` nodes are connected, then ask each for its partition id: {node_id: partition_id}."""
+    end = time.time() + timeout
+    while True:
+        ids = sorted(grid.get_node_ids())
+        if len(ids) >= num_nodes:
+            break
+        if time.time() > end:
+            raise RuntimeError(
+                f"only {len(ids)} of {num_nodes} nodes connected after {timeout:.0f} s "
+                "(num-nodes must equal the federation's num-supernodes)"
+            )
+        time.sleep(poll)
+    mapping = query_partitions(grid, ids, timeout)
+    parts = sorted(mapping.values())
+    if parts != list(range(num_nodes)):
+        raise RuntimeError(f"expected partition ids 0..{num_nodes - 1}, nodes reported {parts}")
+    return mapping
+
+
+@dataclass
+class EvalReport:
+    """The nodes' reports of one evaluation round."""
+
+    round: int
+    zbar: Any  # np.ndarray, the consensus model mean_i z_i (a measurement; no node is sent it)
+    z_nodes: dict[int, Any]
+    y_by_node: dict[int, float]
+    acc_node_mean: float
+    acc_node_min: float
+    consensus_distance: float
+    y_nodes: float  # weight held by the nodes
+    y_pending: float  # weight in outboxes the nodes keep until the relay acknowledges them
+    y_mailboxes: float  # weight in messages the relay holds (undelivered, bounced, handed but not absorbed)
+    num_evaluated: int
+
+
+@dataclass
+class Report:
+    """What a push-sum strategy tells the ServerApp about its run so far."""
+
+    bits_sent: list[int]
+    bits_received: list[int]
+    last_eval: EvalReport | None = None
+    messages_dropped: int = 0
+    messages_rejected: int = 0
+    rejected_messages: list[str] = field(default_factory=list)
+    rejected_replies: list = field(default_factory=list)
+    replies_rejected_by_node: dict = field(default_factory=dict)
+    messages_rejected_by_sender: dict = field(default_factory=dict)
+    messages_bounced_after_rejection: int = 0
+    excluded_nodes: list = field(default_factory=list)
+    straggler_events: list = field(default_factory=list)
+    nodes_not_returned: list = field(default_factory=list)
+    eval_failures: list = field(default_factory=list)
+    messages_resent: int = 0
+    reconnected_nodes: list = field(default_factory=list)
+    mailbox_messages: int = 0
+    mailbox_bits: int = 0
+
+
+class PushSumStrategy(Strategy):
+    """Registration, sampling and traffic counters of the push-sum strategies (routing.py, dropin.py)."""
+
+    def __init__(self, num_nodes: int, sample_seed: int = 0, register_timeout: float = 120.0) -> None:
+        self.num_nodes = num_nodes
+        self.register_timeout = register_timeout
+        self._rng = random.Random(sample_seed)
+        self.node_to_part: dict[int, int] = {}
+        self.part_to_node: dict[int, int] = {}
+        self.bits_sent = [0] * num_nodes
+        self.bits_received = [0] * num_nodes
+        self.reconnected: list[dict] = []  # {"partition", "old", "new"} per SuperNode that came back
+
+    def register(self, grid: Grid) -> None:
+        """First query round: learn node id -> partition id, after waiting for every node to connect."""
+        if not self.node_to_part:
+            self.node_to_part = wait_and_register(grid, self.num_nodes, self.register_timeout)
+            self.part_to_node = {p: nid for nid, p in self.node_to_part.items()}
+
+    def refresh(self, grid: Grid, server_round: int) -> None:
+        """Register node ids that connected since: a restarted SuperNode takes over its partition."""
+        new = [nid for nid in grid.get_node_ids() if nid not in self.node_to_part]
+        if not new:
+            return
+        for nid, p in query_partitions(grid, sorted(new), self.register_timeout).items():
+            if not 0 <= p < self.num_nodes:
+                continue
+            old = self.part_to_node.get(p)
+            self.node_to_part.pop(old, None)
+            self.node_to_part[nid] = p
+            self.part_to_node[p] = nid
+            self.reconnected.append({"round": server_round, "partition": p, "old": old, "new": nid})
+
+    def sample(self, fraction: float, minimum: int = 1) -> list[int]:
+        """Flower's rule: ``int(fraction * n)`` partitions (at least ``minimum``), seeded; all when fraction is 1."""
+        parts = list(range(self.num_nodes))
+        if fraction >= 1:
+            return parts
+        k = min(self.num_nodes, max(minimum, int(fraction * self.num_nodes)))
+        return sorted(self._rng.sample(parts, k))
+
+    def report(self) -> Report:
+        raise NotImplementedError

@@ -1,0 +1,87 @@
+"""Node state that survives on the Flower path: checkpoint and resume, and a lost train reply that loses no mass."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flower_sparsepush.config import validate
+from flower_sparsepush.launch import simulate
+from flower_sparsepush.results import read_metrics
+
+RUN = {
+    "dataset": "synthetic",
+    "model": "mlp",
+    "num-nodes": 4,
+    "graph": "exponential",
+    "num-rounds": 4,
+    "local-steps": 2,
+    "batch-size": 16,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "lr-schedule": "cosine",
+    "eval-every": 1,
+    "save-nodes": True,
+    "seed": 5,
+    "strategy": "sparse-push",
+    "compressor": "topk:0.1+q:4",
+    "gamma": 0.3,
+}
+SKIP = {"wall_s"}  # wall-clock time is the one field a resumed run may not repeat
+
+
+def _rows(out):
+    return [{k: v for k, v in r.items() if k not in SKIP} for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_resumed_flower_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    from flower_sparsepush import server_app
+
+    cfg = RUN | {"checkpoint-every": 2, "out-dir": str(tmp_path)}
+    full = simulate(validate(cfg | {"run-name": "full"}))
+
+    real = server_app.save_flower_checkpoint
+
+    def save_then_die(c, done, strategy, history):  # killed right after the checkpoint of round 2
+        real(c, done, strategy, history)
+        if done == 2:
+            raise RuntimeError("killed after round 2")
+
+    monkeypatch.setattr(server_app, "save_flower_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError):
+        simulate(validate(cfg | {"run-name": "cut"}))
+    assert len(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == 2  # rounds 1-2 done, 3-4 never ran
+    monkeypatch.setattr(server_app, "save_flower_checkpoint", real)
+    resumed = simulate(validate(cfg | {"run-name": "cut", "resume": True}))
+    assert _rows(resumed) == _rows(full)  # every metric of every round, to the last digit
+    a, b = np.load(full / "nodes.npz"), np.load(resumed / "nodes.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["resumed_from_round"] == 2
+    assert summary["bits_sent_by_node"] == json.loads((full / "summary.json").read_text())["bits_sent_by_node"]
+
+
+def test_a_lost_train_reply_loses_no_mass_and_its_outbox_arrives_later(tmp_path):
+    """Node 1's reply of round 2 is lost after the node did its round (its state is saved): the relay hands its
+    inbox again, the node absorbs nothing twice and resends its outbox with its next reply."""
+    from flwr.app import Error, Message
+
+    def lose_reply(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train" and int(context.node_config["partition-id"]) == 1:
+            if int(msg.content["config"]["round"]) == 1:
+                return Message(Error(code=0, reason="reply lost on the way"), reply_to=msg)
+        return reply
+
+    cfg = validate(RUN | {"out-dir": str(tmp_path), "run-name": "lossy"})
+    out = simulate(cfg, client_mods=[lose_reply])
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(e["round"], e["node"]) for e in summary["straggler_events"]] == [(2, 1)]
+    assert summary["messages_resent"] >= 1  # node 1's outbox of round 1 went out with its reply of round 2
+    assert summary["nodes_not_returned"] == []
+    for row in read_metrics(out / "metrics.jsonl"):
+        assert row["y_nodes"] + row["y_pending"] + row["y_mailboxes"] == pytest.approx(4, abs=1e-9)
+    held = [r for r in read_metrics(out / "metrics.jsonl") if r["round"] == 2][0]
+    assert held["y_pending"] > 0  # after the lost reply the node held its unacknowledged outbox
