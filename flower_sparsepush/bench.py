@@ -247,11 +247,14 @@ def run_worker(spec: dict[str, Any], mem_limit_gib: float, timeout: float) -> di
 # --------------------------------------------------------------------------- the worker (runs in a subprocess)
 
 
-def bench_cfg(model: str, nodes: int, rounds: int, local_steps: int, dataset: str, out_dir: str) -> dict[str, Any]:
+def bench_cfg(
+    model: str, nodes: int, rounds: int, local_steps: int, dataset: str, out_dir: str, extra: dict | None = None
+) -> dict[str, Any]:
     from flower_sparsepush.config import validate
 
     return validate(
-        {
+        (extra or {})
+        | {
             "strategy": "sparse-push",
             "dataset": dataset,
             "model": model,
@@ -284,7 +287,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     os.environ["SPARSEPUSH_CLIENT_THREADS"] = "1"
-    cfg = bench_cfg(spec["model"], spec["nodes"], spec["rounds"], spec["local_steps"], spec["dataset"], spec["out_dir"])
+    cfg = bench_cfg(
+        spec["model"],
+        spec["nodes"],
+        spec["rounds"],
+        spec["local_steps"],
+        spec["dataset"],
+        spec["out_dir"],
+        spec.get("config"),
+    )
     if spec["mode"] == "inprocess":
         from flower_sparsepush.training import get_setup, run_inprocess
 
@@ -395,6 +406,18 @@ def section_overhead(cases, rounds: int, local_steps: int, dataset: str, mem_lim
             row["ratio"] = row["flower_s_per_round"]["median"] / row["inprocess_s_per_round"]["median"]
         else:
             row["errors"] = [r.get("log_tail", "") for r in (inp, fl) if not r["ok"]]
+        if row["ok"]:  # the node-store choice: state files (default) against the whole state in context.state
+            flc = run_worker(
+                base
+                | {"mode": "flower", "cpus_per_client": cores, "ray_cpus": cores, "config": {"node-store": "context"}},
+                mem_limit,
+                1800,
+            )
+            if flc["ok"]:
+                row["flower_context_s_per_round"] = _per_round(flc)
+                row["ratio_context"] = (
+                    row["flower_context_s_per_round"]["median"] / row["inprocess_s_per_round"]["median"]
+                )
         if (model, nodes) in two_actors:
             fl2 = run_worker(base | {"mode": "flower", "cpus_per_client": 1, "ray_cpus": cores}, mem_limit, 1800)
             row["flower_2actors_s_per_round"] = _per_round(fl2)
@@ -717,6 +740,14 @@ def section_ray(out_dir: str, log) -> dict[str, Any]:
         "leftover_pids": rep.get("leftover_pids", []),
         "report": str(Path(out_dir) / "ray_cluster.json"),
     }
+    fr = rep.get("flwr_run_cluster", {})  # the `flwr run` path (SuperLink with RAY_ADDRESS) on the same cluster
+    if fr:
+        out["flwr_run"] = {
+            "actor_nodes": fr.get("actor_nodes", 0),
+            "metrics_equal": bool(fr.get("comparison", {}).get("equal", False)),
+            "wall_s": fr.get("wall_s"),
+            **({"error": fr["error"]} if "error" in fr else {}),
+        }
     if "error" in rep:
         out["error"] = rep["error"]
     log(f"ray: {out['nodes_used']} Ray node(s) hosted ClientApp actors, metrics equal: {out['metrics_equal']}")
@@ -839,9 +870,12 @@ def render_md(rep: dict[str, Any]) -> str:
             "",
             "## 1. Flower overhead (seconds per round, median [min, max] over rounds 2..R)",
             "",
+            "Flower keeps node state in the node store (state files, the default); the last two columns are the same "
+            "run with `node-store=context` (the whole state in Flower's context.state, pickled with every message).",
+            "",
             "| model, nodes | in-process | Flower, 1 actor | ratio | Flower, 2 actors | ratio | Ray start + "
-            "registration s |",
-            "|---|---|---|---|---|---|---|",
+            "registration s | Flower, context.state | ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for key, r in ov.items():
             i, f = r["inprocess_s_per_round"], r["flower_s_per_round"]
@@ -854,7 +888,12 @@ def render_md(rep: dict[str, Any]) -> str:
                     if f2
                     else "- | -"
                 )
-                + f" | {_fmt(r.get('flower_startup_s'), 1)} |"
+                + f" | {_fmt(r.get('flower_startup_s'), 1)} | "
+                + (
+                    f"{_fmt(r['flower_context_s_per_round']['median'])} | {_fmt(r.get('ratio_context'), 2)} |"
+                    if "flower_context_s_per_round" in r
+                    else "- | - |"
+                )
             )
     sc = sec.get("scale", {})
     if sc:
@@ -967,6 +1006,12 @@ def render_md(rep: dict[str, Any]) -> str:
             f"difference {ra.get('max_abs_metric_diff', float('nan')):.3g}); start-up "
             f"{_fmt(ra.get('cluster_startup_s'), 1)} s, cluster run {_fmt(ra.get('cluster_run_s'), 1)} s, "
             f"single-machine run {_fmt(ra.get('single_run_s'), 1)} s"
+            + (
+                f"; `flwr run` path on the same cluster: ClientAppActors on {ra['flwr_run'].get('actor_nodes', 0)} "
+                f"Ray node(s), metrics equal: {'yes' if ra['flwr_run'].get('metrics_equal') else 'no'}"
+                if ra.get("flwr_run")
+                else ""
+            )
             + (f"; error: `{ra['error']}`" if "error" in ra else "")
             + ".",
         ]
