@@ -316,8 +316,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     ends: list[float] = []
     build = server_app.build_strategy
 
-    def timed_strategy(c):
-        s = build(c)
+    def timed_strategy(c, *args, **kw):
+        s = build(c, *args, **kw)
         ct, at = s.configure_train, s.aggregate_train
 
         def configure_train(*a, **k):
