@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -101,20 +103,75 @@ def round_rule(compressor, segments, seed: int, node: int, rnd: int, gamma: floa
 # --------------------------------------------------------------------------- setup (data, model, graph)
 
 
-@dataclass
-class Setup:
-    """What every node of a run shares: data, partition, model architecture, initial model, graph."""
+@dataclass(frozen=True)
+class Schedule:
+    """How every node trains: rounds, local steps, batches and the SGD rule (typed, from the run config)."""
 
-    cfg: dict[str, Any]
+    num_rounds: int
+    final_gossip_rounds: int
+    local_steps: int
+    batch_size: int
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    qgm: bool
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any]) -> Schedule:
+        return cls(
+            cfg["num-rounds"],
+            cfg["final-gossip-rounds"],
+            cfg["local-steps"],
+            cfg["batch-size"],
+            cfg["lr"],
+            cfg["momentum"],
+            cfg["nesterov"],
+            cfg["weight-decay"],
+            cfg["qgm"],
+            cfg["seed"],
+        )
+
+    def trains(self, rnd: int) -> bool:
+        """Whether round ``rnd`` trains (rounds from ``num-rounds`` on are the final gossip-only phase)."""
+        return rnd < self.num_rounds
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What a run's nodes share and every process builds once: data, partition, model architecture, initial model,
+    graph. Cached per process by :func:`get_setup` (keyed by the config keys that decide it)."""
+
     ds: Any
     shards: list[tuple[torch.Tensor, torch.Tensor]]
-    model: torch.nn.Module
+    model: torch.nn.Module  # scratch module: parameters are loaded from a flat vector before every use
     x0: torch.Tensor
     segments: list[int]
     graph: Any
     train_size: int
-    eval_cache: dict = field(default_factory=dict)
     val: tuple[torch.Tensor, torch.Tensor] | None = None  # the held-out validation split (val-split > 0)
+    eval_cache: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One run as every node sees it: the validated config (read-only), its typed training schedule, and the shared
+    :class:`RunData`. Immutable: :func:`get_setup` returns a new one per config, sharing the cached data."""
+
+    cfg: Mapping[str, Any]
+    schedule: Schedule
+    data: RunData
+
+    ds = property(lambda self: self.data.ds)
+    shards = property(lambda self: self.data.shards)
+    model = property(lambda self: self.data.model)
+    x0 = property(lambda self: self.data.x0)
+    segments = property(lambda self: self.data.segments)
+    graph = property(lambda self: self.data.graph)
+    train_size = property(lambda self: self.data.train_size)
+    val = property(lambda self: self.data.val)
+    eval_cache = property(lambda self: self.data.eval_cache)
 
     @property
     def n(self) -> int:
@@ -129,22 +186,21 @@ class Setup:
 
     def epoch(self, rnd: int) -> float:
         """Epochs of the whole training set seen after ``rnd`` rounds (all nodes together)."""
-        return rnd * self.cfg["local-steps"] * self.cfg["batch-size"] * self.n / self.train_size
+        return rnd * self.schedule.local_steps * self.schedule.batch_size * self.n / self.train_size
 
 
-_SETUP_CACHE: dict[tuple, Setup] = {}
-_SETUP_KEYS = (
+_DATA_CACHE: dict[tuple, RunData] = {}
+_DATA_KEYS = (
     "dataset",
     "data-dir",
+    "image-column",
+    "label-column",
     "partition",
     "num-nodes",
     "seed",
     "model",
     "norm",
     "graph",
-    "compressor",
-    "gamma",
-    "form",
     "val-split",
 )
 
@@ -174,13 +230,21 @@ def validation_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.from_numpy(np.flatnonzero(~mask)), torch.from_numpy(np.flatnonzero(mask))
 
 
-def get_setup(cfg: dict[str, Any]) -> Setup:
-    """Build (or reuse, per process) the shared setup of a validated config."""
-    key = tuple(cfg[k] for k in _SETUP_KEYS)
-    hit = _SETUP_CACHE.get(key)
-    if hit is not None:
-        hit.cfg = cfg
-        return hit
+def get_setup(cfg: Mapping[str, Any]) -> Setup:
+    """The setup of a validated config: a new, read-only :class:`Setup` per call, over data built once per process
+    (the last data set only, for memory). Nothing a caller holds changes when another caller asks for another
+    config."""
+    frozen = MappingProxyType(dict(cfg))
+    key = tuple(cfg[k] for k in _DATA_KEYS)
+    data = _DATA_CACHE.get(key)
+    if data is None:
+        data = build_data(frozen)
+        _DATA_CACHE.clear()  # keep one data set per process (memory)
+        _DATA_CACHE[key] = data
+    return Setup(frozen, Schedule.of(frozen), data)
+
+
+def build_data(cfg: Mapping[str, Any]) -> RunData:
     from flower_sparsepush import data, models
 
     ds = load_data(cfg)
@@ -194,21 +258,16 @@ def get_setup(cfg: dict[str, Any]) -> Setup:
     model = models.build_model(
         cfg["model"], ds.num_classes, ds.in_channels, cfg["norm"], input_shape=ds.input_shape, seed=cfg["seed"]
     )
-    x0 = models.flat_params(model).float()
-    setup = Setup(
-        cfg,
+    return RunData(
         ds,
         shards,
         model,
-        x0,
+        models.flat_params(model).float(),
         models.segment_sizes(model),
         make_graph(cfg["graph"], cfg["num-nodes"], cfg["seed"]),
         len(y_train),
         val=val,
     )
-    _SETUP_CACHE.clear()  # keep one setup per process (memory)
-    _SETUP_CACHE[key] = setup
-    return setup
 
 
 # --------------------------------------------------------------------------- batches and local SGD
@@ -232,10 +291,10 @@ def batch_indices(n_i: int, seed: int, node: int, start: int, size: int) -> torc
 def node_batch(setup: Setup, node: int, rnd: int, step: int, aug_gen: torch.Generator):
     from flower_sparsepush.data import normalize, random_crop_flip
 
-    cfg = setup.cfg
+    sch = setup.schedule
     x, y = setup.shards[node]
-    b = cfg["batch-size"]
-    idx = batch_indices(len(y), cfg["seed"], node, (rnd * cfg["local-steps"] + step) * b, b)
+    b = sch.batch_size
+    idx = batch_indices(len(y), sch.seed, node, (rnd * sch.local_steps + step) * b, b)
     xb = x[idx]
     if setup.ds.augment == "crop_flip":
         xb = random_crop_flip(xb, aug_gen)
@@ -256,22 +315,22 @@ def local_sgd(
     With ``qgm`` the buffer is the quasi-global momentum m (updated once per round by :func:`qgm_update`, from the
     post-gossip model change): every step moves by ``lr * (g + momentum * m)`` and the buffer is returned unchanged.
     """
-    cfg = setup.cfg
-    lr, mu, wd = lr_at(cfg, rnd), cfg["momentum"], cfg["weight-decay"]
+    sch = setup.schedule
+    lr, mu, wd = lr_at(setup.cfg, rnd), sch.momentum, sch.weight_decay
     model = setup.model
     model.train()
-    aug = generator(cfg["seed"], node, "aug", rnd)
+    aug = generator(sch.seed, node, "aug", rnd)
     z = z.detach().to(torch.float32).clone()
     buf = None if mu == 0 else (torch.zeros_like(z) if momentum is None else momentum.to(torch.float32).clone())
     losses = []
-    for step in range(cfg["local-steps"]):
+    for step in range(sch.local_steps):
         load_flat(model, z)
         xb, yb = node_batch(setup, node, rnd, step, aug)
         model.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
         g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters()])
-        sgd_step_(z, g, buf, lr, mu, wd, cfg["nesterov"], qgm)
+        sgd_step_(z, g, buf, lr, mu, wd, sch.nesterov, qgm)
         losses.append(float(loss.detach()))
     return z, buf, float(np.mean(losses))
 
@@ -300,9 +359,9 @@ def qgm_update(setup: Setup, state: NodeState, rnd: int) -> None:
 def train(setup: Setup, state: NodeState, node: int, rnd: int) -> float:
     """This round's local SGD (quasi-global momentum first when on); returns the mean loss, NaN in the final
     gossip-only phase (rounds from ``num-rounds`` on), where nothing is trained."""
-    if rnd >= setup.cfg["num-rounds"]:
+    if not setup.schedule.trains(rnd):
         return float("nan")
-    qgm = setup.cfg["qgm"]
+    qgm = setup.schedule.qgm
     if qgm:
         qgm_update(setup, state, rnd)
     z_new, state.momentum, loss = local_sgd(setup, state.z, state.momentum, node, rnd, qgm=qgm)
