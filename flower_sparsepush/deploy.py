@@ -151,25 +151,7 @@ class LocalDeployment:
                 raise DeploymentError(f"flower-superlink did not open port {self.port} in {self.start_timeout:.0f} s")
             time.sleep(0.2)
         for i in range(self.num_nodes):
-            port = free_port()
-            while port == self.port or port in self.node_ports:
-                port = free_port()
-            self.node_ports.append(port)
-            self._spawn(
-                f"supernode-{i}",
-                [
-                    venv_exe("flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{self.port}",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--node-config",
-                    f"partition-id={i} num-partitions={self.num_nodes}",
-                ],
-            )
+            self.node_ports.append(self._spawn_supernode(i))
         # each SuperNode opens its runtime port once it is up; the ServerApp itself waits for all to register
         for i, port in enumerate(self.node_ports):
             while not port_open(port):
@@ -181,6 +163,48 @@ class LocalDeployment:
                     )
                 time.sleep(0.2)
         return self
+
+    def _spawn_supernode(self, i: int) -> int:
+        """Start SuperNode ``i`` (partition i) on a free ClientAppIo port; returns the port."""
+        port = free_port()
+        while port == self.port or port in self.node_ports:
+            port = free_port()
+        self._spawn(
+            f"supernode-{i}",
+            [
+                venv_exe("flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--node-config",
+                f"partition-id={i} num-partitions={self.num_nodes}",
+            ],
+        )
+        return port
+
+    def restart_supernode(self, i: int) -> None:
+        """Kill SuperNode ``i`` (SIGKILL, its whole process tree, as a crash would) and start it again with the same
+        partition. It reconnects with a new node id; its nodes' state is in the node store (docs/node-store.md)."""
+        name = f"supernode-{i}"
+        old = self.procs[name]
+        self.seen_pids.update(descendants(old.pid))
+        for pid in [old.pid, *descendants(old.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        old.wait(timeout=10)
+        self.procs.pop(name)
+        self.node_ports[i] = port = self._spawn_supernode(i)
+        end = time.time() + self.start_timeout
+        while not port_open(port):
+            if time.time() > end:
+                raise DeploymentError(f"{name} did not come back on port {port}; {self.tail(name)}")
+            time.sleep(0.2)
 
     def __enter__(self) -> LocalDeployment:
         try:
@@ -256,11 +280,12 @@ class LocalDeployment:
             return f"(no log at {path})"
         return f"last lines of {path}:\n" + "\n".join(text)
 
-    def run(self, cfg: dict[str, Any], timeout: float | None = None, stream_to=None) -> int:
+    def run(self, cfg: dict[str, Any], timeout: float | None = None, stream_to=None, on_poll=None) -> int:
         """``flwr run <project> sparsepush --stream --run-config ...``; returns its exit code.
 
         While it runs, the SuperLink and SuperNodes are watched: if one exits, or ``timeout`` passes, ``flwr run`` is
-        stopped and :class:`DeploymentError` is raised (the caller's ``stop()`` then ends the rest).
+        stopped and :class:`DeploymentError` is raised (the caller's ``stop()`` then ends the rest). ``on_poll(self,
+        rounds_done)`` is called every half second before the checks (tests restart a SuperNode from it).
         """
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config_overrides(cfg).items())
         cmd = [venv_exe("flwr"), "run", str(PROJECT_DIR), FEDERATION, "--stream", "--run-config", overrides]
@@ -280,7 +305,9 @@ class LocalDeployment:
         follower = follow_run(cfg)  # rounds done, written by the ServerApp every round
         try:
             while proc.poll() is None:
-                follower.poll()
+                status = follower.poll() or {}
+                if on_poll is not None:
+                    on_poll(self, int(status.get("done", 0)))
                 self.collect_pids()
                 for name, p in self.procs.items():
                     if name != "flwr-run" and p.poll() is not None:

@@ -75,6 +75,37 @@ class EvalReport:
     num_evaluated: int
 
 
+def eval_report(
+    server_round: int,
+    z_by_node: dict[int, Any],
+    y_by_node: dict[int, float],
+    acc_by_node: dict[int, float],
+    y_pending: float,
+    y_mailboxes: float,
+) -> EvalReport:
+    """The consensus measurements of one evaluation round from every reporting node's de-biased model, weight and
+    accuracy (NaN where the node reports none): the native routers and the drop-in strategy both build theirs here."""
+    import numpy as np
+
+    parts = sorted(z_by_node)
+    zs = np.stack([np.asarray(z_by_node[p], dtype=np.float64) for p in parts])
+    zbar = zs.mean(0)
+    accs = [acc_by_node.get(p, float("nan")) for p in parts]
+    return EvalReport(
+        round=server_round,
+        zbar=zbar.astype(np.float32),
+        z_nodes={p: zs[k].astype(np.float32) for k, p in enumerate(parts)},
+        y_by_node={p: float(y_by_node[p]) for p in parts},
+        acc_node_mean=float(np.mean(accs)),
+        acc_node_min=float(np.min(accs)),
+        consensus_distance=float(np.mean(((zs - zbar) ** 2).sum(1))),
+        y_nodes=float(sum(y_by_node[p] for p in parts)),
+        y_pending=float(y_pending),
+        y_mailboxes=float(y_mailboxes),
+        num_evaluated=len(parts),
+    )
+
+
 @dataclass
 class Report:
     """What a push-sum strategy tells the ServerApp about its run so far."""

@@ -51,7 +51,7 @@ from flower_sparsepush.router import Network, Router
 from flower_sparsepush.topology import Graph, GraphError, make_graph
 from flower_sparsepush.training import round_rule
 
-from .base import PushSumStrategy, Report, wait_and_register
+from .base import EvalReport, PushSumStrategy, Report, eval_report, wait_and_register
 
 NODE_ORDERS = ("node-id", "partition-id")
 MetricsAggr = Callable[[list[RecordDict], str], MetricRecord]
@@ -239,6 +239,7 @@ class DecentralizedFedAvg(PushSumStrategy):
         self.flower_bits_down: list[int] = []  # dense arrays ServerApp -> node
         self.flower_bits_up: list[int] = []  # dense arrays node -> ServerApp
         self.failures: list[str] = []
+        self.last_eval: EvalReport | None = None  # the consensus after the last evaluation round
         self._training: list[int] = []
 
     # -- set-up -------------------------------------------------------------------------------------------------------
@@ -394,10 +395,24 @@ class DecentralizedFedAvg(PushSumStrategy):
     def peer_bits_received(self) -> list[int]:
         return list(self.router.delivered_bits) if self.router else []
 
+    def consensus(self, server_round: int) -> EvalReport:
+        """The nodes' models, weights and their consensus now, as the native routers report it (no accuracies: the
+        ClientApp's metrics are its own)."""
+        mass = self.mass()
+        return eval_report(
+            server_round,
+            {i: z.numpy() for i, z in enumerate(self.node_vectors())},
+            {i: s.y for i, s in enumerate(self.states)},
+            {},
+            y_pending=0.0,
+            y_mailboxes=mass["y_in_transit"],
+        )
+
     def report(self) -> Report:
         return Report(
             bits_sent=list(self.bits_sent),
             bits_received=self.peer_bits_received,
+            last_eval=self.last_eval,
             messages_dropped=self.router.dropped if self.router else 0,
             straggler_events=list(self.failures),
         )
@@ -504,6 +519,7 @@ class DecentralizedFedAvg(PushSumStrategy):
         return [self._message(i, config, MessageType.EVALUATE) for i in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        self.last_eval = self.consensus(server_round)
         contents = []
         for r in replies:
             if r.has_error():

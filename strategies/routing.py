@@ -36,7 +36,7 @@ from flower_sparsepush.codec import decode
 from flower_sparsepush.guard import BadReply, Guard, Outbox
 from flower_sparsepush.router import Network, Router
 
-from .base import EvalReport, PushSumStrategy, Report, wait_and_register
+from .base import EvalReport, PushSumStrategy, Report, eval_report, wait_and_register
 
 
 def _weight(frames: protocol.Frames) -> float:
@@ -385,22 +385,15 @@ class _Router(PushSumStrategy):
         if not reps:
             return None
         parts = sorted(reps)
-        zs = np.stack([reps[p].z for p in parts])
-        zbar = zs.mean(0)
         # handed but not absorbed: the batches of rounds the node had not finished when it reported
         y_unabsorbed = sum(_weight(i) + _weight(b) for p in parts for r, i, b in self.unacked[p] if r > reps[p].done)
-        self.last_eval = EvalReport(
-            round=server_round,
-            zbar=zbar.astype(np.float32),
-            z_nodes={p: reps[p].z.astype(np.float32) for p in parts},
-            y_by_node={p: reps[p].y for p in parts},
-            acc_node_mean=float(np.mean([reps[p].acc for p in parts])),
-            acc_node_min=float(np.min([reps[p].acc for p in parts])),
-            consensus_distance=float(np.mean(((zs - zbar) ** 2).sum(1))),
-            y_nodes=float(sum(reps[p].y for p in parts)),
-            y_pending=float(sum(reps[p].y_pending for p in parts)),
+        self.last_eval = eval_report(
+            server_round,
+            {p: reps[p].z for p in parts},
+            {p: reps[p].y for p in parts},
+            {p: reps[p].acc for p in parts},
+            y_pending=sum(reps[p].y_pending for p in parts),
             y_mailboxes=self.router.in_transit_mass() + float(y_unabsorbed),
-            num_evaluated=len(parts),
         )
         ev = self.last_eval
         keys = ("acc_node_mean", "acc_node_min", "consensus_distance", "y_nodes", "y_pending", "y_mailboxes")

@@ -249,3 +249,16 @@ def test_example_app_one_line_and_runs(tmp_path, monkeypatch):
     assert not s.failures
     state = torch.load(tmp_path / "final_model.pt")
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_dropin_reports_its_consensus_as_the_native_routers_do(dropin_run):
+    """The typed report: the same EvalReport (consensus model, distance, mass) the native ServerApp reads."""
+    cfg, strategy, _ = dropin_run
+    ev = strategy.consensus(cfg["num-rounds"])  # (an earlier test delivered what was in transit: the states moved)
+    zs = np.stack([z.double().numpy() for z in strategy.node_vectors()])
+    np.testing.assert_allclose(ev.zbar, zs.mean(0), atol=1e-6)
+    assert ev.consensus_distance == pytest.approx(float(((zs - zs.mean(0)) ** 2).sum(1).mean()), rel=1e-9)
+    assert ev.consensus_distance > 0 and ev.num_evaluated == cfg["num-nodes"]
+    assert ev.y_nodes + ev.y_mailboxes == pytest.approx(cfg["num-nodes"], abs=1e-9)
+    rep = strategy.report()
+    assert rep.bits_sent == strategy.peer_bits_sent and rep.bits_received == strategy.peer_bits_received
