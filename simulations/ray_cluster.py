@@ -1,7 +1,7 @@
 """A real Ray cluster of two Ray nodes on this machine (issue 14): the Flower simulation attached to it, compared with
 a single-machine run of the same config and seed. Writes ``results/ray_cluster.json`` and ``results/ray_cluster.md``.
 
-Run: ``python -m flower_sparsepush.simulations.ray_cluster`` (about a minute on 2 cores; ``--help`` for options).
+Run: ``python -m flower_sparsepush.simulations.ray_cluster`` (about two minutes on 2 cores; ``--help`` for options).
 
 What it does, in order, printing one progress line per step:
 
@@ -15,6 +15,10 @@ What it does, in order, printing one progress line per step:
    node. A Flower client mod (:class:`NodeRecorder`, which passes every message through unchanged) appends one line
    per ClientApp call with the Ray node id, actor id and PID of the process that ran it; after the run the child
    reads Ray's actor table (GCS) as a second, independent record of where each ``ClientAppActor`` lived.
+   Then (unless ``--no-flwr-run``) the same config through the ``flwr run`` path on the same cluster:
+   :func:`launch.flwr_run` in a child with ``RAY_ADDRESS`` set, so the private ``flower-superlink --simulation`` and
+   the simulation process it spawns attach too; that ClientApp comes from the project without the recorder, so
+   Ray's actor table (only the actors that appeared during that run) says where its actors lived.
 3. The single-machine run: the same config and seed in a child with ``RAY_ADDRESS=local`` (a fresh local Ray,
    whatever cluster exists on the machine), with the same recorder.
 4. Comparison of every metric of every evaluation row (``metrics.jsonl``, all fields but wall-clock times), the
@@ -45,6 +49,8 @@ from typing import Any
 from flower_sparsepush.processes import descendants, free_port, venv_exe
 
 MARKER = "SPARSEPUSH_RAY_CLUSTER"
+NODE_STORE_ENV = "SPARSEPUSH_NODE_STORE"  # store.ENV: where the nodes' state files go when node-store is ''
+
 QUIET_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 RUN_CFG = {
     "strategy": "sparse-push",
@@ -163,7 +169,7 @@ def marked_pids(token: str, temp_dir: str | None = None) -> list[int]:
     return sorted(p for p in found if _alive(p))
 
 
-def stop_pids(pids: list[int], grace: float = 8.0) -> list[int]:
+def stop_pids(pids: list[int], grace: float = 3.0) -> list[int]:
     """SIGTERM, up to ``grace`` seconds, then SIGKILL; returns the PIDs still alive after that (should be none)."""
 
     def send(ps, sig):
@@ -195,15 +201,18 @@ class Processes:
         self.stopped = 0
 
     def env(self, **extra: str) -> dict[str, str]:
+        """This environment without RAY_ADDRESS, with the marker, and the node store (the nodes' state files,
+        ``store.py``) in the temp dir: both Ray nodes share this machine's disk, and nothing stays in ~/.cache."""
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | QUIET_ENV | {MARKER: self.token}
+        env[NODE_STORE_ENV] = str(Path(self.temp_dir) / "node-store")
         bindir = str(Path(sys.executable).parent)
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         return env | extra
 
-    def cleanup(self, keep_temp: bool = False) -> list[int]:
+    def cleanup(self, keep_temp: bool = False, grace: float = 3.0) -> list[int]:
         pids = marked_pids(self.token, self.temp_dir)
         self.stopped += len(pids)
-        stop_pids(pids)
+        stop_pids(pids, grace=grace)
         time.sleep(0.5)
         self.leftover = marked_pids(self.token, self.temp_dir)  # also anything that started meanwhile
         if self.leftover:
@@ -314,30 +323,49 @@ def _actor_table() -> list[dict[str, Any]]:
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
-    """One run (in its own process): optionally wait for the cluster's nodes, simulate, read the actor table."""
-    from flower_sparsepush.launch import simulate
+    """One run (in its own process): optionally wait for the cluster's nodes, run, read the actor table.
+    ``engine`` "simulate": :func:`launch.simulate` with the recorder mod; "flwr-run": :func:`launch.flwr_run` (a
+    private ``flower-superlink --simulation`` that inherits RAY_ADDRESS, then ``flwr run``; the ClientApp is loaded
+    from the project, so no mod: the actor table alone says where its actors lived)."""
+    from flower_sparsepush.launch import flwr_run, simulate
 
     out: dict[str, Any] = {"ray_address_env": os.environ.get("RAY_ADDRESS")}
+    before: set[str] = set()
     if spec["cluster"]:
         out["ray_nodes"] = _ray_nodes(spec["expect_nodes"])
+        if spec.get("engine") == "flwr-run":
+            before = {a["actor_id"] for a in _actor_table()}  # actors of earlier runs on this cluster
     t0 = time.time()
-    simulate(spec["cfg"], client_mods=[NodeRecorder(spec["record"])])
+    if spec.get("engine") == "flwr-run":
+        flwr_run(spec["cfg"])
+    else:
+        simulate(spec["cfg"], client_mods=[NodeRecorder(spec["record"])])
     out["run_s"] = round(time.time() - t0, 2)
     if spec["cluster"]:
         try:
-            out["gcs_actors"] = _actor_table()
+            out["gcs_actors"] = [a for a in _actor_table() if a["actor_id"] not in before]
         except Exception as err:  # noqa: BLE001 - a cross-check only; the recorder's lines are the evidence
             out["gcs_actors_error"] = repr(err)
     return out
 
 
-def run_child(procs: Processes, spec: dict[str, Any], env: dict[str, str], timeout: float) -> dict[str, Any]:
+def run_child(
+    procs: Processes, spec: dict[str, Any], env: dict[str, str], timeout: float, quiet: bool = False
+) -> dict[str, Any]:
+    """Run :func:`child` in a subprocess (its output to this terminal, or with ``quiet`` to a log file shown only
+    when it fails); stopped when it passes ``timeout`` seconds."""
     spec_path = Path(procs.temp_dir) / f"{spec['name']}.spec.json"
     out_path = Path(procs.temp_dir) / f"{spec['name']}.out.json"
+    log_path = Path(procs.temp_dir) / f"{spec['name']}.log"
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "flower_sparsepush.simulations.ray_cluster", "--child", str(spec_path), str(out_path)]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    sink = open(log_path, "w") if quiet else None
+    try:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=sink, stderr=sink and subprocess.STDOUT)
+    finally:
+        if sink:
+            sink.close()
     try:
         rc = proc.wait(timeout=timeout)
     except BaseException:
@@ -348,7 +376,8 @@ def run_child(procs: Processes, spec: dict[str, Any], env: dict[str, str], timeo
         proc.wait(timeout=10)
         raise
     if rc != 0 or not out_path.exists():
-        raise RuntimeError(f"the {spec['name']} run failed (exit {rc}); see its output above")
+        where = f"its log:\n{log_path.read_text()[-3000:]}" if quiet else "see its output above"
+        raise RuntimeError(f"the {spec['name']} run failed (exit {rc}); {where}")
     res = json.loads(out_path.read_text())
     res["wall_s"] = round(time.time() - t0, 2)
     return res
@@ -439,9 +468,11 @@ def run(
     timeout: float = 600.0,
     overrides: dict[str, Any] | None = None,
     command: str | None = None,
+    flwr_run_too: bool = True,
 ) -> dict[str, Any]:
     """Cluster run, single-machine run, comparison; writes ``<out_dir>/ray_cluster.json`` and ``.md``.
-    ``overrides`` change :data:`RUN_CFG` (tests use a smaller run); ``command`` is the command line recorded."""
+    ``overrides`` change :data:`RUN_CFG` (tests use a smaller run); ``command`` is the command line recorded;
+    ``flwr_run_too`` adds the ``flwr run`` path (private SuperLink with RAY_ADDRESS) on the same cluster."""
     from flower_sparsepush.config import validate
 
     if command is None:
@@ -456,6 +487,11 @@ def run(
         raw = RUN_CFG | (overrides or {})
         base = validate(raw | {"out-dir": str(runs)})
         rep["config"] = {k: base[k] for k in raw}
+        rep["node_store"] = (
+            "context.state"
+            if base["node-store"] == "context"
+            else f"files in {base['node-store'] or '$' + NODE_STORE_ENV + ' = <temp dir>/node-store'} (one disk)"
+        )
         cluster = start_cluster(procs)
         rep["cluster"] = cluster
         log(f"both Ray nodes up in {cluster['startup_s']:.1f}s; cluster run (RAY_ADDRESS={cluster['address']})")
@@ -469,6 +505,34 @@ def run(
             f"cluster run done in {res_c['wall_s']:.1f}s: ClientApp calls on {place_c['nodes_used']} Ray node(s): "
             + ", ".join(f"{v['role']} {v['calls']} calls/{v['actors']} actor(s)" for v in place_c["per_node"].values())
         )
+        if flwr_run_too:
+            log("flwr run path on the same cluster: flower-superlink --simulation with RAY_ADDRESS, then flwr run")
+            cfg_f = base | {"run-name": "flwr-cluster"}
+            spec = {"name": "flwr-cluster", "cfg": cfg_f, "cluster": True, "expect_nodes": 2, "engine": "flwr-run"}
+            try:
+                res_f = run_child(procs, spec, procs.env(RAY_ADDRESS=cluster["address"]), timeout, quiet=True)
+            except (RuntimeError, subprocess.TimeoutExpired) as err:  # the simulate path above is the headline
+                res_f = {"error": f"{type(err).__name__}: {err}"[-3000:]}
+                log(f"flwr run path failed: {res_f['error'][:300]}")
+        if flwr_run_too and "error" in res_f:
+            rep["flwr_run_cluster"] = {"error": res_f["error"]}
+        elif flwr_run_too:
+            actors_f = res_f.get("gcs_actors", [])
+            per_f: dict[str, Any] = {}
+            for a in actors_f:
+                n = per_f.setdefault(a["node_id"], {"role": roles.get(a["node_id"], "unknown"), "actors": 0})
+                n["actors"] += 1
+            rep["flwr_run_cluster"] = {
+                "wall_s": res_f["wall_s"],
+                "run_s": res_f["run_s"],
+                "actor_nodes": len(per_f),
+                "per_node": per_f,
+                **({"gcs_error": res_f["gcs_actors_error"]} if "gcs_actors_error" in res_f else {}),
+            }
+            log(
+                f"flwr run path done in {res_f['wall_s']:.1f}s: ClientAppActors on {len(per_f)} Ray node(s) "
+                "(Ray's actor table)"
+            )
         log("stopping the cluster's processes")
         cluster_pids = marked_pids(procs.token, procs.temp_dir)
         procs.stopped += len(cluster_pids)
@@ -483,6 +547,8 @@ def run(
             f"single-machine run done in {res_s['wall_s']:.1f}s: ClientApp calls on {place_s['nodes_used']} Ray node(s)"
         )
         cmp_ = compare_runs(runs / "cluster", runs / "single")
+        if "per_node" in rep.get("flwr_run_cluster", {}):
+            rep["flwr_run_cluster"]["comparison"] = compare_runs(runs / "flwr-cluster", runs / "single")
         gcs = res_c.get("gcs_actors", [])
         gcs_nodes = sorted({a["node_id"] for a in gcs})
         recorded_in_cluster = set(place_c["per_node"]) <= set(roles) and bool(roles)
@@ -561,7 +627,8 @@ def render_md(rep: dict[str, Any]) -> str:
         c = rep["config"]
         lines += [
             f"Run: {c['strategy']} {c['compressor']}, {c['num-nodes']} virtual nodes, {c['num-rounds']} rounds, "
-            f"{c['dataset']} / {c['model']}, seed {c['seed']}; each ClientApp actor asks for 1 CPU.",
+            f"{c['dataset']} / {c['model']}, seed {c['seed']}; each ClientApp actor asks for 1 CPU; node state: "
+            f"{rep.get('node_store', 'n/a')}.",
             "",
             "| Ray node | role | ClientApp calls | actors | virtual nodes served |",
             "|---|---|---|---|---|",
@@ -586,6 +653,7 @@ def render_md(rep: dict[str, Any]) -> str:
             + "; bit counts equal: "
             + f"{'yes' if cmp_['bits_equal'] else 'no'}; final node models max abs difference "
             f"{cmp_.get('max_abs_model_diff', float('nan')):.3g}.",
+            *_flwr_run_md(rep.get("flwr_run_cluster")),
             f"- Wall time: cluster {cl['startup_s']:.1f} s to start both nodes + {cr['wall_s']:.1f} s run; "
             f"single machine {sr['wall_s']:.1f} s (each run includes Ray start or attach and Python start-up).",
         ]
@@ -594,6 +662,21 @@ def render_md(rep: dict[str, Any]) -> str:
         f"{rep.get('leftover_pids') or 'none'}."
     )
     return "\n".join(lines) + "\n"
+
+
+def _flwr_run_md(fr: dict[str, Any] | None) -> list[str]:
+    if not fr:
+        return []
+    if "error" in fr:
+        return [f"- The `flwr run` path on the same cluster failed: `{fr['error'].splitlines()[0]}`."]
+    c = fr.get("comparison", {})
+    roles = ", ".join(f"{v['role']} {v['actors']}" for v in fr["per_node"].values())
+    return [
+        f"- The `flwr run` path on the same cluster (private `flower-superlink --simulation` started with "
+        f"RAY_ADDRESS, then `flwr run`; {fr['wall_s']:.1f} s): ClientAppActors on {fr['actor_nodes']} Ray node(s) "
+        f"({roles}; Ray's actor table, no per-call record on this path); metrics vs the single-machine run "
+        f"{'equal' if c.get('equal') else 'different'} (max abs difference {c.get('max_abs_metric_diff', math.nan):.3g})."
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -606,8 +689,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results", help="where ray_cluster.json and ray_cluster.md go")
     parser.add_argument("--keep-temp", action="store_true", help="keep the Ray temp dir (logs) and the run folders")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run before it is stopped")
+    parser.add_argument("--no-flwr-run", action="store_true", help="skip the `flwr run` path on the cluster")
     args = parser.parse_args(argv)
-    rep = run(args.out, keep_temp=args.keep_temp, timeout=args.timeout)
+    rep = run(args.out, keep_temp=args.keep_temp, timeout=args.timeout, flwr_run_too=not args.no_flwr_run)
     return 0 if rep["ok"] else 1
 
 
