@@ -21,18 +21,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from flower_sparsepush.config import ConfigError, preflight, validate
+from flower_sparsepush.config import preflight, validate
 from flower_sparsepush.results import Recorder
 from flower_sparsepush.store import CONTEXT, NodeStore
 from flower_sparsepush.strategies.routing import SCSP, SGP, CountingFedAvg, SparsePush
-from flower_sparsepush.training import (
-    checkpoint_identity,
-    checkpoint_path,
-    evaluate,
-    get_setup,
-    network_of,
-    relay_checks,
-)
+from flower_sparsepush.training import evaluate, get_setup, network_of, read_checkpoint, relay_checks, write_checkpoint
 
 ROUND_TIMEOUT_S = 3600.0  # the default of the round-timeout key
 FLOWER_CHECKPOINT = "flower"  # the engine a Flower checkpoint belongs to (the in-process loop writes "inprocess")
@@ -57,38 +50,7 @@ def build_strategy(cfg: dict[str, Any], token: str = "run"):
 
 def save_flower_checkpoint(cfg: dict[str, Any], done: int, strategy, history: list[dict]) -> None:
     """The relay's side after ``done`` rounds (the nodes keep their own copies: store.NodeStore.snapshot)."""
-    import os
-
-    path = checkpoint_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ck = {
-        "engine": FLOWER_CHECKPOINT,
-        "round": done,
-        "config": checkpoint_identity(cfg),
-        "strategy": strategy.state_dict(),
-        "history": [dict(h) for h in history],
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ck, tmp)
-    os.replace(tmp, path)
-
-
-def load_flower_checkpoint(cfg: dict[str, Any]) -> dict | None:
-    path = checkpoint_path(cfg)
-    if not path.exists():
-        return None
-    ck = torch.load(path, weights_only=True)
-    if ck.get("engine") != FLOWER_CHECKPOINT:
-        raise ConfigError(f"{path} was written by the in-process loop; resume it there, or use another run-name")
-    mine = checkpoint_identity(cfg)
-    diff = sorted(k for k in set(mine) | set(ck["config"]) if mine.get(k) != ck["config"].get(k))
-    if diff:
-        k = diff[0]
-        raise ConfigError(
-            f"run-config resume: {path} belongs to another run ({k}={ck['config'].get(k)!r} there, "
-            f"{mine.get(k)!r} now); use another run-name or the same settings"
-        )
-    return ck
+    write_checkpoint(cfg, FLOWER_CHECKPOINT, done, {"strategy": strategy.state_dict(), "history": list(history)})
 
 
 def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +61,7 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
     setup = get_setup(cfg)
     rec = Recorder(cfg)
     token = f"{cfg['run-name']}-{uuid.uuid4().hex[:10]}"  # this run's folder in every node's store
-    ck = load_flower_checkpoint(cfg) if cfg["resume"] and cfg["strategy"] != "fedavg" else None
+    ck = read_checkpoint(cfg, FLOWER_CHECKPOINT) if cfg["resume"] and cfg["strategy"] != "fedavg" else None
     strategy = build_strategy(cfg, token)
     n, last = cfg["num-nodes"], cfg["num-rounds"] + cfg["final-gossip-rounds"]
     done0 = 0

@@ -590,47 +590,31 @@ def checkpoint_path(cfg: dict[str, Any]):
     return run_dir(cfg) / "checkpoint.pt"
 
 
-def save_checkpoint(
-    cfg: dict[str, Any],
-    rnd: int,
-    states: list[NodeState],
-    router: Router,
-    sent: list[int],
-    history: list[dict[str, float]],
-) -> None:
-    """Everything the loop needs to continue after round ``rnd`` (RNGs are pure functions of (seed, node, round)).
-
-    Written to a temporary file and renamed, so an interrupted write leaves the previous checkpoint intact.
-    """
+def write_checkpoint(cfg: dict[str, Any], engine: str, rnd: int, body: dict[str, Any]) -> None:
+    """``<out-dir>/<run-name>/checkpoint.pt`` after round ``rnd`` of ``engine`` (``inprocess`` or ``flower``):
+    ``body`` plus the version, engine, round and the config it belongs to. Written to a temporary file and renamed,
+    so an interrupted write leaves the previous checkpoint intact."""
     import os
 
     path = checkpoint_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ck = {
-        "version": CHECKPOINT_VERSION,
-        "round": rnd,
-        "engine": "inprocess",
-        "config": checkpoint_identity(cfg),
-        "states": [state_to_flat(s) for s in states],
-        "router": router.state_dict(),
-        "bits_sent": list(sent),
-        "history": [dict(h) for h in history],
-    }
+    ck = {"version": CHECKPOINT_VERSION, "engine": engine, "round": rnd, "config": checkpoint_identity(cfg)} | body
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ck, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(cfg: dict[str, Any], router: Router) -> tuple[int, list[NodeState], list[int], list[dict]] | None:
-    """(round, states, bits sent, history) from the run's checkpoint, restoring ``router``; None if there is none."""
+def read_checkpoint(cfg: dict[str, Any], engine: str) -> dict[str, Any] | None:
+    """The run's checkpoint written by ``engine``, or None if there is none; refuses (ConfigError) one of another
+    engine, version or run."""
     from flower_sparsepush.config import ConfigError
 
     path = checkpoint_path(cfg)
     if not path.exists():
         return None
     ck = torch.load(path, weights_only=True)
-    if ck.get("engine", "inprocess") != "inprocess":
-        raise ConfigError(f"{path} was written by a Flower run; resume it there, or use another run-name")
+    if ck.get("engine", "inprocess") != engine:
+        raise ConfigError(f"{path} was written by the {ck.get('engine')} engine; resume it there or use another run-name")
     if ck.get("version") != CHECKPOINT_VERSION:
         raise ConfigError(f"{path}: checkpoint version {ck.get('version')!r}, this code reads {CHECKPOINT_VERSION}")
     mine = checkpoint_identity(cfg)
@@ -641,6 +625,33 @@ def load_checkpoint(cfg: dict[str, Any], router: Router) -> tuple[int, list[Node
             f"run-config resume: {path} belongs to another run ({k}={ck['config'].get(k)!r} there, "
             f"{mine.get(k)!r} now); use another run-name or the same settings"
         )
+    return ck
+
+
+def save_checkpoint(
+    cfg: dict[str, Any],
+    rnd: int,
+    states: list[NodeState],
+    router: Router,
+    sent: list[int],
+    history: list[dict[str, float]],
+) -> None:
+    """Everything the in-process loop needs to continue after round ``rnd`` (RNGs are pure functions of (seed,
+    node, round))."""
+    body = {
+        "states": [state_to_flat(s) for s in states],
+        "router": router.state_dict(),
+        "bits_sent": list(sent),
+        "history": [dict(h) for h in history],
+    }
+    write_checkpoint(cfg, "inprocess", rnd, body)
+
+
+def load_checkpoint(cfg: dict[str, Any], router: Router) -> tuple[int, list[NodeState], list[int], list[dict]] | None:
+    """(round, states, bits sent, history) from the run's checkpoint, restoring ``router``; None if there is none."""
+    ck = read_checkpoint(cfg, "inprocess")
+    if ck is None:
+        return None
     router.load_state_dict(ck["router"])
     states = [state_from_flat(d) for d in ck["states"]]
     return int(ck["round"]), states, [int(b) for b in ck["bits_sent"]], [dict(h) for h in ck["history"]]
