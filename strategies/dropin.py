@@ -43,6 +43,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
+from flower_sparsepush import protocol
 from flower_sparsepush.codec import FORMS
 from flower_sparsepush.compression import CompressionError, Identity, make_compressor
 from flower_sparsepush.node import Node
@@ -440,7 +441,7 @@ class DecentralizedFedAvg(PushSumStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Each sampled node absorbs its inbox, then is sent its own de-biased model z_i."""
-        t = server_round - 1
+        t = protocol.core_round(server_round)
         self._training = self.sample(self.fraction_train, self.min_train_nodes)
         config["server-round"] = server_round
         messages = []
@@ -460,7 +461,7 @@ class DecentralizedFedAvg(PushSumStrategy):
         A node whose reply is an error (or malformed) keeps its state and skips this round's sending: no mass is
         lost, since the state lives here. Returns the consensus model and the aggregated metrics.
         """
-        t = server_round - 1
+        t = protocol.core_round(server_round)
         trained, contents = [], []
         for r in replies:
             i = self.index_of.get(r.metadata.src_node_id)
