@@ -70,6 +70,8 @@ REQUIRED_KEYS = (
     "scale_per_node_ratio_1000_vs_16",
     "ray_cluster_nodes_used",
     "ray_cluster_metrics_equal",
+    "deploy_s_per_round_4_nodes",
+    "sim_s_per_round_4_nodes",
     "machine",
     "command",
 )
@@ -754,6 +756,51 @@ def section_ray(out_dir: str, log) -> dict[str, Any]:
     return out
 
 
+def _s_per_round(metrics_path: Path) -> float:
+    """Seconds per round from the ServerApp's cumulative ``wall_s``, after the first round (start-up)."""
+    walls = [float(r["wall_s"]) for r in map(json.loads, metrics_path.read_text().splitlines()) if "wall_s" in r]
+    return (walls[-1] - walls[0]) / (len(walls) - 1) if len(walls) > 1 else float("nan")
+
+
+def section_deploy(out_dir: str, log, rounds: int = 6, nodes: int = 4) -> dict[str, Any]:
+    """The same small config (deploy-local's: synthetic, mlp, 4 nodes, eval every round) through ``simulate`` (in a
+    subprocess) and through ``deploy-local`` with node workers (`sparsepush node`); s/round after round 1."""
+    import tempfile
+
+    from flower_sparsepush.config import validate
+    from flower_sparsepush.deploy import DEPLOY_DEFAULTS, SUPERNODE_POLL, deploy_run
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
+    base = dict(DEPLOY_DEFAULTS) | {"num-nodes": nodes, "num-rounds": rounds}
+    out: dict[str, Any] = {"config": base, "rounds": rounds, "nodes": nodes, "supernode_poll_s": SUPERNODE_POLL}
+    sim_cfg = validate(base | {"out-dir": str(tmp / "sim"), "run-name": "sim"})
+    code = "import json,sys; from flower_sparsepush.launch import simulate; simulate(json.loads(sys.argv[1]))"
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(sim_cfg)], capture_output=True, text=True, timeout=1800
+    )
+    out["sim_wall_s"] = time.time() - t0
+    if proc.returncode != 0:
+        out["sim_error"] = proc.stderr[-2000:]
+    else:
+        out["sim_s_per_round"] = _s_per_round(tmp / "sim" / "sim" / "metrics.jsonl")
+    dep_cfg = validate(base | {"out-dir": str(tmp / "dep"), "run-name": "dep"})
+    t0 = time.time()
+    try:
+        res, dep = deploy_run(dep_cfg, log_dir=str(tmp / "logs"), timeout=1800, workers=True)
+        out["deploy_s_per_round"] = _s_per_round(res / "metrics.jsonl")
+        out["leftover_pids"] = sorted(p for p in dep.seen_pids if Path(f"/proc/{p}").exists())
+    except Exception as err:  # noqa: BLE001 - recorded in the report
+        out["deploy_error"] = str(err)[-2000:]
+    out["deploy_wall_s"] = time.time() - t0
+    out["logs"] = str(tmp / "logs")
+    log(
+        f"deploy: {nodes} nodes, simulate {out.get('sim_s_per_round', float('nan')):.2f} s/round, deploy-local with "
+        f"node workers {out.get('deploy_s_per_round', float('nan')):.2f} s/round"
+    )
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -789,6 +836,9 @@ def assemble(
     ray_ok = bool(ra) and "error" not in ra
     rep["ray_cluster_nodes_used"] = int(ra.get("nodes_used", 0)) if ray_ok else 0
     rep["ray_cluster_metrics_equal"] = bool(ray_ok and ra.get("metrics_equal"))
+    de = sections.get("deploy", {})
+    rep["deploy_s_per_round_4_nodes"] = de.get("deploy_s_per_round", nan)
+    rep["sim_s_per_round_4_nodes"] = de.get("sim_s_per_round", nan)
     rep["sections"] = sections
     return rep
 
@@ -846,6 +896,13 @@ def render_md(rep: dict[str, Any]) -> str:
             "2, equal",
             f"{rep.get('ray_cluster_nodes_used', 0)}, {'equal' if rep.get('ray_cluster_metrics_equal') else 'not equal'}",
             rep.get("ray_cluster_nodes_used", 0) >= 2 and bool(rep.get("ray_cluster_metrics_equal")),
+        ),
+        (
+            "Deployment Engine, 4 SuperNodes with node workers, synthetic MLP, loopback: s/round "
+            f"(simulation, same config: {_fmt(rep.get('sim_s_per_round_4_nodes', float('nan')), 2)})",
+            "<= 5",
+            rep.get("deploy_s_per_round_4_nodes", float("nan")),
+            rep.get("deploy_s_per_round_4_nodes", float("nan")) <= 5,
         ),
     ]
     lines = [
@@ -1051,7 +1108,7 @@ def growth(scale: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-SECTIONS = ("wire", "codec", "topk", "data", "overhead", "scale", "ray")
+SECTIONS = ("wire", "codec", "topk", "data", "overhead", "scale", "ray", "deploy")
 STATUS_NAME = "bench.status.json"
 
 
@@ -1126,6 +1183,9 @@ def run_bench(args) -> dict[str, Any]:
     if "ray" in parts:
         starting("ray")
         sections["ray"] = section_ray(args.out_dir, log)
+    if "deploy" in parts:
+        starting("deploy")
+        sections["deploy"] = section_deploy(args.out_dir, log, rounds=4 if quick else 6)
     prog.update(len(planned), "writing the report")
     prog.close()
     load["after"] = loadavg()

@@ -11,7 +11,7 @@ from flower_sparsepush.compression import COMPRESSOR_SPECS
 from flower_sparsepush.topology import GRAPH_NAMES
 
 EXIT_USAGE = 2
-SUBCOMMAND_MODULES = ("launch", "simulations.claims", "bench", "deploy")
+SUBCOMMAND_MODULES = ("launch", "simulations.claims", "bench", "deploy", "node_worker")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,205 +1,63 @@
 """Flower ClientApp (Message API): each virtual client is one push-sum node (node id = partition id).
 
-- ``query``: answers its ``partition-id`` (the ServerApp learns node id -> partition id, also of a SuperNode that
-  reconnects mid-run).
-- ``train`` (sgp / sparse-push / scsp): loads the node's state, does the node's round
-  (:func:`training.node_round`, the function the in-process loop runs: bounces back, inbox absorbed, local SGD,
-  messages out), keeps the state and replies with its messages (protocol.py has the records).
-- ``train`` (fedavg): local SGD steps from the received global model, replies the model and ``num-examples``.
-- ``evaluate``: accuracy/loss of the node's de-biased model z on the test set (its first ``eval-node-samples``
-  samples), and z itself so the ServerApp computes the consensus model and the consensus distance.
+The handlers (query, train, evaluate) are in node_handlers.py. This module imports neither torch nor the data:
 
-Node state lives in the node store (store.py: one file per node where the node runs; ``context.state`` keeps only
-its :class:`~flower_sparsepush.store.Stamp`), or, with ``node-store=context``, whole in ``context.state``.
-
-A node keeps each outbox until the relay acknowledges it (``acked`` in the next train message), and resends the
-unacknowledged ones with its next reply: a reply lost on the way loses no mass. Frames handed to it again after a
-lost reply are absorbed only if the node had not finished that round.
+- no node worker configured (simulation, or a SuperNode started plainly): the ClientApp imports node_handlers on
+  its first message and runs it in this process (as before);
+- a node worker configured (``$SPARSEPUSH_NODE_WORKER`` or node-config ``node-worker``: a Unix socket path, set by
+  ``sparsepush node``): the ClientApp is a thin relay (relay.py) to the long-lived worker next to the SuperNode,
+  which holds the node's data and model and runs the same handlers (node_worker.py). Flower starts a fresh ClientApp
+  process for every message on a SuperNode, so this saves importing torch and rebuilding data and model each time.
 """
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flower_sparsepush import protocol, training
-from flower_sparsepush.codec import decode
-from flower_sparsepush.config import validate
-from flower_sparsepush.node import state_from_flat, state_to_flat
-from flower_sparsepush.store import CONTEXT, NodeStore, Stamp, StoreError
-
-STAMP = "ps-stamp"  # context.state: the Stamp of the node's stored state
-STATE = "ps-state"  # context.state with node-store=context: the flat state itself
-SNAPSHOT = "ps-snap"  # context.state with node-store=context: the last checkpoint copy
+from flower_sparsepush.relay import relay, worker_address
 
 
-class NodeHolder:
-    """Where one node's flat state is kept between messages: the node store, or ``context.state``."""
-
-    def __init__(self, context: Context, cfg: dict, node: int, token: str) -> None:
-        self.context, self.node, self.token = context, node, token
-        self.in_context = cfg["node-store"] == CONTEXT
-        self.store = None if self.in_context else NodeStore(cfg["node-store"] or None, token)
-
-    def stamp(self) -> Stamp | None:
-        rec = self.context.state.get(STAMP)
-        if rec is None or rec["token"] != self.token:
-            return None  # a new run, or a SuperNode that restarted: the store decides
-        return Stamp(rec["token"], int(rec["node"]), int(rec["round"]), int(rec["checksum"]))
-
-    def load(self) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """(last finished round, flat state), or None for a node that has no state yet."""
-        if self.in_context:
-            if STATE not in self.context.state or self.stamp() is None:
-                return None
-            rec = self.context.state[STATE]
-            return self.stamp().round, {k: torch.from_numpy(np.array(rec[k].numpy())) for k in rec}
-        hit = self.store.load(self.node, self.stamp())
-        return None if hit is None else (hit[0].round, hit[1])
-
-    def save(self, rnd: int, flat: dict[str, torch.Tensor], snapshot: bool) -> None:
-        if self.in_context:
-            rec = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in flat.items()})
-            self.context.state[STATE] = rec
-            if snapshot:
-                self.context.state[SNAPSHOT] = ArrayRecord(dict(rec.items()))
-                self.context.state[SNAPSHOT + "-round"] = ConfigRecord({"round": rnd})
-            stamp = Stamp(self.token, self.node, rnd, 0)
-        else:
-            stamp = self.store.save(self.node, rnd, flat)
-            if snapshot:
-                self.store.snapshot(self.node, rnd + 1)
-        self.context.state[STAMP] = ConfigRecord(
-            {"token": stamp.token, "node": stamp.node, "round": stamp.round, "checksum": stamp.checksum}
-        )
-
-    def restore(self, checkpoint: int) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """Go back to the copy kept after round ``checkpoint - 1`` (a resumed run). None: the node had no state."""
-        if self.in_context:
-            raise StoreError("a resumed run needs node-store to be a folder: context.state does not outlive a run")
-        if checkpoint == 0:
-            return None
-        stamp, flat = self.store.restore(self.node, checkpoint)
-        self.context.state[STAMP] = ConfigRecord(
-            {"token": stamp.token, "node": stamp.node, "round": stamp.round, "checksum": stamp.checksum}
-        )
-        return stamp.round, flat
-
-
-def split(flat: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, protocol.Frames]]:
-    """A stored flat dict -> (node state part, pending outboxes by round)."""
-    pending = {int(k[4:]): protocol.unpack_frames(v.numpy().tobytes()) for k, v in flat.items() if k[:4] == "out."}
-    return {k: v for k, v in flat.items() if k[:4] != "out."}, pending
-
-
-def join(state_flat: dict[str, torch.Tensor], pending: dict[int, protocol.Frames]) -> dict[str, torch.Tensor]:
-    out = dict(state_flat)
-    for r, frames in pending.items():
-        buf = protocol.pack_frames(frames)
-        out[f"out.{r}"] = (
-            torch.frombuffer(bytearray(buf), dtype=torch.uint8) if buf else torch.zeros(0, dtype=torch.uint8)
-        )
-    return out
-
-
-def pending_weight(pending: dict[int, protocol.Frames]) -> float:
-    return float(sum(decode(d).y for frames in pending.values() for _, d in frames))
-
-
-def make_client_app(run_config: dict | None = None, mods: list | None = None) -> ClientApp:
+def make_client_app(run_config: dict | None = None, mods: list | None = None, relay_ok: bool = True) -> ClientApp:
     """The ClientApp; ``run_config`` replaces ``context.run_config`` (used by tests and ``run_simulation``);
-    ``mods`` are Flower client mods around every message (the tests' hostile node is one)."""
+    ``mods`` are Flower client mods around every message (the tests' hostile node is one); ``relay_ok=False``: never
+    relay (the node worker's own ClientApp)."""
     app = ClientApp(mods=mods)
-    cache: dict = {}
+    local: list = []  # the in-process NodeHandlers, built on the first message that is not relayed
 
-    def cfg_of(context: Context) -> dict:
-        raw = dict(run_config if run_config is not None else context.run_config)
-        key = tuple(sorted((k, str(v)) for k, v in raw.items()))
-        if key not in cache:
-            cache.clear()
-            cache[key] = validate(raw)
-        return cache[key]
+    def handle(kind: str, msg: Message, context: Context) -> Message:
+        path = worker_address(context) if relay_ok else None
+        if path is not None:
+            return Message(relay(path, kind, msg.content, context, run_config), reply_to=msg)
+        if not local:
+            from flower_sparsepush.node_handlers import NodeHandlers  # torch, data: only on this path
 
-    def setup_threads() -> None:
-        torch.set_num_threads(max(1, int(os.environ.get("SPARSEPUSH_CLIENT_THREADS", "1"))))
-
-    def node_id(context: Context) -> int:
-        return int(context.node_config["partition-id"])
-
-    def open_node(holder: NodeHolder, setup, restore: int):
-        """(state, pending outboxes, last finished round) of the node, after a restore when asked."""
-        got = holder.restore(restore) if restore >= 0 else holder.load()
-        if got is None:
-            return training.init_state(setup), {}, -1
-        done, flat = got
-        state_flat, pending = split(flat)
-        return state_from_flat(state_flat), pending, done
+            local.append(NodeHandlers(run_config))
+        return Message(local[0].handle(kind, msg.content, context), reply_to=msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return Message(protocol.query_reply_content(node_id(context)), reply_to=msg)
+        return handle("query", msg, context)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        setup_threads()
-        cfg = cfg_of(context)
-        setup = training.get_setup(cfg)
-        node = node_id(context)
-        if cfg["strategy"] == "fedavg":
-            return fedavg_train(msg, context, cfg, setup, node)
-        order = protocol.read_train(msg.content)
-        holder = NodeHolder(context, cfg, node, order.token or "run")
-        state, pending, done = open_node(holder, setup, order.restore)
-        t = order.round
-        if t <= done:
-            raise RuntimeError(f"node {node} was asked for round {t} but has already finished round {done}")
-        pending = {r: f for r, f in pending.items() if r > order.acked}  # the relay routed those
-        # what was handed again after a lost reply counts first (positions), absorbed only for unfinished rounds
-        groups = [*order.redo, (t, order.inbox)]
-        handed = [(r, f) for r, frames in groups for f in frames]
-        keep = [i for i, (r, _) in enumerate(handed) if r > done]
-        bounced = [f for r, frames in [*order.redo_bounced, (t, order.bounced)] if r > done for f in frames]
-        res = training.node_round(setup, state, node, t, [handed[i][1] for i in keep], bounced)
-        refused = [keep[r.index] for r in res.rejected]
-        resent = sorted(pending.items())
-        pending[t] = sorted(res.messages.items())
-        holder.save(t, join(state_to_flat(state), pending), order.snapshot)
-        content = protocol.train_reply_content(t, pending[t], refused, resent, res.loss, state.y)
-        return Message(content, reply_to=msg)
-
-    def fedavg_train(msg: Message, context: Context, cfg: dict, setup, node: int) -> Message:
-        z = torch.from_numpy(np.array(msg.content["arrays"]["z"].numpy()))
-        rnd = protocol.core_round(int(msg.content["config"]["server-round"]))
-        holder = NodeHolder(context, cfg, node, str(msg.content["config"].get("token", "fedavg")))
-        got = holder.load()
-        mom = got[1]["m"] if got is not None and "m" in got[1] else None
-        z_new, mom, loss = training.local_sgd(setup, z, mom, node, rnd)
-        if mom is not None:
-            holder.save(rnd, {"m": mom}, snapshot=False)
-        metrics = MetricRecord({"num-examples": len(setup.shards[node][1]), "train_loss": loss})
-        return Message(
-            RecordDict({"arrays": ArrayRecord({"z": Array(z_new.numpy())}), "metrics": metrics}), reply_to=msg
-        )
+        return handle("train", msg, context)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        setup_threads()
-        cfg = cfg_of(context)
-        setup = training.get_setup(cfg)
-        conf = msg.content[protocol.CONFIG]
-        holder = NodeHolder(context, cfg, node_id(context), str(conf.get("token", "run")))
-        state, pending, done = open_node(holder, setup, int(conf.get("restore", -1)))
-        pending = {r: f for r, f in pending.items() if r > int(conf.get("acked", -1))}  # routed ones are in mailboxes
-        z = state.z.to(torch.float32)
-        acc, loss = training.evaluate(setup, z, cfg["eval-node-samples"])
-        content = protocol.eval_reply_content(z.numpy(), acc, loss, state.y, pending_weight(pending), done)
-        return Message(content, reply_to=msg)
+        return handle("evaluate", msg, context)
 
     return app
+
+
+def __getattr__(name: str) -> Any:  # the helpers that lived here before node_handlers.py (torch: imported lazily)
+    if name in ("NodeHolder", "split", "join", "pending_weight", "STAMP", "STATE", "SNAPSHOT", "NodeHandlers"):
+        from flower_sparsepush import node_handlers
+
+        return getattr(node_handlers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 app = make_client_app()

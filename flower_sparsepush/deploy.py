@@ -61,6 +61,7 @@ DEPLOY_DEFAULTS = {
     "out-dir": "runs/deploy",
     "run-name": "sparse-push-deploy",
 }
+SUPERNODE_POLL = 0.1  # deploy-local's cap on the SuperNodes' idle waits (Flower's: 3 s; supernode_poll.py)
 DEPLOY_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -94,11 +95,19 @@ class LocalDeployment:
     """
 
     def __init__(
-        self, num_nodes: int, log_dir: str | os.PathLike | None = None, port: int = 0, start_timeout: float = 60.0
+        self,
+        num_nodes: int,
+        log_dir: str | os.PathLike | None = None,
+        port: int = 0,
+        start_timeout: float = 60.0,
+        workers: bool = True,
+        worker_mode: str = "executor",
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
         self.num_nodes = num_nodes
+        self.workers = workers  # each SuperNode with a long-lived node worker (`sparsepush node`, node_worker.py)
+        self.worker_mode = worker_mode  # `sparsepush node --mode`: executor (no process per message) or relay
         self.home = tempfile.mkdtemp(prefix="sparsepush-deploy-")
         self.log_dir = Path(log_dir) if log_dir else Path(self.home, "logs")
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -169,9 +178,30 @@ class LocalDeployment:
         port = free_port()
         while port == self.port or port in self.node_ports:
             port = free_port()
-        self._spawn(
-            f"supernode-{i}",
-            [
+        if self.workers:  # `sparsepush node`: the SuperNode and its node worker, stopped together
+            cmd = [
+                sys.executable,
+                "-m",
+                "flower_sparsepush.cli",
+                "node",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--port",
+                str(port),
+                "--partition-id",
+                str(i),
+                "--num-partitions",
+                str(self.num_nodes),
+                "--socket",
+                str(Path(self.home, f"worker-{i}.sock")),
+                "--supernode-poll",
+                str(SUPERNODE_POLL),
+                "--mode",
+                self.worker_mode,
+            ]
+        else:
+            cmd = [
                 venv_exe("flower-supernode"),
                 "--insecure",
                 "--superlink",
@@ -182,8 +212,8 @@ class LocalDeployment:
                 str(port),
                 "--node-config",
                 f"partition-id={i} num-partitions={self.num_nodes}",
-            ],
-        )
+            ]
+        self._spawn(f"supernode-{i}", cmd)
         return port
 
     def restart_supernode(self, i: int) -> None:
@@ -328,7 +358,13 @@ class LocalDeployment:
 
 
 def deploy_run(
-    raw_cfg: dict[str, Any], log_dir: str | None = None, port: int = 0, timeout: float | None = 1800.0, stream_to=None
+    raw_cfg: dict[str, Any],
+    log_dir: str | None = None,
+    port: int = 0,
+    timeout: float | None = 1800.0,
+    stream_to=None,
+    workers: bool = True,
+    worker_mode: str = "executor",
 ) -> tuple[Path, LocalDeployment]:
     """Validate ``raw_cfg``, start a SuperLink and ``num-nodes`` SuperNodes, run it, stop everything.
 
@@ -341,7 +377,7 @@ def deploy_run(
     stale = out / "summary.json"
     if stale.exists():
         stale.unlink()  # so that a failed run is never mistaken for a finished one
-    dep = LocalDeployment(cfg["num-nodes"], log_dir=log_dir, port=port)
+    dep = LocalDeployment(cfg["num-nodes"], log_dir=log_dir, port=port, workers=workers, worker_mode=worker_mode)
     with dep:
         rc = dep.run(cfg, timeout=timeout, stream_to=stream_to)
     if rc != 0 or not (out / "summary.json").exists():
@@ -364,7 +400,14 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         return 2
     t0 = time.time()
     try:
-        out, dep = deploy_run(cfg, log_dir=args.log_dir, port=args.port, timeout=args.timeout or None)
+        out, dep = deploy_run(
+            cfg,
+            log_dir=args.log_dir,
+            port=args.port,
+            timeout=args.timeout or None,
+            workers=not args.no_workers,
+            worker_mode=args.worker_mode,
+        )
     except DeploymentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -401,5 +444,17 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=0, help="SuperLink port on 127.0.0.1 (0: a free one)")
     p.add_argument("--log-dir", default=None, help="folder for the process logs (default: a temporary folder)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is stopped (0: none)")
+    p.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="plain SuperNodes: every message runs in a fresh ClientApp process (no node worker)",
+    )
+    p.add_argument(
+        "--worker-mode",
+        choices=("executor", "relay"),
+        default="executor",
+        help="executor: each worker runs its SuperNode's tasks (no process per message); relay: a torch-free "
+        "ClientApp process per message relays to the worker",
+    )
     add_key_options(p, defaults=DEPLOY_DEFAULTS, skip=("num-nodes", "num-rounds"))
     p.set_defaults(func=cmd_deploy_local)

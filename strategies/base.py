@@ -10,6 +10,7 @@ ServerApp reads (instead of the strategy's attributes).
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,40 @@ def wait_and_register(grid: Grid, num_nodes: int, timeout: float, poll: float = 
     if parts != list(range(num_nodes)):
         raise RuntimeError(f"expected partition ids 0..{num_nodes - 1}, nodes reported {parts}")
     return mapping
+
+
+GRID_POLL_ENV = "SPARSEPUSH_GRID_POLL"  # seconds between reply pulls on the Deployment Engine; default 0.05
+
+
+class PollingGrid:
+    """A Grid whose ``send_and_receive`` pulls replies every ``poll`` seconds. Flower 1.42's HttpGrid (the
+    ServerApp's grid on the Deployment Engine) sleeps a fixed 3 s between pulls, so every message batch took a
+    multiple of 3 s; everything else is the wrapped grid's."""
+
+    def __init__(self, grid: Grid, poll: float) -> None:
+        self._grid, self.poll = grid, poll
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        pending = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.time() + timeout
+        replies: list = []
+        while pending and (end is None or time.time() < end):
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if pending:
+                time.sleep(self.poll)
+        return replies
+
+
+def polling_grid(grid: Grid) -> Grid:
+    """``grid`` with a short reply poll where Flower's is slow (HttpGrid); the in-memory grid of a simulation as is."""
+    if type(grid).__name__ != "HttpGrid" or isinstance(grid, PollingGrid):
+        return grid
+    return PollingGrid(grid, float(os.environ.get(GRID_POLL_ENV, "0.05")))  # type: ignore[return-value]
 
 
 @dataclass
@@ -142,6 +177,9 @@ class PushSumStrategy(Strategy):
         self.bits_sent = [0] * num_nodes
         self.bits_received = [0] * num_nodes
         self.reconnected: list[dict] = []  # {"partition", "old", "new"} per SuperNode that came back
+
+    def start(self, grid: Grid, *args, **kwargs):
+        return super().start(polling_grid(grid), *args, **kwargs)
 
     def register(self, grid: Grid) -> None:
         """First query round: learn node id -> partition id, after waiting for every node to connect."""

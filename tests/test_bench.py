@@ -197,3 +197,15 @@ def test_an_only_run_refreshes_its_sections_and_keeps_the_others():
     assert "| TopK compressor / one abs().sum() pass, 11M (worst of 3 fractions) | <= 5 | n/a | no |" in (
         bench.render_md(merged | {"sections": {}})
     )
+
+
+def test_deploy_section_gives_the_goal_row(tmp_path):
+    assert "deploy" in bench.SECTIONS
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(
+        "".join(json.dumps({"round": r, "wall_s": w}) + "\n" for r, w in ((1, 9.0), (2, 12.0), (3, 15.0)))
+    )
+    assert bench._s_per_round(metrics) == 3.0
+    sections = {"deploy": {"deploy_s_per_round": 3.0, "sim_s_per_round": 0.5, "nodes": 4, "rounds": 3}}
+    rep = bench.assemble(sections, bench.machine_info(), "sparsepush bench --only deploy", "full", {"before": [0.0]})
+    assert rep["deploy_s_per_round_4_nodes"] == 3.0 and rep["sim_s_per_round_4_nodes"] == 0.5

@@ -1,6 +1,8 @@
 """Deployment Engine end to end: a SuperLink and 4 SuperNodes on loopback, `flwr run`, then every process gone.
 
-Slow (a fresh ClientApp process per message: about 1-2 minutes on 2 cores); loopback only, ports from the OS.
+Every SuperNode runs with its node worker (`sparsepush node`, executor mode: the worker runs the SuperNode's tasks,
+no process per message); tests/test_node_worker.py covers relay mode and a killed worker. Slow (Flower start-up and
+polling: a few minutes on 2 shared cores); loopback only, ports from the OS.
 """
 
 from __future__ import annotations
@@ -90,6 +92,13 @@ def test_node_state_persists_across_rounds(deployed):
         assert np.abs(nodes[f"z{i}"] - x0).max() > 1e-3
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bits_sent_by_node"] == ref.bits_sent
+
+
+def test_every_message_ran_in_the_node_workers(deployed):
+    _, _, dep = deployed
+    for i in range(NODES):
+        log = (dep.log_dir / f"supernode-{i}.log").read_text()
+        assert log.count("task train:") == 2 and log.count("task evaluate:") == 2, log[-2000:]
 
 
 def test_every_process_stopped(deployed):

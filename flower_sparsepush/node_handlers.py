@@ -1,0 +1,214 @@
+"""The node's side of every message, as plain functions of (message content, context) -> reply content.
+
+Both the in-process ClientApp (client_app.py, simulation and a SuperNode without a worker) and the long-lived node
+worker (node_worker.py, next to a SuperNode) call :class:`NodeHandlers`: one implementation of the round.
+
+- ``query``: answers its ``partition-id`` (the ServerApp learns node id -> partition id, also of a SuperNode that
+  reconnects mid-run).
+- ``train`` (sgp / sparse-push / scsp): loads the node's state, does the node's round
+  (:func:`training.node_round`, the function the in-process loop runs: bounces back, inbox absorbed, local SGD,
+  messages out), keeps the state and replies with its messages (protocol.py has the records).
+- ``train`` (fedavg): local SGD steps from the received global model, replies the model and ``num-examples``.
+- ``evaluate``: accuracy/loss of the node's de-biased model z on the test set (its first ``eval-node-samples``
+  samples), and z itself so the ServerApp computes the consensus model and the consensus distance.
+
+Node state lives in the node store (store.py: one file per node where the node runs; ``context.state`` keeps only
+its :class:`~flower_sparsepush.store.Stamp`), or, with ``node-store=context``, whole in ``context.state``.
+
+A node keeps each outbox until the relay acknowledges it (``acked`` in the next train message), and resends the
+unacknowledged ones with its next reply: a reply lost on the way loses no mass. Frames handed to it again after a
+lost reply are absorbed only if the node had not finished that round.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+
+from flower_sparsepush import protocol, training
+from flower_sparsepush.codec import decode
+from flower_sparsepush.config import validate
+from flower_sparsepush.node import state_from_flat, state_to_flat
+from flower_sparsepush.store import CONTEXT, NodeStore, Stamp, StoreError
+
+STAMP = "ps-stamp"  # context.state: the Stamp of the node's stored state
+STATE = "ps-state"  # context.state with node-store=context: the flat state itself
+SNAPSHOT = "ps-snap"  # context.state with node-store=context: the last checkpoint copy
+
+
+class NodeHolder:
+    """Where one node's flat state is kept between messages: the node store, or ``context.state``."""
+
+    def __init__(self, context: Context, cfg: dict, node: int, token: str) -> None:
+        self.context, self.node, self.token = context, node, token
+        self.in_context = cfg["node-store"] == CONTEXT
+        self.store = None if self.in_context else NodeStore(cfg["node-store"] or None, token)
+
+    def stamp(self) -> Stamp | None:
+        rec = self.context.state.get(STAMP)
+        if rec is None or rec["token"] != self.token:
+            return None  # a new run, or a SuperNode that restarted: the store decides
+        return Stamp(rec["token"], int(rec["node"]), int(rec["round"]), int(rec["checksum"]))
+
+    def load(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """(last finished round, flat state), or None for a node that has no state yet."""
+        if self.in_context:
+            if STATE not in self.context.state or self.stamp() is None:
+                return None
+            rec = self.context.state[STATE]
+            return self.stamp().round, {k: torch.from_numpy(np.array(rec[k].numpy())) for k in rec}
+        hit = self.store.load(self.node, self.stamp())
+        return None if hit is None else (hit[0].round, hit[1])
+
+    def save(self, rnd: int, flat: dict[str, torch.Tensor], snapshot: bool) -> None:
+        if self.in_context:
+            rec = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in flat.items()})
+            self.context.state[STATE] = rec
+            if snapshot:
+                self.context.state[SNAPSHOT] = ArrayRecord(dict(rec.items()))
+                self.context.state[SNAPSHOT + "-round"] = ConfigRecord({"round": rnd})
+            stamp = Stamp(self.token, self.node, rnd, 0)
+        else:
+            stamp = self.store.save(self.node, rnd, flat)
+            if snapshot:
+                self.store.snapshot(self.node, rnd + 1)
+        self.context.state[STAMP] = ConfigRecord(
+            {"token": stamp.token, "node": stamp.node, "round": stamp.round, "checksum": stamp.checksum}
+        )
+
+    def restore(self, checkpoint: int) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """Go back to the copy kept after round ``checkpoint - 1`` (a resumed run). None: the node had no state."""
+        if self.in_context:
+            raise StoreError("a resumed run needs node-store to be a folder: context.state does not outlive a run")
+        if checkpoint == 0:
+            return None
+        stamp, flat = self.store.restore(self.node, checkpoint)
+        self.context.state[STAMP] = ConfigRecord(
+            {"token": stamp.token, "node": stamp.node, "round": stamp.round, "checksum": stamp.checksum}
+        )
+        return stamp.round, flat
+
+
+def split(flat: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, protocol.Frames]]:
+    """A stored flat dict -> (node state part, pending outboxes by round)."""
+    pending = {int(k[4:]): protocol.unpack_frames(v.numpy().tobytes()) for k, v in flat.items() if k[:4] == "out."}
+    return {k: v for k, v in flat.items() if k[:4] != "out."}, pending
+
+
+def join(state_flat: dict[str, torch.Tensor], pending: dict[int, protocol.Frames]) -> dict[str, torch.Tensor]:
+    out = dict(state_flat)
+    for r, frames in pending.items():
+        buf = protocol.pack_frames(frames)
+        out[f"out.{r}"] = (
+            torch.frombuffer(bytearray(buf), dtype=torch.uint8) if buf else torch.zeros(0, dtype=torch.uint8)
+        )
+    return out
+
+
+def pending_weight(pending: dict[int, protocol.Frames]) -> float:
+    return float(sum(decode(d).y for frames in pending.values() for _, d in frames))
+
+
+class NodeHandlers:
+    """The node's message handlers: ``handlers.handle(kind, content, context) -> reply content``.
+
+    ``run_config`` replaces ``context.run_config`` (tests and ``run_simulation``). Keeps the validated config of the
+    latest run; ``training.get_setup`` caches data and model per process, so a long-lived process (the node worker)
+    builds them once.
+    """
+
+    def __init__(self, run_config: dict | None = None) -> None:
+        self.run_config = run_config
+        self._cfg: dict = {}
+
+    def cfg_of(self, context: Context) -> dict:
+        raw = dict(self.run_config if self.run_config is not None else context.run_config)
+        key = tuple(sorted((k, str(v)) for k, v in raw.items()))
+        if key not in self._cfg:
+            self._cfg.clear()
+            self._cfg[key] = validate(raw)
+        return self._cfg[key]
+
+    @staticmethod
+    def setup_threads() -> None:
+        torch.set_num_threads(max(1, int(os.environ.get("SPARSEPUSH_CLIENT_THREADS", "1"))))
+
+    @staticmethod
+    def node_id(context: Context) -> int:
+        return int(context.node_config["partition-id"])
+
+    def handle(self, kind: str, content: RecordDict, context: Context) -> RecordDict:
+        """The reply content to a ``query`` / ``train`` / ``evaluate`` message; updates ``context.state``."""
+        if kind == "query":
+            return self.query(content, context)
+        if kind == "train":
+            return self.train(content, context)
+        if kind == "evaluate":
+            return self.evaluate(content, context)
+        raise ValueError(f"no handler for message type {kind!r}")
+
+    @staticmethod
+    def open_node(holder: NodeHolder, setup, restore: int):
+        """(state, pending outboxes, last finished round) of the node, after a restore when asked."""
+        got = holder.restore(restore) if restore >= 0 else holder.load()
+        if got is None:
+            return training.init_state(setup), {}, -1
+        done, flat = got
+        state_flat, pending = split(flat)
+        return state_from_flat(state_flat), pending, done
+
+    def query(self, content: RecordDict, context: Context) -> RecordDict:
+        return protocol.query_reply_content(self.node_id(context))
+
+    def train(self, content: RecordDict, context: Context) -> RecordDict:
+        self.setup_threads()
+        cfg = self.cfg_of(context)
+        setup = training.get_setup(cfg)
+        node = self.node_id(context)
+        if cfg["strategy"] == "fedavg":
+            return self.fedavg_train(content, context, cfg, setup, node)
+        order = protocol.read_train(content)
+        holder = NodeHolder(context, cfg, node, order.token or "run")
+        state, pending, done = self.open_node(holder, setup, order.restore)
+        t = order.round
+        if t <= done:
+            raise RuntimeError(f"node {node} was asked for round {t} but has already finished round {done}")
+        pending = {r: f for r, f in pending.items() if r > order.acked}  # the relay routed those
+        # what was handed again after a lost reply counts first (positions), absorbed only for unfinished rounds
+        groups = [*order.redo, (t, order.inbox)]
+        handed = [(r, f) for r, frames in groups for f in frames]
+        keep = [i for i, (r, _) in enumerate(handed) if r > done]
+        bounced = [f for r, frames in [*order.redo_bounced, (t, order.bounced)] if r > done for f in frames]
+        res = training.node_round(setup, state, node, t, [handed[i][1] for i in keep], bounced)
+        refused = [keep[r.index] for r in res.rejected]
+        resent = sorted(pending.items())
+        pending[t] = sorted(res.messages.items())
+        holder.save(t, join(state_to_flat(state), pending), order.snapshot)
+        return protocol.train_reply_content(t, pending[t], refused, resent, res.loss, state.y)
+
+    def fedavg_train(self, content: RecordDict, context: Context, cfg: dict, setup, node: int) -> RecordDict:
+        z = torch.from_numpy(np.array(content["arrays"]["z"].numpy()))
+        rnd = protocol.core_round(int(content["config"]["server-round"]))
+        holder = NodeHolder(context, cfg, node, str(content["config"].get("token", "fedavg")))
+        got = holder.load()
+        mom = got[1]["m"] if got is not None and "m" in got[1] else None
+        z_new, mom, loss = training.local_sgd(setup, z, mom, node, rnd)
+        if mom is not None:
+            holder.save(rnd, {"m": mom}, snapshot=False)
+        metrics = MetricRecord({"num-examples": len(setup.shards[node][1]), "train_loss": loss})
+        return RecordDict({"arrays": ArrayRecord({"z": Array(z_new.numpy())}), "metrics": metrics})
+
+    def evaluate(self, content: RecordDict, context: Context) -> RecordDict:
+        self.setup_threads()
+        cfg = self.cfg_of(context)
+        setup = training.get_setup(cfg)
+        conf = content[protocol.CONFIG]
+        holder = NodeHolder(context, cfg, self.node_id(context), str(conf.get("token", "run")))
+        state, pending, done = self.open_node(holder, setup, int(conf.get("restore", -1)))
+        pending = {r: f for r, f in pending.items() if r > int(conf.get("acked", -1))}  # routed ones are in mailboxes
+        z = state.z.to(torch.float32)
+        acc, loss = training.evaluate(setup, z, cfg["eval-node-samples"])
+        return protocol.eval_reply_content(z.numpy(), acc, loss, state.y, pending_weight(pending), done)

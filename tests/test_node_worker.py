@@ -1,0 +1,127 @@
+"""The node worker (node_worker.py) and the torch-free relay ClientApp (client_app.py, relay.py).
+
+The deployment tests (tests/test_deployment.py) run every SuperNode through `sparsepush node`, so each message there
+goes relay -> worker. Here: the relay's imports, a clear error when no worker listens, and a worker killed mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flower_sparsepush.config import validate
+from flower_sparsepush.deploy import LocalDeployment, pid_alive
+from flower_sparsepush.processes import descendants
+from flower_sparsepush.results import read_metrics
+
+HAS_FLOWER = Path(sys.executable).with_name("flower-superlink").exists() or shutil.which("flower-superlink")
+
+
+def test_relay_client_app_imports_no_torch():
+    code = (
+        "import sys, flower_sparsepush.client_app as c; "
+        "assert c.app is not None; "
+        "bad = [m for m in ('torch', 'flower_sparsepush.training', 'flower_sparsepush.data') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_old_helpers_still_reachable_from_client_app():
+    from flower_sparsepush import client_app, node_handlers
+
+    assert client_app.split is node_handlers.split and client_app.STAMP == "ps-stamp"
+
+
+def test_relay_without_a_worker_says_so(tmp_path, monkeypatch):
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from flower_sparsepush.relay import WorkerError, relay
+
+    monkeypatch.setenv("SPARSEPUSH_NODE_WORKER_WAIT", "0.3")
+    ctx = Context(run_id=1, node_id=2, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    content = RecordDict({"q": ConfigRecord({"what": "partition-id"})})
+    with pytest.raises(WorkerError, match="no node worker listens"):
+        relay(str(tmp_path / "none.sock"), "query", content, ctx)
+
+
+def test_worker_answers_a_query_and_stops_on_sigterm(tmp_path):
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from flower_sparsepush.relay import relay
+
+    sock = tmp_path / "w.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "flower_sparsepush.node_worker", "--socket", str(sock)])
+    try:
+        ctx = Context(run_id=1, node_id=2, node_config={"partition-id": 3}, state=RecordDict(), run_config={})
+        reply = relay(str(sock), "query", RecordDict({"q": ConfigRecord({"what": "partition-id"})}), ctx)
+        assert int(reply["info"]["partition-id"]) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert not sock.exists()
+
+
+@pytest.mark.skipif(not HAS_FLOWER, reason="flower-superlink is not installed")
+@pytest.mark.parametrize("mode", ["relay", "executor"])
+def test_a_killed_worker_is_started_again_and_the_run_continues(tmp_path, mode):
+    """The worker of node 1 is killed (SIGKILL) after round 1, while idle: `sparsepush node` starts it again (relay
+    mode: the next per-message ClientApp waits for its socket; executor mode: the SuperNode's next task waits to be
+    acquired), the node continues from its stored state (mass exact), and no PID is left."""
+    cfg = validate(
+        {
+            "strategy": "sparse-push",
+            "compressor": "topk:0.1+q:4",
+            "gamma": 0.3,
+            "dataset": "synthetic",
+            "model": "mlp",
+            "num-nodes": 2,
+            "num-rounds": 3,
+            "local-steps": 2,
+            "batch-size": 16,
+            "eval-every": 1,
+            "round-timeout": 120.0,
+            "out-dir": str(tmp_path),
+            "run-name": "wk",
+        }
+    )
+    killed = []
+
+    def kill_worker_after_round_1(dep, done):
+        if done >= 1 and not killed:
+            node = dep.procs["supernode-1"].pid
+            workers = [p for p in descendants(node) if b"flower_sparsepush.node_worker" in _cmdline(p) and pid_alive(p)]
+            assert len(workers) == 1, workers
+            os.kill(workers[0], signal.SIGKILL)
+            killed.append(workers[0])
+
+    dep = LocalDeployment(2, log_dir=tmp_path / "logs", worker_mode=mode)
+    with dep:
+        assert dep.run(cfg, timeout=600, on_poll=kill_worker_after_round_1) == 0
+    assert killed and [p for p in dep.seen_pids if pid_alive(p)] == []
+    assert "starting it again" in (tmp_path / "logs" / "supernode-1.log").read_text()
+    summary = json.loads((tmp_path / "wk" / "summary.json").read_text())
+    assert summary["final"]["round"] == 3 and summary["nodes_not_returned"] == []
+    rows = read_metrics(tmp_path / "wk" / "metrics.jsonl")
+    assert rows[-1]["num_evaluated"] == 2
+    worker_log = (tmp_path / "logs" / "supernode-1.log").read_text()
+    assert ("its ClientApp process had started" in worker_log) == (mode == "relay")  # relay mode: one per message
+    assert ("task train:" in worker_log) == (mode == "executor")
+    for r in rows:
+        if r["num_evaluated"] == 2:
+            assert r["y_nodes"] + r.get("y_pending", 0.0) + r["y_mailboxes"] == pytest.approx(2, abs=1e-9)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
