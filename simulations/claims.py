@@ -90,6 +90,8 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "abl-gamma-warmup": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1, gamma_warmup=50) | _MERGE),
     # sp-h4-merge without compression: separates the damped gossip (gamma 0.1) from what compression costs
     "abl-dense-g0.1": ("ablation", ("iid",), _sp(4, "none", 0.1) | _MERGE),
+    # and SGP itself with H = 4 local steps and the merge: what the H = 4 schedule costs without damping
+    "abl-sgp-h4": ("ablation", ("iid",), {"strategy": "sgp", "local-steps": 4} | _MERGE),
     "abl-qgm": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1, qgm=True) | _MERGE),
     # SCSP candidates under label skew (docs/algorithm.md: SCSP = Sparse-Push + the switches that recover most)
     "scsp-h1": ("scsp", SKEWED, _sp(1, "topk:0.0025+q:4", 0.02) | _MERGE | _SCSP),
@@ -101,7 +103,7 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
 # run order: what the goals need first (a time-limited chunk then still answers the main question)
 PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "sp-h1", "sp-h8-fg100", "sp-h4-fg50",
             "scsp-h2", "scsp-h1", "scsp-h4", "fedavg-h2", "paper-ef", "abl-no-merge", "abl-qgm",
-            "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1"]  # fmt: skip
+            "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 
