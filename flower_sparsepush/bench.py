@@ -860,7 +860,7 @@ def render_md(rep: dict[str, Any]) -> str:
             rep["flower_overhead_ratio_resnet20_16"] <= 1.3,
         ),
         (
-            "1,000 virtual nodes run (small CNN, within 24 GiB)",
+            f"1,000 virtual nodes run ({rep.get('scale_model') or 'cnn'}, within 24 GiB)",
             ">= 1000",
             rep["max_nodes_run"],
             rep["max_nodes_run"] >= 1000,

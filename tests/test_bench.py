@@ -102,7 +102,7 @@ def test_growth_and_report_have_the_required_keys(tmp_path):
     assert rep["topk_vs_memory_pass_ratio_11M"] == max(per_fraction) > 0
     json.loads(json.dumps(rep, default=float))  # serializable
     md = bench.render_md(rep)
-    assert "| goal | target | measured | met |" in md and "1,000 virtual nodes" in md
+    assert "| goal | target | measured | met |" in md and "1,000 virtual nodes run (cnn" in md
     assert "TopK compressor / one abs().sum() pass, 11M" in md and "## 5. Top-k selection" in md
     assert math.isnan(rep["scale_per_node_ratio_1000_vs_16"])  # 1,000 nodes not in this ladder
     assert "Seconds per node per round, 1,000 nodes / 16 nodes" in md and "10,000 virtual nodes run" in md
