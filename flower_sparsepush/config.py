@@ -37,7 +37,9 @@ class Key:
 
 KEYS: dict[str, Key] = {
     "strategy": Key("sparse-push", str, "fedavg | sgp | sparse-push | scsp", choices=STRATEGIES),
-    "num-nodes": Key(16, int, "number of nodes (virtual clients); must equal the federation's num-supernodes", 2, 4096),
+    "num-nodes": Key(
+        16, int, "number of nodes (virtual clients); must equal the federation's num-supernodes", 2, 100_000
+    ),
     "graph": Key(
         "exponential", str, "communication graph (topology.GRAPH_NAMES), e.g. exponential, ring, random-out:2"
     ),

@@ -47,7 +47,7 @@ def run_consensus(
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(nodes, dim, generator=gen, dtype=torch.float64)
     mean0, total0 = x0.mean(0), x0.sum(0)
-    outs = lambda i: lambda t: g.out_neighbours(t)[i]  # noqa: E731
+    outs = lambda i: lambda t: g.out_of(t, i)  # noqa: E731
     peers = [Node(i, algo.init_state(x0[i]), lambda t: algo, outs(i)) for i in range(nodes)]
     states = [p.state for p in peers]
 

@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from flower_sparsepush.config import preflight, validate
+from flower_sparsepush.linkstate import indexed_message_lookup, scale_pull_interval
 from flower_sparsepush.results import Recorder
 from flower_sparsepush.store import CONTEXT, NodeStore
 from flower_sparsepush.strategies.routing import SCSP, SGP, CountingFedAvg, SparsePush
@@ -34,9 +35,9 @@ FLOWER_CHECKPOINT = "flower"  # the engine a Flower checkpoint belongs to (the i
 def build_strategy(cfg: dict[str, Any], token: str = "run"):
     n = cfg["num-nodes"]
     if cfg["strategy"] == "fedavg":
-        return CountingFedAvg(n, fraction_train=1.0, min_train_nodes=n)
+        return _registering(CountingFedAvg(n, fraction_train=1.0, min_train_nodes=n), n)
     cls = {"sgp": SGP, "sparse-push": SparsePush, "scsp": SCSP}[cfg["strategy"]]
-    return cls(
+    strategy = cls(
         n,
         eval_every=cfg["eval-every"],
         sample_seed=cfg["seed"],
@@ -46,6 +47,17 @@ def build_strategy(cfg: dict[str, Any], token: str = "run"):
         checkpoint_every=cfg["checkpoint-every"],
         **relay_checks(get_setup(cfg)),  # every reply is checked before anything of it is routed (guard.py)
     )
+    return _registering(strategy, n)
+
+
+REGISTER_S_PER_NODE = 0.1  # the registration query round: one message per node (10,000 nodes took minutes here)
+
+
+def _registering(strategy, n: int):
+    """Give the strategy's registration (wait for n nodes, one query each) time that grows with n: the 120 s
+    default ran out at 10,000 simulated nodes on 2 cores."""
+    strategy.register_timeout = max(strategy.register_timeout, REGISTER_S_PER_NODE * n)
+    return strategy
 
 
 def save_flower_checkpoint(cfg: dict[str, Any], done: int, strategy, history: list[dict]) -> None:
@@ -135,6 +147,7 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
         if every and rnd % every == 0 and cfg["strategy"] != "fedavg":
             save_flower_checkpoint(cfg, rnd, strategy, rec.rows)
 
+    scale_pull_interval(grid, cfg["num-nodes"])  # reply polling O(N) per round, not O(N^2) (linkstate.py)
     strategy.start(
         grid,
         ArrayRecord({"z": Array(setup.x0.numpy())}),
@@ -195,7 +208,9 @@ def make_server_app(run_config: dict | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, dict(run_config if run_config is not None else context.run_config))
+        # flwr run's simulation runs this ServerApp in the process of the engine's link state: index its messages
+        with indexed_message_lookup():
+            run_server(grid, dict(run_config if run_config is not None else context.run_config))
 
     return app
 

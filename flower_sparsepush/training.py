@@ -371,7 +371,7 @@ def train(setup: Setup, state: NodeState, node: int, rnd: int) -> float:
 
 def make_node(setup: Setup, node: int, state: NodeState) -> Node:
     """The :class:`~flower_sparsepush.node.Node` ``node`` of this run, holding ``state``."""
-    return Node(node, state, lambda rnd: setup.algo(node, rnd), lambda rnd: setup.graph.out_neighbours(rnd)[node])
+    return Node(node, state, lambda rnd: setup.algo(node, rnd), lambda rnd: setup.graph.out_of(rnd, node))
 
 
 def node_round(setup: Setup, state: NodeState, node: int, rnd: int, inbox: list, bounced: list = ()) -> RoundOut:
@@ -614,7 +614,9 @@ def read_checkpoint(cfg: dict[str, Any], engine: str) -> dict[str, Any] | None:
         return None
     ck = torch.load(path, weights_only=True)
     if ck.get("engine", "inprocess") != engine:
-        raise ConfigError(f"{path} was written by the {ck.get('engine')} engine; resume it there or use another run-name")
+        raise ConfigError(
+            f"{path} was written by the {ck.get('engine')} engine; resume it there or use another run-name"
+        )
     if ck.get("version") != CHECKPOINT_VERSION:
         raise ConfigError(f"{path}: checkpoint version {ck.get('version')!r}, this code reads {CHECKPOINT_VERSION}")
     mine = checkpoint_identity(cfg)

@@ -427,7 +427,7 @@ class DecentralizedFedAvg(PushSumStrategy):
         )
 
     def _outs(self, node: int):
-        return lambda rnd: self.graph.out_neighbours(rnd)[node]
+        return lambda rnd: self.graph.out_of(rnd, node)
 
     def _message(self, node: int, config: ConfigRecord, mtype: str) -> Message:
         record = self._record(self.states[node].z, self.fixed[node])
