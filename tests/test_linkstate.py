@@ -123,7 +123,7 @@ def test_messages_stored_before_activation_and_deleted_ones():
 
 
 def test_pull_interval_keeps_polling_linear():
-    assert linkstate.pull_interval_for(16) == 0.1 and linkstate.pull_interval_for(1000) == 0.1
+    assert linkstate.pull_interval_for(16) == 0.01 and linkstate.pull_interval_for(1000) == 0.1
     assert linkstate.pull_interval_for(10_000) == 1.0
     # (polls per round) x (ids per poll) / N stays constant when a round lasts c * N seconds
     c = 0.01
@@ -138,3 +138,29 @@ def test_pull_interval_keeps_polling_linear():
     linkstate.scale_pull_interval(g, 20_000)
     assert g.pull_interval == 2.0
     linkstate.scale_pull_interval(object(), 20_000)  # a grid without the attribute: nothing to do
+
+
+def test_sweep_waits_grow_with_the_node_count_and_flowers_loop_is_restored():
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    assert linkstate.sweep_interval_for(16) == 0.01 and linkstate.sweep_interval_for(10_000) == 0.1
+    original = vce_api.add_messages_to_queue
+    with linkstate.indexed_message_lookup():
+        assert vce_api.add_messages_to_queue is linkstate._add_messages_to_queue
+    assert vce_api.add_messages_to_queue is original
+
+
+def test_the_sweep_loop_queues_each_pending_message_once():
+    import queue
+    import threading
+
+    state, ids = _state_with(3, [2, 0, 1])
+    out: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    with linkstate.indexed_message_lookup():
+        t = threading.Thread(target=linkstate._add_messages_to_queue, args=(state, out, dict.fromkeys(ids), stop))
+        t.start()
+        got = [out.get(timeout=5).metadata.message_id for _ in range(3)]
+        stop.set()
+        t.join(timeout=5)
+    assert sorted(got) == ["m0-0", "m0-2", "m1-0"] and out.empty()
