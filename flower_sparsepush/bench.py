@@ -768,7 +768,7 @@ def section_deploy(out_dir: str, log, rounds: int = 6, nodes: int = 4) -> dict[s
     import tempfile
 
     from flower_sparsepush.config import validate
-    from flower_sparsepush.deploy import DEPLOY_DEFAULTS, SUPERNODE_POLL, deploy_run
+    from flower_sparsepush.deploy import DEPLOY_DEFAULTS, SUPERNODE_POLL, deploy_run, pid_alive
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     base = dict(DEPLOY_DEFAULTS) | {"num-nodes": nodes, "num-rounds": rounds}
@@ -789,7 +789,7 @@ def section_deploy(out_dir: str, log, rounds: int = 6, nodes: int = 4) -> dict[s
     try:
         res, dep = deploy_run(dep_cfg, log_dir=str(tmp / "logs"), timeout=1800, workers=True)
         out["deploy_s_per_round"] = _s_per_round(res / "metrics.jsonl")
-        out["leftover_pids"] = sorted(p for p in dep.seen_pids if Path(f"/proc/{p}").exists())
+        out["leftover_pids"] = sorted(p for p in dep.seen_pids if pid_alive(p))
     except Exception as err:  # noqa: BLE001 - recorded in the report
         out["deploy_error"] = str(err)[-2000:]
     out["deploy_wall_s"] = time.time() - t0
@@ -1234,7 +1234,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="performance and scale benchmarks -> results/bench.json, bench.md")
     p.add_argument("--quick", action="store_true", help="fewer repeats and rounds, nodes 16 and 64 (a few minutes)")
     p.add_argument("--out-dir", default="results", help="where bench.json and bench.md go")
-    p.add_argument("--only", default="", help="comma list of sections: wire,codec,topk,data,overhead,scale,ray")
+    p.add_argument("--only", default="", help=f"comma list of sections: {','.join(SECTIONS)}")
     p.add_argument(
         "--nodes", default="", help="node counts of the scale ladder, up to 10000 (default 16,64,256,1000; quick 16,64)"
     )

@@ -20,6 +20,43 @@ import threading
 import time
 from collections.abc import Callable
 
+PULL_BACKOFF = 0.02  # first retry of a message object the SuperNode has not stored yet (Flower's default: 1 s)
+
+
+def pull_input(task):
+    """(message, context) of the task behind ``task``'s token, from the SuperNode's runtime API: what Flower's
+    ``run_clientapp.pull_task_input`` does without the run and FAB, and with a short first retry. A task can be
+    acquired before the SuperNode has stored its message's objects; Flower then waits 1 s before pulling again (a
+    fresh ``flwr-clientapp`` process hides it behind its start-up; a worker that acquires at once would not)."""
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    got = task.PullTaskInput(PullTaskInputRequest())
+    context = context_from_proto(got.context)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = got.task_id, got.run.run_id, context.node_id
+    msgs = task.PullMessages(PullAppMessagesRequest())
+    if not msgs.messages_list:
+        raise RuntimeError("the SuperNode's runtime API gave a task without a message")
+    node, tree = Node(node_id=context.node_id), msgs.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(task.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(task.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        initial_backoff=PULL_BACKOFF,
+        backoff_cap=0.5,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the id is not part of the pulled objects
+    return message, context
+
 
 def serve_tasks(runtime_address: str, stop: threading.Event, poll: float = 0.02, log: Callable = print) -> None:
     """Acquire and run ClientApp tasks of the SuperNode at ``runtime_address`` until ``stop`` is set."""
@@ -32,7 +69,7 @@ def serve_tasks(runtime_address: str, stop: threading.Event, poll: float = 0.02,
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     from flower_sparsepush.client_app import make_client_app
 
@@ -55,7 +92,7 @@ def serve_tasks(runtime_address: str, stop: threading.Event, poll: float = 0.02,
         message = context = reply = None
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         try:
-            message, context, _run, _fab = pull_task_input(task)
+            message, context = pull_input(task)
             t1 = time.perf_counter()
             reply = app(message=message, context=context)
             t2 = time.perf_counter()

@@ -1,20 +1,25 @@
 """The node worker: one long-lived process next to a SuperNode that holds the node's data, model and state.
 
 Flower 1.42 starts a fresh ``flwr-clientapp`` process for every message on a SuperNode (import torch and flwr,
-rebuild data and model: seconds per message). With a worker, that process is a thin relay (client_app.py +
-relay.py, no torch) and the worker runs the message with the same handlers as the in-process ClientApp
-(node_handlers.NodeHandlers): the node store keeps the node's state in the same files (so a restarted SuperNode or
-worker continues), and the per-process caches (validated config, ``get_setup``'s data and model, the store's last
-state) survive from one message to the next.
+rebuild data and model: seconds per message). The worker imports once and runs every message of its SuperNode with
+the same handlers as the in-process ClientApp (node_handlers.NodeHandlers, through client_app.make_client_app): the
+node store keeps the node's state in the same files (so a restarted SuperNode or worker continues), and the
+per-process caches (validated config, ``get_setup``'s data and model, the store's last state) survive from one
+message to the next. Two modes:
 
-- ``python -m flower_sparsepush.node_worker --socket PATH``: the worker alone, serving one message at a time on a
-  Unix domain socket (created in a folder only this user can enter; removed on exit).
-- ``sparsepush node --superlink HOST:PORT --partition-id P --num-partitions N [--insecure] [-- SUPERNODE ARGS]``:
-  the worker and ``flower-supernode`` together (the SuperNode gets ``SPARSEPUSH_NODE_WORKER``); a worker that dies
-  is started again, a SuperNode that exits stops the worker and ends the command with its exit code; SIGTERM or
-  Ctrl-C stops both, by PID. Each child also gets SIGTERM from the kernel if this command dies (PR_SET_PDEATHSIG).
+- executor (``python -m flower_sparsepush.node_worker --runtime-api HOST:PORT``): the SuperNode runs with
+  ``--isolation process`` and the worker acquires its tasks on its runtime API and runs them in this process
+  (node_executor.py): no process per message.
+- relay (``python -m flower_sparsepush.node_worker --socket PATH``): Flower's SuperExec starts a ClientApp process
+  per message, a thin torch-free relay (client_app.py + relay.py) that forwards the message to this worker over a
+  Unix domain socket (in a folder only this user can enter; removed on exit), one message at a time.
 
-Each message is logged on stderr with the time it took in the worker (decode, handler, encode).
+``sparsepush node --superlink HOST:PORT --partition-id P --num-partitions N [--insecure] [--mode M] [-- ARGS]``
+starts the worker and ``flower-supernode`` together; a worker that dies is started again, a SuperNode that exits
+stops the worker and ends the command with its exit code; SIGTERM or Ctrl-C stops both, by PID. Each child also gets
+SIGTERM from the kernel if this command dies (PR_SET_PDEATHSIG).
+
+Each message is logged on stderr with the time its parts took in the worker.
 """
 
 from __future__ import annotations
@@ -230,6 +235,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # also where SIGINT was ignored (a background job of a script)
     try:
         return host.run()
     except KeyboardInterrupt:
@@ -243,13 +249,27 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "node",
         help="one SuperNode and its long-lived node worker (Deployment Engine); stops both on exit",
+        usage="%(prog)s [-h] --superlink HOST:PORT --partition-id P --num-partitions N [--insecure] [--mode M] "
+        "[--port Q] [--host H] [--supernode-poll S] [--socket PATH] [-- FLOWER-SUPERNODE FLAGS]",
         description="Start flower-supernode with a node worker that keeps the node's data, model and state in one "
-        "process (the per-message ClientApp relays to it). Arguments after -- go to flower-supernode (TLS: "
+        "process and runs the node's messages (docs/deployment.md). Arguments after -- go to flower-supernode (TLS: "
         "--root-certificates CA; authentication: --auth-supernode-private-key KEY).",
     )
-    p.add_argument("--superlink", required=True, help="the SuperLink's Fleet API address, HOST:PORT")
-    p.add_argument("--partition-id", type=int, required=True, help="this node's partition (push-sum node id)")
-    p.add_argument("--num-partitions", type=int, required=True, help="number of nodes in the run (num-nodes)")
+    p.add_argument(
+        "--superlink", required=True, help="the SuperLink's Fleet API address, HOST:PORT (required; no default)"
+    )
+    p.add_argument(
+        "--partition-id",
+        type=int,
+        required=True,
+        help="this node's partition, the push-sum node id (required; no default)",
+    )
+    p.add_argument(
+        "--num-partitions",
+        type=int,
+        required=True,
+        help="number of nodes in the run, = num-nodes (required; no default)",
+    )
     p.add_argument("--insecure", action="store_true", help="no TLS to the SuperLink (loopback/trusted network)")
     p.add_argument("--host", default="127.0.0.1", help="address of the SuperNode's local runtime API")
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's runtime API port (one per SuperNode)")

@@ -125,3 +125,31 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+@pytest.mark.skipif(not HAS_FLOWER, reason="flower-superlink is not installed")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sparsepush_node_stops_supernode_and_worker_on_a_signal(tmp_path, sig):
+    """`sparsepush node` (no SuperLink to reach: the SuperNode keeps retrying) stops both children by PID."""
+    import time
+
+    from flower_sparsepush.processes import free_port
+
+    cmd = [sys.executable, "-m", "flower_sparsepush.cli", "node", "--superlink", "127.0.0.1:1", "--insecure"]
+    cmd += ["--partition-id", "0", "--num-partitions", "2", "--port", str(free_port())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.time() + 60
+        while len(kids := descendants(proc.pid)) < 2 and time.time() < end:
+            time.sleep(0.2)
+        assert len(kids) >= 2, kids  # the worker and the SuperNode
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 128 + sig
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    end = time.time() + 20
+    while [p for p in kids if pid_alive(p)] and time.time() < end:
+        time.sleep(0.2)
+    assert [p for p in kids if pid_alive(p)] == []
