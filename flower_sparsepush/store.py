@@ -98,7 +98,8 @@ class NodeStore:
 
     def load(self, node: int, expect: Stamp | None = None) -> tuple[Stamp, dict[str, torch.Tensor]] | None:
         """The node's latest state, or None if it has none. With ``expect`` (the stamp ``context.state`` holds) the
-        stored state must be that one: a missing or different file raises :class:`StoreError`."""
+        stored state must be that one or a later round of the same node (its process saved and then died before
+        Flower kept the new stamp): a missing file, or an older or different one, raises :class:`StoreError`."""
         key = (str(self.dir), self.token, node)
         hit = self._cache.get(key)
         if hit is not None and (expect is None or hit[0] == expect):
@@ -114,7 +115,9 @@ class NodeStore:
                 )
             return None
         stamp, flat = self._read(path, node)
-        if expect is not None and stamp != expect:
+        if expect is not None and stamp != expect and stamp.round <= expect.round:
+            # a file at a later round is this node's own later state: the process that wrote it died before Flower
+            # kept its context (a crash after the save); the relay's redo / resend protocol covers that round
             raise StoreError(
                 f"node {node}: {path} holds the state after round {stamp.round} (checksum {stamp.checksum:08x}), "
                 f"the run expects round {expect.round} ({expect.checksum:08x}): another run or process wrote it; "

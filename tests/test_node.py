@@ -119,6 +119,10 @@ def test_store_refuses_a_missing_damaged_or_foreign_state(tmp_path):
     NodeStore.forget()
     with pytest.raises(StoreError, match="another run or process"):
         store.load(0, Stamp("run-b", 0, 3, stamp.checksum))  # the run expects a later round
+    with pytest.raises(StoreError, match="another run or process"):
+        store.load(0, Stamp("run-b", 0, 2, stamp.checksum + 1))  # the same round, other bytes
+    # the file is a round ahead of the stamp: the process saved, then died before Flower kept its context
+    assert store.load(0, Stamp("run-b", 0, 1, 12345))[0] == stamp
     with pytest.raises(StoreError, match="no shared filesystem"):
         NodeStore(tmp_path, "run-b").load(1, Stamp("run-b", 1, 2, 0))  # written elsewhere
     blob = torch.load(store.path(0), weights_only=True)
