@@ -14,17 +14,20 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from logging import WARNING
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
 
 from flower_sparsepush import protocol
 
 
-def query_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, int]:
-    """Ask each node for its partition id: ``{node_id: partition_id}``."""
+def query_partitions(grid: Grid, node_ids: list[int], timeout: float, strict: bool = True) -> dict[int, int]:
+    """Ask each node for its partition id: ``{node_id: partition_id}``. A node that answers with an error stops the
+    run when ``strict``; otherwise it is left out (asked again next time)."""
     msgs = [
         Message(
             RecordDict({"q": ConfigRecord({"what": "partition-id"})}), dst_node_id=nid, message_type=MessageType.QUERY
@@ -34,6 +37,9 @@ def query_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[in
     mapping = {}
     for r in grid.send_and_receive(msgs, timeout=timeout):
         if r.has_error():
+            if not strict:
+                log(WARNING, "node %s did not answer the partition query (%s)", r.metadata.src_node_id, r.error.reason)
+                continue
             raise RuntimeError(f"node {r.metadata.src_node_id} failed the registration query: {r.error.reason}")
         mapping[r.metadata.src_node_id] = int(r.content[protocol.INFO]["partition-id"])
     return mapping
@@ -192,7 +198,8 @@ class PushSumStrategy(Strategy):
         new = [nid for nid in grid.get_node_ids() if nid not in self.node_to_part]
         if not new:
             return
-        for nid, p in query_partitions(grid, sorted(new), self.register_timeout).items():
+        # a node that connected but cannot answer yet (or died again) is asked again at the next round
+        for nid, p in query_partitions(grid, sorted(new), self.register_timeout, strict=False).items():
             if not 0 <= p < self.num_nodes:
                 continue
             old = self.part_to_node.get(p)
