@@ -69,40 +69,8 @@ class Graph:
         return self.period or _log2_ceil(self.n)
 
     def out_neighbours(self, t: int) -> list[list[int]]:
-        """Out-neighbours of every node in round ``t`` (sorted, no self-loops, no repeats)."""
-        n, k = self.n, self.kind
-        if k == "static":
-            return [list(o) for o in self.edges]
-        if k == "ring":
-            return [[(i + 1) % n] for i in range(n)]
-        if k == "exponential":
-            shift = 2 ** (t % _log2_ceil(n))
-            return [[(i + shift) % n] for i in range(n)]
-        if k == "exponential-multi":
-            m = _log2_ceil(n)
-            shifts = [2 ** ((t * self.param + p) % m) for p in range(self.param)]
-            return [sorted((i + s) % n for s in shifts) for i in range(n)]
-        if k == "random-out":
-            return [list(o) for o in _random_out_round(n, self.param, self.seed, t)]
-        if k == "complete":
-            return [[j for j in range(n) if j != i] for i in range(n)]
-        if k == "undirected-ring":
-            return [sorted({(i - 1) % n, (i + 1) % n}) for i in range(n)]
-        if k == "torus":
-            rows, cols = torus_shape(n)
-            out = []
-            for i in range(n):
-                r, c = divmod(i, cols)
-                nb = {
-                    ((r - 1) % rows) * cols + c,
-                    ((r + 1) % rows) * cols + c,
-                    r * cols + (c - 1) % cols,
-                    r * cols + (c + 1) % cols,
-                }
-                nb.discard(i)
-                out.append(sorted(nb))
-            return out
-        raise GraphError(f"unknown graph kind {k!r}")  # unreachable through make_graph
+        """Out-neighbours of every node in round ``t`` (sorted, no self-loops, no repeats): :meth:`out_of` of each."""
+        return [self.out_of(t, i) for i in range(self.n)]
 
     def out_of(self, t: int, i: int) -> list[int]:
         """Out-neighbours of node ``i`` in round ``t``: ``out_neighbours(t)[i]`` without building every node's list.
