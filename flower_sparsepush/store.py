@@ -68,11 +68,16 @@ def checksum(flat: dict[str, torch.Tensor]) -> int:
     return crc
 
 
+def _nbytes(flat: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in flat.values())
+
+
 class NodeStore:
     """Files of node states under ``root/<token>``, with a per-process cache of ``cache_bytes`` at most."""
 
     _cache: OrderedDict[tuple[str, str, int], tuple[Stamp, dict[str, torch.Tensor]]] = OrderedDict()
     cache_bytes = 1 << 30
+    _cached_bytes = 0  # bytes of the tensors in _cache
 
     def __init__(self, root: str | Path | None, token: str) -> None:
         if not token or "/" in token or token.startswith("."):
@@ -156,16 +161,20 @@ class NodeStore:
         return self.save(node, stamp.round, {k: v.clone() for k, v in flat.items()}), flat
 
     def _remember(self, stamp: Stamp, flat: dict[str, torch.Tensor]) -> None:
+        """Cache ``flat`` as the node's latest state; evict the least recently used beyond ``cache_bytes``. O(1) per
+        call amortized: the total is kept, not summed over the cache (a process may serve thousands of nodes)."""
         key = (str(self.dir), self.token, stamp.node)
+        old = self._cache.pop(key, None)
+        if old is not None:
+            NodeStore._cached_bytes -= _nbytes(old[1])
         self._cache[key] = (stamp, flat)
-        self._cache.move_to_end(key)
-        size = lambda e: sum(t.numel() * t.element_size() for t in e[1].values())  # noqa: E731
-        total = sum(size(e) for e in self._cache.values())
-        while total > self.cache_bytes and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
-            total -= size(old)
+        NodeStore._cached_bytes += _nbytes(flat)
+        while NodeStore._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            _, (_, evicted) = self._cache.popitem(last=False)
+            NodeStore._cached_bytes -= _nbytes(evicted)
 
     @classmethod
     def forget(cls) -> None:
         """Empty this process's cache (tests: a fresh process)."""
         cls._cache.clear()
+        cls._cached_bytes = 0

@@ -146,7 +146,12 @@ def test_store_cache_stays_within_its_budget(tmp_path, monkeypatch):
         store.save(node, 0, _flat(node))
     size = sum(sum(t.numel() * t.element_size() for t in e[1].values()) for e in NodeStore._cache.values())
     assert size <= 3 * 1024 and len(NodeStore._cache) < 10
+    assert NodeStore._cached_bytes == size  # the running total the eviction uses is the cache's real size
     assert all(torch.equal(store.load(n)[1]["x"], _flat(n)["x"]) for n in range(10))  # evicted ones come from disk
+    store.save(9, 1, _flat(3))  # replacing a node's entry does not count it twice
+    assert NodeStore._cached_bytes == sum(
+        sum(t.numel() * t.element_size() for t in e[1].values()) for e in NodeStore._cache.values()
+    )
     NodeStore.forget()
 
 
