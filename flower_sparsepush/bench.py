@@ -22,6 +22,8 @@ invocation, one right after the other):
 4. ``codec``: top-k selection, encode, decode at 0.27M and 11M entries vs ``torch.topk`` alone on the magnitudes.
 5. ``topk``: the whole top-k compressor call (``TopK(frac)(v)``: selection + values) vs the old ``torch.topk`` path
    vs one ``v.abs().sum()`` pass over the same vector (a memory-bound reference), at 11M and 0.27M entries.
+- ``store``: one node state written by the node store (store.py) vs the ``torch.save`` + rename it replaced vs its
+   CRC-32 vs a pickle round trip of the same state as a Flower ``ArrayRecord`` (``node-store=context``).
 6. ``data``: batches per second of the loader (``training.node_batch``, ``data.NodeData.next_batch``) vs model
    steps per second (forward + backward) at the same batch size.
 - ``ray`` (not a timing): the Flower simulation on a two-node Ray cluster started on this machine vs a
@@ -674,6 +676,73 @@ def section_topk(dims: dict[str, int], repeat: dict[str, int], log, fractions=FR
     return out
 
 
+def section_store(dims: dict[str, int], repeat: int, log) -> dict[str, Any]:
+    """Writing one node's state (store.py) on the store's own filesystem: the store's save (safetensors in memory,
+    written in place over the older of two slots, CRC-32 included) vs the store before it (``torch.save`` to a
+    temporary file renamed over the old one) vs the CRC-32 alone vs one pickle round trip of the same state as a
+    Flower ``ArrayRecord`` (what ``node-store=context`` pays in each direction of every message). The state is the
+    shape a node holds in the overhead runs: x, momentum, 4 outgoing and 4 incoming references, y, one outbox."""
+    import pickle
+    import shutil
+
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from flower_sparsepush.store import NodeStore, checksum, default_root
+
+    out = {}
+    root = Path(tempfile.mkdtemp(prefix="bench-store-", dir=_mkdir(default_root())))
+    try:
+        for label, d in dims.items():
+            g = torch.Generator().manual_seed(3)
+            names = ["x", "m", *(f"ro.{j}" for j in (1, 2, 4, 8)), *(f"ri.{j}" for j in (15, 14, 12, 8))]
+            flat = {n: torch.randn(d, generator=g) for n in names}
+            flat |= {
+                "y": torch.ones(1, dtype=torch.float64),
+                "out.5": torch.randint(0, 255, (1636,), dtype=torch.uint8),
+            }
+            store = NodeStore(root, f"bench-{label}")
+            old = root / f"old-{label}.pt"
+            rec = ArrayRecord({k: Array(v.numpy()) for k, v in flat.items()})
+
+            def old_save():
+                tmp = old.with_suffix(".tmp")
+                torch.save({"flat": flat, "round": 1, "checksum": checksum(flat)}, tmp)
+                os.replace(tmp, old)
+
+            t_new, t_old, t_crc, t_ctx = [], [], [], []
+            for i in range(repeat):  # interleaved: load changes hit all four alike
+                t_new += timeit(lambda: store.save(0, i, flat), 1)[0]
+                t_old += timeit(old_save, 1)[0]
+                t_crc += timeit(lambda: checksum(flat), 1)[0]
+                t_ctx += timeit(lambda: pickle.loads(pickle.dumps(rec)), 1)[0]
+            NodeStore.forget()
+            row = {
+                "dim": d,
+                "state_mb": sum(v.numel() * v.element_size() for v in flat.values()) / 1e6,
+                "store_save_s": stats(t_new),
+                "torch_save_rename_s": stats(t_old),
+                "checksum_s": stats(t_crc),
+                "arrayrecord_pickle_round_trip_s": stats(t_ctx),
+            }
+            row["torch_save_rename_vs_store"] = row["torch_save_rename_s"]["median"] / row["store_save_s"]["median"]
+            out[label] = row
+            ms = lambda k: row[k]["median"] * 1e3  # noqa: E731
+            log(
+                f"store {label} ({row['state_mb']:.1f} MB): store save {ms('store_save_s'):.2f} ms (CRC "
+                f"{ms('checksum_s'):.2f}), torch.save + rename {ms('torch_save_rename_s'):.2f} ms, ArrayRecord "
+                f"pickle round trip {ms('arrayrecord_pickle_round_trip_s'):.2f} ms"
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
 def section_data(models_: tuple[str, ...], dataset: str, batches: int, log) -> dict[str, Any]:
     """Loader batches/s (training.node_batch, data.NodeData) vs model steps/s at batch 32."""
     import torch
@@ -1031,6 +1100,25 @@ def render_md(rep: dict[str, Any]) -> str:
                 f"{ms('torch_topk_path_s')} | {r['topk_vs_pass']:.2f} | {r['torch_topk_vs_pass']:.2f} | "
                 f"{r['speedup_vs_torch_topk']:.1f}x | {'yes' if r['same_set_as_torch_topk'] else 'no'} |"
             )
+    so = sec.get("store", {})
+    if so:
+        lines += [
+            "",
+            "## Node store: writing one node's state (ms, median over interleaved repeats)",
+            "",
+            "The store's save (safetensors in memory, written in place over the older of two slots, CRC-32 included) "
+            "vs the store before (torch.save to a temporary file, renamed over the old one) vs one pickle round trip "
+            "of the state as a Flower ArrayRecord (`node-store=context`, each direction of every message).",
+            "",
+            "| model | state MB | store save | of which CRC-32 | torch.save + rename | ArrayRecord pickle round trip |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, r in so.items():
+            ms = lambda k: _fmt(r[k]["median"] * 1e3, 2)  # noqa: E731
+            lines.append(
+                f"| {label} | {r['state_mb']:.1f} | {ms('store_save_s')} | {ms('checksum_s')} | "
+                f"{ms('torch_save_rename_s')} | {ms('arrayrecord_pickle_round_trip_s')} |"
+            )
     da = sec.get("data", {})
     if da:
         lines += [
@@ -1108,7 +1196,7 @@ def growth(scale: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-SECTIONS = ("wire", "codec", "topk", "data", "overhead", "scale", "ray", "deploy")
+SECTIONS = ("wire", "codec", "topk", "store", "data", "overhead", "scale", "ray", "deploy")
 STATUS_NAME = "bench.status.json"
 
 
@@ -1148,6 +1236,9 @@ def run_bench(args) -> dict[str, Any]:
         sections["topk"] = section_topk(
             {"11M": 11_000_000, "0.27M": 269_722}, {"11M": 3 if quick else 9, "0.27M": 9 if quick else 31}, log
         )
+    if "store" in parts:
+        starting("store")
+        sections["store"] = section_store({"cnn": 101_730, "resnet20": 269_722}, 9 if quick else 31, log)
     if "data" in parts:
         starting("data")
         sections["data"] = section_data(("cnn", "resnet20"), args.dataset, 50 if quick else 200, log)

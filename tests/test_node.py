@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
 from flower_sparsepush import protocol
@@ -100,8 +102,13 @@ def test_store_round_trip_snapshot_and_restore(tmp_path):
     assert stamp == Stamp("run-a", 3, 5, checksum(flat))
     got_stamp, got = store.load(3, stamp)
     assert got_stamp == stamp and all(torch.equal(got[k], flat[k]) for k in flat)
-    got["x"].add_(1.0)  # the caller updates its state in place: the store's copy must not move
-    assert torch.equal(store.load(3, stamp)[1]["x"], flat["x"])
+    assert (
+        got["x"].data_ptr() == flat["x"].data_ptr()
+    )  # handed over from the cache, not copied: save took the tensors, load gives them
+    got["x"].add_(1.0)  # the caller updates its state in place; the file keeps the saved state
+    again = store.load(3, stamp)[1]  # the cache handed its entry over: this one comes from the file
+    assert torch.equal(again["x"], _flat()["x"]) and again["x"].data_ptr() != got["x"].data_ptr()
+    flat = _flat()
     store.snapshot(3, 6)  # after round 5: the checkpoint of round 6
     store.save(3, 6, _flat(1))
     stamp_r, restored = store.restore(3, 6)
@@ -125,17 +132,50 @@ def test_store_refuses_a_missing_damaged_or_foreign_state(tmp_path):
     assert store.load(0, Stamp("run-b", 0, 1, 12345))[0] == stamp
     with pytest.raises(StoreError, match="no shared filesystem"):
         NodeStore(tmp_path, "run-b").load(1, Stamp("run-b", 1, 2, 0))  # written elsewhere
-    blob = torch.load(store.path(0), weights_only=True)
-    blob["flat"]["x"][0] += 1.0  # one changed value: the checksum no longer fits
-    torch.save(blob, store.path(0))
+    path = next(p for p in (store.path(0, 0), store.path(0, 1)) if p.exists())
+    flat = safetensors.torch.load_file(path)
+    flat["x"][0] += 1.0  # one changed value, the same metadata: the checksum no longer fits
+    safetensors.torch.save_file(flat, path, metadata=safetensors.safe_open(path, "pt").metadata())
     NodeStore.forget()
     with pytest.raises(StoreError, match="fails its checksum"):
         store.load(0)
-    store.path(1).write_bytes(b"not a state")
+    store.path(1, 0).write_bytes(b"not a state")
     with pytest.raises(StoreError, match="not a readable node state"):
         store.load(1)
     with pytest.raises(ValueError, match="plain name"):
         NodeStore(tmp_path, "../escape")
+
+
+def test_store_a_write_torn_by_a_crash_leaves_the_previous_state(tmp_path):
+    """Saves alternate between two slots; a process killed mid-write leaves a torn slot (cut short, or its old tail
+    left behind) and the other slot still holds the state before it, which a fresh process reads."""
+    NodeStore.forget()
+    store = NodeStore(tmp_path, "run-d")
+    first = store.save(5, 1, _flat(1))
+    second = store.save(5, 2, _flat(2))
+    assert store.path(5, 0).exists() and store.path(5, 1).exists()
+    third = store.save(5, 3, _flat(3))  # over the slot of round 1, not over round 2's
+    NodeStore.forget()
+    assert store.load(5)[0] == third
+    for torn in (lambda b: b[: len(b) // 2], lambda b: b[:-100] + bytes(100), lambda b: b + b"tail of an old state"):
+        NodeStore.forget()
+        slot = next(s for s in (0, 1) if '"round":"3"' in store.path(5, s).read_bytes()[:2000].decode(errors="ignore"))
+        data = store.path(5, slot).read_bytes()
+        store.path(5, slot).write_bytes(torn(data))
+        got = store.load(5, Stamp("run-d", 5, 2, second.checksum))  # Flower never kept round 3's stamp
+        assert got[0] == second and torch.equal(got[1]["x"], _flat(2)["x"])
+        NodeStore.forget()
+        assert store.load(5)[0] == second  # no stamp (a restarted SuperNode): the latest whole state
+        store.path(5, slot).write_bytes(data)
+    assert first.round == 1
+    # the next save after a torn one goes over the torn slot and keeps round 2 whole
+    NodeStore.forget()
+    store.path(5, slot).write_bytes(b"torn")
+    store.load(5, Stamp("run-d", 5, 2, second.checksum))
+    fourth = store.save(5, 4, _flat(4))
+    NodeStore.forget()
+    assert store.load(5)[0] == fourth
+    assert store.load(5, second) is not None  # a stamp a round behind the file: this node's own later state
 
 
 def test_store_cache_stays_within_its_budget(tmp_path, monkeypatch):
@@ -204,3 +244,29 @@ def test_pending_outbox_weight_is_what_the_messages_carry():
     state_part, pending = split(flat)
     assert pending == {0: sorted(out.items()), 1: []} and "x" in state_part
     assert pending_weight(pending) == pytest.approx(sum(decode(d).y for d in out.values()))
+
+
+def test_store_files_are_safetensors_the_library_reads_back_exactly(tmp_path):
+    """write_state writes the safetensors layout itself (straight from the tensors' memory); the library must read
+    every dtype a node state holds, empty tensors and odd sizes included, to the same bytes, with the metadata."""
+    from flower_sparsepush.store import write_state
+
+    flat = {
+        "x": torch.randn(7),
+        "y": torch.tensor([0.25], dtype=torch.float64),
+        "out.3": torch.arange(13, dtype=torch.uint8),
+        "out.4": torch.zeros(0, dtype=torch.uint8),
+        "idx": torch.arange(5, dtype=torch.int64).reshape(1, 5),
+        "half": torch.randn(3).to(torch.bfloat16),
+    }
+    stamp = Stamp("run-e", 2, 9, checksum(flat))
+    path = tmp_path / "s.safetensors"
+    path.write_bytes(b"an older and much longer state " * 100)  # written over in place: the tail must go
+    write_state(path, stamp, flat)
+    got = safetensors.torch.load_file(path)
+    assert got.keys() == flat.keys()
+    assert all(got[k].dtype == flat[k].dtype and torch.equal(got[k], flat[k]) for k in flat)
+    with safetensors.safe_open(path, "pt") as f:
+        assert f.metadata() == {"token": "run-e", "node": "2", "round": "9", "checksum": str(stamp.checksum)}
+    with pytest.raises(TypeError, match="does not keep"):
+        write_state(path, stamp, {"c": torch.zeros(2, dtype=torch.complex64)})
