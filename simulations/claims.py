@@ -93,6 +93,10 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     # and SGP itself with H = 4 local steps and the merge: what the H = 4 schedule costs without damping
     "abl-sgp-h4": ("ablation", ("iid",), {"strategy": "sgp", "local-steps": 4} | _MERGE),
     "abl-qgm": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1, qgm=True) | _MERGE),
+    # the learning rate of sp-h4-merge: SGP's 0.05 was chosen for dense gossip; damped, compressed gossip leaves the
+    # nodes further apart, which a smaller (or larger) step may suit better (chosen on the validation split)
+    "abl-lr-0.025": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1, lr=0.025) | _MERGE),
+    "abl-lr-0.1": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1, lr=0.1) | _MERGE),
     # SCSP candidates under label skew (docs/algorithm.md: SCSP = Sparse-Push + the switches that recover most)
     "scsp-h1": ("scsp", SKEWED, _sp(1, "topk:0.0025+q:4", 0.02) | _MERGE | _SCSP),
     "scsp-h2": ("scsp", SKEWED, _sp(2, "topk:0.005+q:4", 0.05) | _MERGE | _SCSP),
@@ -103,7 +107,7 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
 # run order: what the goals need first (a time-limited chunk then still answers the main question)
 PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "sp-h1", "sp-h8-fg100", "sp-h4-fg50",
             "scsp-h2", "scsp-h1", "scsp-h4", "fedavg-h2", "paper-ef", "abl-no-merge", "abl-qgm",
-            "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4"]  # fmt: skip
+            "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4", "abl-lr-0.025", "abl-lr-0.1"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 

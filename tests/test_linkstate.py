@@ -140,14 +140,45 @@ def test_pull_interval_keeps_polling_linear():
     linkstate.scale_pull_interval(object(), 20_000)  # a grid without the attribute: nothing to do
 
 
-def test_sweep_waits_grow_with_the_node_count_and_flowers_loop_is_restored():
+def test_flowers_loop_is_replaced_while_active_and_restored():
     from flwr.server.superlink.fleet.vce import vce_api
 
-    assert linkstate.sweep_interval_for(16) == 0.01 and linkstate.sweep_interval_for(10_000) == 0.1
     original = vce_api.add_messages_to_queue
     with linkstate.indexed_message_lookup():
         assert vce_api.add_messages_to_queue is linkstate._add_messages_to_queue
     assert vce_api.add_messages_to_queue is original
+
+
+def test_a_sweep_visits_only_the_nodes_with_a_pending_message(monkeypatch):
+    """300 registered nodes, messages for 3 of them: over many sweeps the loop asks only those 3 (Flower's loop asks
+    all 300 on every sweep), and asks nothing once their messages are handed out."""
+    import queue
+    import threading
+    import time
+
+    state, ids = _state_with(300, [1, 0, 0, 2] + [0] * 296)
+    calls: list[int] = []
+    orig = InMemoryLinkState.get_message_ins
+    out: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    with linkstate.indexed_message_lookup():
+        patched = InMemoryLinkState.get_message_ins
+
+        def counting(self, node_id, limit=None, **kw):
+            calls.append(node_id)
+            return patched(self, node_id, limit, **kw)
+
+        monkeypatch.setattr(InMemoryLinkState, "get_message_ins", counting)
+        t = threading.Thread(target=linkstate._add_messages_to_queue, args=(state, out, dict.fromkeys(ids), stop))
+        t.start()
+        got = [out.get(timeout=5).metadata.message_id for _ in range(3)]
+        time.sleep(20 * linkstate.SWEEP_INTERVAL)  # about 20 more sweeps with nothing pending
+        stop.set()
+        t.join(timeout=5)
+        monkeypatch.setattr(InMemoryLinkState, "get_message_ins", patched)
+    assert sorted(got) == ["m0-0", "m0-3", "m1-3"] and out.empty()
+    assert sorted(calls) == sorted([ids[0], ids[3], ids[3]])  # one message per node and sweep, as Flower's loop
+    assert InMemoryLinkState.get_message_ins is orig
 
 
 def test_the_sweep_loop_queues_each_pending_message_once():
