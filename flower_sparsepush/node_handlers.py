@@ -12,7 +12,7 @@ worker (node_worker.py, next to a SuperNode) call :class:`NodeHandlers`: one imp
 - ``evaluate``: accuracy/loss of the node's de-biased model z on the test set (its first ``eval-node-samples``
   samples), and z itself so the ServerApp computes the consensus model and the consensus distance.
 
-Node state lives in the node store (store.py: one file per node where the node runs; ``context.state`` keeps only
+Node state lives in the node store (store.py: files per node where the node runs; ``context.state`` keeps only
 its :class:`~flower_sparsepush.store.Stamp`), or, with ``node-store=context``, whole in ``context.state``.
 
 A node keeps each outbox until the relay acknowledges it (``acked`` in the next train message), and resends the
