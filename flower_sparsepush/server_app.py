@@ -85,8 +85,8 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
         for row in ck["history"]:
             rec.log(dict(row))
 
-    def row(rnd: int, acc_c: float, loss: float, node_mean: float, node_min: float, dist: float, **extra) -> dict:
-        rep = strategy.report()
+    def row(rnd: int, acc_c: float, loss: float, node_mean: float, node_min: float, dist: float, rep=None, **extra):
+        rep = rep or strategy.report()  # one report per row: it copies O(N) lists
         return rec.log(
             extra
             | {
@@ -128,6 +128,7 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
                 ev.acc_node_mean,
                 ev.acc_node_min,
                 ev.consensus_distance,
+                rep=rep,
                 y_nodes=ev.y_nodes,
                 y_mailboxes=ev.y_mailboxes,
                 y_pending=ev.y_pending,

@@ -239,7 +239,7 @@ class DecentralizedFedAvg(PushSumStrategy):
         self.fixed: list[dict[str, np.ndarray]] = []  # per node: non-floating arrays, passed through unmixed
         self.flower_bits_down: list[int] = []  # dense arrays ServerApp -> node
         self.flower_bits_up: list[int] = []  # dense arrays node -> ServerApp
-        self.failures: list[str] = []
+        self.failures: list[dict] = []  # {"round", "node", "reason"}: the routers' straggler events, same keys
         self.last_eval: EvalReport | None = None  # the consensus after the last evaluation round
         self._training: list[int] = []
 
@@ -494,7 +494,7 @@ class DecentralizedFedAvg(PushSumStrategy):
         return self.consensus_arrays(), metrics
 
     def _fail(self, server_round: int, i: int, reason: str) -> None:
-        self.failures.append(f"round {server_round}: node {i}: {reason}")
+        self.failures.append({"round": server_round, "node": i, "reason": reason})
         log(WARNING, "round %d: node %d did not train (%s); its state is kept", server_round, i, reason)
 
     def traffic(self) -> dict[str, float]:
