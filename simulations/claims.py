@@ -82,6 +82,9 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     # ablations of sp-h4-merge: one switch changed each
     "abl-no-merge": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1)),
     "abl-gamma-0.2": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.2) | _MERGE),
+    # and below 0.1: averaging alone (sparsepush consensus, top-1.2% + q:4, 528 rounds) mixes fastest at 0.035-0.05
+    "abl-gamma-0.05": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.05) | _MERGE),
+    "abl-gamma-0.07": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.07) | _MERGE),
     "abl-sparsity-warmup": (
         "ablation",
         ("iid",),
@@ -107,7 +110,7 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
 # run order: what the goals need first (a time-limited chunk then still answers the main question)
 PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "sp-h1", "sp-h8-fg100", "sp-h4-fg50",
             "scsp-h2", "scsp-h1", "scsp-h4", "fedavg-h2", "paper-ef", "abl-no-merge", "abl-qgm",
-            "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4", "abl-lr-0.025", "abl-lr-0.1"]  # fmt: skip
+            "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4", "abl-lr-0.025", "abl-lr-0.1", "abl-gamma-0.05", "abl-gamma-0.07"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 
