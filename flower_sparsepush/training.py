@@ -567,7 +567,9 @@ class InProcessResult:
 
 
 # checkpoint.pt: torch.save of plain types (tensors, numbers, bytes, lists, dicts); loads with weights_only=True
-CHECKPOINT_VERSION = 2  # 2: node states in the flat form of node.state_to_flat
+# 2: node states in the flat form of node.state_to_flat; 3: on Flower, the nodes' copies are safetensors files of the
+# node store (store.py), where version 2 left torch.save files that this code does not read
+CHECKPOINT_VERSION = 3
 _NOT_IDENTITY = (
     "resume",
     "checkpoint-every",
@@ -618,7 +620,10 @@ def read_checkpoint(cfg: dict[str, Any], engine: str) -> dict[str, Any] | None:
             f"{path} was written by the {ck.get('engine')} engine; resume it there or use another run-name"
         )
     if ck.get("version") != CHECKPOINT_VERSION:
-        raise ConfigError(f"{path}: checkpoint version {ck.get('version')!r}, this code reads {CHECKPOINT_VERSION}")
+        raise ConfigError(
+            f"{path}: checkpoint version {ck.get('version')!r}, this code reads {CHECKPOINT_VERSION}; start the run "
+            f"again without resume (or use another run-name), or resume it with the version that wrote it"
+        )
     mine = checkpoint_identity(cfg)
     diff = sorted(k for k in set(mine) | set(ck["config"]) if mine.get(k) != ck["config"].get(k))
     if diff:

@@ -173,6 +173,14 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
         run_inprocess(validate(cfg | {"resume": True, "drop": 0.1}))
     # no checkpoint yet: resume starts from round 0
     assert run_inprocess(validate(cfg | {"run-name": "fresh", "resume": True})).start_round == 0
+    # a checkpoint of an older format (version 2: torch.save node copies on Flower) is refused with what to do
+    path = tmp_path / "x" / "checkpoint.pt"
+    ck = torch.load(path, weights_only=True)
+    torch.save(ck | {"version": 2}, path)
+    with pytest.raises(
+        ConfigError, match="checkpoint version 2, this code reads 3; start the run again without resume"
+    ):
+        run_inprocess(validate(cfg | {"resume": True}))
 
 
 # --------------------------------------------------------------------------- stragglers (strategy unit level)
