@@ -542,3 +542,7 @@ class CountingFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         return []
+
+    def report(self) -> Report:
+        """The traffic counters, in the report the ServerApp reads from every strategy (no push-sum fields)."""
+        return Report(bits_sent=list(self.bits_sent), bits_received=list(self.bits_received))

@@ -71,6 +71,22 @@ def test_mass_conserved_through_flower(tiny_run):
         assert row["y_nodes"] + row["y_mailboxes"] == pytest.approx(cfg["num-nodes"], abs=1e-9)
 
 
+def test_fedavg_through_flower_equals_inprocess(tmp_path):
+    """FedAvg on the Flower path (CountingFedAvg, the ServerApp's rows and summary) gives the in-process FedAvg's
+    accuracy, loss and dense bits every round: the comparison rows of the claims stand on the same code."""
+    cfg = validate(TINY | {"strategy": "fedavg", "out-dir": str(tmp_path), "run-name": "fedavg"})
+    out = simulate(cfg)
+    fl = read_metrics(out / "metrics.jsonl")
+    ref = run_inprocess(validate(cfg | {"run-name": "fedavg-in"}), eval_every=1).history
+    assert [r["round"] for r in fl] == [r["round"] for r in ref] == [1, 2, 3]
+    dense = 32 * get_setup(cfg).x0.numel()
+    for a, b in zip(fl, ref):
+        assert a["acc_consensus"] == pytest.approx(b["acc_consensus"], abs=1e-9)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["bits_sent_per_node"] == b["bits_sent_per_node"] == a["bits_received_per_node"] == dense * a["round"]
+    assert json.loads((out / "summary.json").read_text())["final"]["acc_consensus"] == fl[-1]["acc_consensus"]
+
+
 def test_status_file_follows_every_round(tmp_path, monkeypatch):
     """The ServerApp updates <run>/status.json after every round (Flower's evaluate_fn hook), not only on the
     evaluation rounds, and closes it at the end."""
