@@ -95,8 +95,15 @@ def test_a_killed_worker_is_started_again_and_the_run_continues(tmp_path, mode):
     )
     killed = []
 
+    def idle(dep) -> bool:
+        """Node 1's worker holds no task: its last message was answered and the next not yet received. (Executor
+        mode: a worker killed while it holds an acquired task leaves its SuperNode waiting on that task for good,
+        a limitation in docs/deployment.md; this test is about a worker that dies between messages.)"""
+        log = (tmp_path / "logs" / "supernode-1.log").read_text()
+        return log.rfind("Sending:") > log.rfind("Receiving:")
+
     def kill_worker_after_round_1(dep, done):
-        if done >= 1 and not killed:
+        if done >= 1 and not killed and idle(dep):
             node = dep.procs["supernode-1"].pid
             workers = [p for p in descendants(node) if b"flower_sparsepush.node_worker" in _cmdline(p) and pid_alive(p)]
             assert len(workers) == 1, workers
