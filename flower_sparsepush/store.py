@@ -83,17 +83,8 @@ def _nbytes(flat: dict[str, torch.Tensor]) -> int:
 
 
 def _own(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU tensors that share no memory with each other (safetensors refuses shared storage)."""
-    out, seen = {}, set()
-    for k, v in flat.items():
-        t = v.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        if ptr is not None and ptr in seen:
-            t = t.clone()
-        elif ptr is not None:
-            seen.add(ptr)
-        out[k] = t
-    return out
+    """Detached, contiguous CPU tensors (what :func:`write_state` writes byte for byte)."""
+    return {k: v.detach().cpu().contiguous() for k, v in flat.items()}
 
 
 _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -103,6 +94,16 @@ _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", tor
 
 def _meta(stamp: Stamp) -> dict[str, str]:
     return {"token": stamp.token, "node": str(stamp.node), "round": str(stamp.round), "checksum": str(stamp.checksum)}
+
+
+def _stamp(head: bytes) -> Stamp:
+    """The stamp in a safetensors file's ``__metadata__`` (``head``: the file from its start, at least through its
+    header: an 8-byte little-endian length, then JSON); the inverse of :func:`_meta`. Raises on a malformed header."""
+    n = int.from_bytes(head[:8], "little")
+    if not 0 < n < 1 << 24 or len(head) < 8 + n:
+        raise ValueError(f"header length {n} does not fit the file")
+    meta = json.loads(head[8 : 8 + n])["__metadata__"]
+    return Stamp(meta["token"], int(meta["node"]), int(meta["round"]), int(meta["checksum"]))
 
 
 def write_state(path: Path, stamp: Stamp, flat: dict[str, torch.Tensor]) -> None:
@@ -226,9 +227,8 @@ class NodeStore:
             path = self.path(node, slot)
             try:
                 with open(path, "rb") as f:
-                    n = int.from_bytes(f.read(8), "little")
-                    meta = json.loads(f.read(n)).get("__metadata__", {}) if 0 < n < 1 << 24 else {}
-                stamp = Stamp(meta["token"], int(meta["node"]), int(meta["round"]), int(meta["checksum"]))
+                    first = f.read(8)
+                    stamp = _stamp(first + f.read(min(int.from_bytes(first, "little"), 1 << 24)))
             except FileNotFoundError:
                 continue
             except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:
@@ -251,9 +251,8 @@ class NodeStore:
         try:
             data = path.read_bytes()
             flat = st_load(data)
-            meta = _metadata(data)
-            stamp = Stamp(meta["token"], int(meta["node"]), int(meta["round"]), int(meta["checksum"]))
-        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            stamp = _stamp(data)
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
             raise StoreError(f"node {node}: {path} is not a readable node state ({err})") from None
         if checksum(flat) != stamp.checksum:
             raise StoreError(f"node {node}: {path} fails its checksum (a damaged or partly written file)")
@@ -311,9 +310,3 @@ class NodeStore:
         cls._cache.clear()
         cls._slot.clear()
         cls._cached_bytes = 0
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors buffer (its header: an 8-byte little-endian length, then JSON)."""
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n]).get("__metadata__", {})
