@@ -68,6 +68,20 @@ KEYS: dict[str, Key] = {
         bool,
         "after the last round: one exact global average (a ring all-reduce, 2 dense messages per node, counted); scsp: on unless set; in-process only",
     ),
+    "merge-every": Key(
+        0,
+        int,
+        "a global merge (as final-merge, counted) after every this many training rounds as well (0 = off); in-process only",
+        0,
+        10**7,
+    ),
+    "merge-bits": Key(
+        32,
+        int,
+        "bits per value in the merges' all-reduce: 32 = exact float32; 2..8 = each tensor's change since the last merge quantized, one scale per tensor",
+        2,
+        32,
+    ),
     "sparsity-warmup": Key(
         0, int, "rounds over which the kept fraction ramps exponentially from sparsity-warmup-start (0 = off)", 0, 10**7
     ),
@@ -296,7 +310,16 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
     if out["strategy"] == "scsp":
         # SCSP = Sparse-Push + one exact global merge at the end (docs/algorithm.md: what the claims measured)
         out["final-merge"] = out["final-merge"] if "final-merge" in cfg else True
-    gossip_only = ("qgm", "final-gossip-rounds", "final-merge", "sparsity-warmup", "gamma-warmup")
+    if not (out["merge-bits"] == 32 or 2 <= out["merge-bits"] <= 8):
+        raise ConfigError(
+            f"run-config merge-bits={out['merge-bits']}: use 32 (exact float32 merge) or 2..8 (quantized merge)"
+        )
+    if out["merge-bits"] != 32 and not (out["final-merge"] or out["merge-every"]):
+        raise ConfigError(
+            f"run-config merge-bits={out['merge-bits']}: there is no merge to quantize; turn on final-merge=true "
+            "or merge-every=N"
+        )
+    gossip_only = ("qgm", "final-gossip-rounds", "final-merge", "merge-every", "sparsity-warmup", "gamma-warmup")
     if out["strategy"] == "fedavg" and any(out[k] for k in gossip_only):
         bad = next(k for k in gossip_only if out[k])
         raise ConfigError(f"run-config {bad}={out[bad]!r}: this belongs to the gossip strategies, not fedavg")
@@ -388,7 +411,7 @@ def preflight(cfg: dict[str, Any], flower: bool = False) -> None:
       of parameters ``d`` (a fraction is always within (0, d]);
     - the dataset's files are present (``data.find_data``); a ``hf:`` dataset loads, with its columns;
     - the results folder ``<out-dir>/<run-name>`` can be created or written (nothing is created here);
-    - with ``flower``: no ``final-merge`` (in-process only), and no checkpoints with ``node-store=context``.
+    - with ``flower``: no ``final-merge`` or ``merge-every`` (in-process only), and no checkpoints with ``node-store=context``.
 
     ``sparsepush train``, :func:`launch.simulate` and the ServerApp call it before Ray starts / before any message.
     """
@@ -402,6 +425,11 @@ def preflight(cfg: dict[str, Any], flower: bool = False) -> None:
             f"run-config final-merge={cfg['final-merge']!r}: the final merge is implemented for the in-process loop "
             "only (python -m flower_sparsepush.training ...); strategy scsp turns it on: set final-merge=false on "
             "Flower, final-gossip-rounds=N emulates the merge by gossip"
+        )
+    if flower and cfg["merge-every"]:
+        raise ConfigError(
+            f"run-config merge-every={cfg['merge-every']}: periodic merges are implemented for the in-process loop "
+            "only (python -m flower_sparsepush.training ...); set merge-every=0 on Flower"
         )
     if flower and cfg["node-store"] == "context" and (cfg["checkpoint-every"] or cfg["resume"]):
         key = "checkpoint-every" if cfg["checkpoint-every"] else "resume"

@@ -32,6 +32,7 @@ from flower_sparsepush.batched import sgd_step_
 from flower_sparsepush.compression import make_compressor
 from flower_sparsepush.config import parse_lr_schedule
 from flower_sparsepush.guard import BadReply, Guard, Outbox, message_size_limit
+from flower_sparsepush.merge import merge, merge_bits
 from flower_sparsepush.node import Node, RoundOut, state_from_flat, state_to_flat
 from flower_sparsepush.pushsum import NodeState, PushSum
 from flower_sparsepush.router import Network, Router
@@ -408,24 +409,12 @@ def train_batched(setup: Setup, engine, states: list[NodeState], nodes: list[int
     return losses.cpu().tolist()
 
 
-def merge_exact(states: list[NodeState]) -> None:
-    """The final global merge: every node takes the exact push-sum average ``sum x / sum y`` (with weight
-    ``sum y / n``, so the mass is unchanged). What a ring all-reduce computes; its bits are counted by the caller."""
-    n = len(states)
-    total_x = torch.stack([s.x.to(torch.float64) for s in states]).sum(0)
-    total_y = float(sum(s.y for s in states))
-    for s in states:
-        s.x = (total_x / n).to(s.x.dtype)
-        s.y = total_y / n
-
-
-def merge_bits(d: int) -> int:
-    """Bits one node sends in the final merge: a ring all-reduce (reduce-scatter, then all-gather) of a float32
-    d-vector sends 2 (n - 1) / n d values per node; counted here as 2 whole dense messages with their headers."""
-    from flower_sparsepush.codec import Message, encode
-    from flower_sparsepush.compression import Identity
-
-    return 2 * 8 * len(encode(Message(0, 0, 1.0, 1.0, Identity()(torch.zeros(d, dtype=torch.float32)))))
+def merge_due(cfg: Mapping[str, Any], done: int, rounds: int) -> bool:
+    """Whether a global merge follows the round that makes ``done`` rounds of ``rounds``: after the last one
+    (``final-merge``) and after every ``merge-every``-th training round (none in the final gossip-only phase)."""
+    every = cfg["merge-every"]
+    periodic = bool(every) and done % every == 0 and done <= cfg["num-rounds"]
+    return (cfg["final-merge"] and done == rounds) or periodic
 
 
 def init_state(setup: Setup) -> NodeState:
@@ -642,26 +631,33 @@ def save_checkpoint(
     router: Router,
     sent: list[int],
     history: list[dict[str, float]],
+    merge_base: torch.Tensor | None = None,
 ) -> None:
     """Everything the in-process loop needs to continue after round ``rnd`` (RNGs are pure functions of (seed,
-    node, round))."""
+    node, round)); ``merge_base`` is the last merge's model (None before the first merge)."""
     body = {
         "states": [state_to_flat(s) for s in states],
         "router": router.state_dict(),
         "bits_sent": list(sent),
         "history": [dict(h) for h in history],
     }
+    if merge_base is not None:
+        body["merge_base"] = merge_base
     write_checkpoint(cfg, "inprocess", rnd, body)
 
 
-def load_checkpoint(cfg: dict[str, Any], router: Router) -> tuple[int, list[NodeState], list[int], list[dict]] | None:
-    """(round, states, bits sent, history) from the run's checkpoint, restoring ``router``; None if there is none."""
+def load_checkpoint(
+    cfg: dict[str, Any], router: Router
+) -> tuple[int, list[NodeState], list[int], list[dict], torch.Tensor | None] | None:
+    """(round, states, bits sent, history, merge base or None) from the run's checkpoint, restoring ``router``;
+    None if there is none."""
     ck = read_checkpoint(cfg, "inprocess")
     if ck is None:
         return None
     router.load_state_dict(ck["router"])
     states = [state_from_flat(d) for d in ck["states"]]
-    return int(ck["round"]), states, [int(b) for b in ck["bits_sent"]], [dict(h) for h in ck["history"]]
+    hist = [dict(h) for h in ck["history"]]
+    return int(ck["round"]), states, [int(b) for b in ck["bits_sent"]], hist, ck.get("merge_base")
 
 
 def make_engine(setup: Setup):
@@ -698,16 +694,18 @@ def run_inprocess(
     history: list[dict[str, float]] = []
     secs: list[float] = []
     start = 0
+    merged_base = None  # the last merge's model, shared by all nodes (None: they share only the initial model)
     if cfg["resume"]:
         restored = load_checkpoint(cfg, router)
         if restored is not None:
-            start, states, sent, history = restored
+            start, states, sent, history, merged_base = restored
             for row in history:
                 if log:
                     log(dict(row))
     every = cfg["checkpoint-every"]
     engine = make_engine(setup)
-    dense_merge_bits = merge_bits(setup.x0.numel()) if cfg["final-merge"] else 0
+    merging = cfg["final-merge"] or cfg["merge-every"]
+    one_merge_bits = merge_bits(setup.x0.numel(), cfg["merge-bits"], setup.segments) if merging else 0
     for t in range(start, rounds):
         t0 = time.perf_counter()
         online = [i for i in range(n) if router.network.online(t, i) and i not in router.excluded]
@@ -728,13 +726,14 @@ def run_inprocess(
             train_batched(setup, engine, [states[i] for i in online], online, t)
             for i in online:
                 sent[i] += relay(guard, i, t, nodes[i].finish(t))
-        if cfg["final-merge"] and t + 1 == rounds:
-            for i in range(n):  # deliver what is in flight, then the exact average everywhere
+        if merge_due(cfg, t + 1, rounds):
+            for i in range(n):  # deliver what is in flight, then the average everywhere
                 make_node(setup, i, states[i]).begin(t + 1, *router.collect(i))
-            merge_exact(states)
+            base = setup.x0 if merged_base is None else merged_base
+            merged_base = merge(states, base, cfg["merge-bits"], setup.segments, cfg["form"])
             for i in range(n):
-                sent[i] += dense_merge_bits
-                router.delivered_bits[i] += dense_merge_bits
+                sent[i] += one_merge_bits
+                router.delivered_bits[i] += one_merge_bits
         secs.append(time.perf_counter() - t0)
         if eval_every and ((t + 1) % eval_every == 0 or t + 1 == rounds):
             m = consensus_metrics(setup, [s.z for s in states], cfg["eval-node-samples"], engine)
@@ -752,7 +751,7 @@ def run_inprocess(
             if log:
                 log(m)
         if every and (t + 1) % every == 0:
-            save_checkpoint(cfg, t + 1, states, router, sent, history)
+            save_checkpoint(cfg, t + 1, states, router, sent, history, merged_base)
     return InProcessResult(
         states,
         [[d for _, _, d in box] for box in router.mailboxes],

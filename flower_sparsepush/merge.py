@@ -1,0 +1,103 @@
+"""Global merges: every node takes the average of all nodes' models, what one all-reduce computes. No Flower imports.
+
+A merge is the one step of a run where every node learns the same vector, so it also gives the nodes a shared
+*base*: the initial model before the first merge, the merged model after it. Two precisions:
+
+- ``bits=32`` (exact): every node takes ``sum_i x_i / sum_i y_i`` with weight ``sum_i y_i / n``; the mass is kept
+  exactly (:func:`merge_exact`).
+- ``bits`` in 2..8 (quantized): each node sends its numerator's deviation from the base, ``x_i - y_i * base``, with
+  every tensor (segment) quantized to ``bits``-bit codes and one float32 scale (compression.quantize, round to
+  nearest), and its weight ``y_i`` exactly; the owner of each chunk divides the sum by ``sum_i y_i`` and sends that
+  back quantized the same way. Every node ends with ``m = base + Q(sum_i Q(x_i - y_i * base) / sum_i y_i)``: the
+  same vector everywhere, within one rounding step per tensor of the exact average ``sum x / sum y``. The weights
+  are averaged exactly; the numerators' sum moves by the rounding error only (``n * ybar * (m - exact average)``).
+
+Bits (:func:`merge_bits`): a reduce-scatter then an all-gather sends ``2 (n - 1) / n`` of the vector per node; it is
+counted as two whole encoded messages per node (one per tensor when quantized, each with its header and scale).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flower_sparsepush.codec import Message, encode
+from flower_sparsepush.compression import Compressed, Identity, dequantize, quantize
+from flower_sparsepush.pushsum import NodeState
+
+EXACT = 32
+QUANTIZED_BITS = range(2, 9)
+
+
+def check_bits(bits: int) -> None:
+    if not (bits == EXACT or bits in QUANTIZED_BITS):
+        raise ValueError(f"merge bits must be {EXACT} (exact) or 2..8 (quantized), got {bits!r}")
+
+
+def _round_trip(v: np.ndarray, segments: list[int], bits: int) -> np.ndarray:
+    """What a receiver decodes from ``v`` sent with every segment quantized to ``bits`` bits (one scale each)."""
+    out = np.empty_like(v, dtype=np.float64)
+    start = 0
+    for size in segments:
+        codes, scale = quantize(v[start : start + size].astype(np.float32), bits)
+        out[start : start + size] = dequantize(codes, scale, bits)
+        start += size
+    return out
+
+
+def merge_exact(states: list[NodeState]) -> None:
+    """Every node takes the exact push-sum average ``sum x / sum y`` (weight ``sum y / n``: the mass is unchanged)."""
+    n = len(states)
+    total_x = torch.stack([s.x.to(torch.float64) for s in states]).sum(0)
+    total_y = float(sum(s.y for s in states))
+    for s in states:
+        s.x = (total_x / n).to(s.x.dtype)
+        s.y = total_y / n
+
+
+def merge(
+    states: list[NodeState], base: torch.Tensor, bits: int, segments: list[int], form: str = "ref"
+) -> torch.Tensor:
+    """Merge all nodes (in place) and return the new shared base, the merged de-biased model.
+
+    ``base`` is the vector all nodes already share (the initial model, or the last merge's result); ``segments``
+    are the model's tensor sizes (one quantization scale each). The per-edge references are set to what the
+    merged sender now holds, on both ends of every edge (both ends know it): the merged model in the ``ref`` form,
+    its numerator ``ybar * m`` in ``ref-x``. So the next messages carry only what moved after the merge. Messages
+    in flight must be delivered first.
+    """
+    check_bits(bits)
+    if sum(segments) != base.numel():
+        raise ValueError(f"segments cover {sum(segments)} values, the model has {base.numel()}")
+    n = len(states)
+    ybar = float(sum(s.y for s in states)) / n
+    if bits == EXACT:
+        merge_exact(states)
+        m = states[0].z.detach().clone()
+    else:
+        b = base.detach().to(torch.float64).numpy()
+        sent = [_round_trip(s.x.detach().to(torch.float64).numpy() - s.y * b, segments, bits) for s in states]
+        avg = np.sum(sent, axis=0) / (ybar * n)
+        m64 = b + _round_trip(avg, segments, bits)
+        m = torch.from_numpy(m64).to(states[0].x.dtype)
+        for s in states:
+            s.x = (ybar * torch.from_numpy(m64)).to(s.x.dtype)
+            s.y = ybar
+    ref = (m if form == "ref" else ybar * m).to(states[0].x.dtype)
+    for s in states:
+        for refs in (s.refs_out, s.refs_in):
+            for j in refs:
+                refs[j] = ref.clone()
+    return m
+
+
+def merge_bits(d: int, bits: int = EXACT, segments: list[int] | None = None) -> int:
+    """Bits one node sends in a merge of a d-parameter model: two whole encoded messages (see the module doc)."""
+    check_bits(bits)
+    if bits == EXACT:
+        return 2 * 8 * len(encode(Message(0, 0, 1.0, 1.0, Identity()(torch.zeros(d, dtype=torch.float32)))))
+    total = 0
+    for size in segments or [d]:
+        c = Compressed(size, None, codes=np.zeros(size, dtype=np.uint8), scale=1.0, bits=bits)
+        total += 8 * len(encode(Message(0, 0, 1.0, 1.0, c)))
+    return 2 * total

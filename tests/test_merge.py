@@ -1,0 +1,177 @@
+"""Global merges (merge.py, run-config merge-bits and merge-every): the exact merge is the push-sum average with the
+mass kept; the quantized merge gives every node the same model within one rounding step per tensor of the exact
+average; its bits are those of the encoded messages; periodic merges land where they should, are counted, survive
+a resume, and bad values are refused."""
+
+import numpy as np
+import pytest
+import torch
+
+from flower_sparsepush.codec import HEADER
+from flower_sparsepush.config import ConfigError, preflight, validate
+from flower_sparsepush.merge import merge, merge_bits
+from flower_sparsepush.pushsum import NodeState
+from flower_sparsepush.training import get_setup, merge_due, run_inprocess
+
+SEGMENTS = [40, 7, 153]  # three tensors of very different scales below
+D = sum(SEGMENTS)
+
+
+def _states(n=6, seed=0, refs=True):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.cat([torch.full((s,), f) for s, f in zip(SEGMENTS, (1.0, 0.01, 30.0))]).double()
+    states = []
+    for i in range(n):
+        y = 0.3 + float(torch.rand(1, generator=g))
+        z = torch.randn(D, generator=g, dtype=torch.float64) * scale
+        s = NodeState(x=y * z, y=y)
+        if refs:
+            s.refs_out = {(i + 1) % n: torch.randn(D, generator=g, dtype=torch.float64)}
+            s.refs_in = {(i - 1) % n: torch.randn(D, generator=g, dtype=torch.float64)}
+        states.append(s)
+    return states
+
+
+def test_exact_merge_is_the_push_sum_average_and_keeps_the_mass():
+    states = _states()
+    sum_x = sum(s.x for s in states)
+    sum_y = sum(s.y for s in states)
+    m = merge(states, torch.zeros(D, dtype=torch.float64), 32, SEGMENTS)
+    assert torch.allclose(m, sum_x / sum_y, rtol=1e-12, atol=1e-12)
+    for s in states:
+        assert torch.equal(s.z, states[0].z)
+        assert all(torch.equal(r, m) for r in [*s.refs_out.values(), *s.refs_in.values()])  # both ends of each edge
+    assert torch.allclose(sum(s.x for s in states), sum_x, rtol=1e-12, atol=1e-9)
+    assert sum(s.y for s in states) == pytest.approx(sum_y, abs=1e-12)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_quantized_merge_gives_every_node_the_same_model_within_one_step_per_tensor(bits):
+    states = _states(seed=bits)
+    base = torch.randn(D, dtype=torch.float64)
+    exact = sum(s.x for s in states) / sum(s.y for s in states)
+    devs = torch.stack([s.x - s.y * base for s in states])  # what each node sends
+    sum_y = sum(s.y for s in states)
+    m = merge(states, base, bits, SEGMENTS)
+    for s in states:
+        assert torch.allclose(s.z, m, rtol=1e-12, atol=1e-12)  # the same model everywhere
+        assert all(torch.equal(r, m) for r in [*s.refs_out.values(), *s.refs_in.values()])
+    assert sum(s.y for s in states) == pytest.approx(sum_y, abs=1e-12)  # the weights are averaged exactly
+    # bound: rounding to nearest errs by at most half a level, level = max|v| / L per tensor: first on each node's
+    # numerator deviation (summed, then divided by sum y), then on that average, whose max is at most the exact
+    # average deviation's max plus the first error
+    levels = 2 ** (bits - 1) - 1
+    start = 0
+    errs = []
+    for size in SEGMENTS:
+        sl = slice(start, start + size)
+        first = 0.5 * float(devs[:, sl].abs().amax(dim=1).sum()) / levels / sum_y
+        second = 0.5 * (float((exact[sl] - base[sl]).abs().max()) + first) / levels
+        err = float((m[sl] - exact[sl]).abs().max())
+        assert err <= (first + second) * (1 + 1e-5), (size, err)
+        errs.append(err / float(devs[:, sl].abs().max()))
+        start += size
+    assert max(errs) > 0  # the rounding is real (this test would pass vacuously on an exact merge otherwise)
+
+
+def test_quantized_merge_error_shrinks_with_bits_and_numerator_refs_follow_the_form():
+    errs = {}
+    for bits in (2, 4, 8):
+        states = _states(seed=1)
+        exact = sum(s.x for s in states) / sum(s.y for s in states)
+        m = merge(states, torch.zeros(D, dtype=torch.float64), bits, SEGMENTS)
+        errs[bits] = float((m - exact).abs().max())
+    assert errs[8] < errs[4] < errs[2]
+    states = _states(seed=2)
+    ybar = sum(s.y for s in states) / len(states)
+    m = merge(states, torch.zeros(D, dtype=torch.float64), 8, SEGMENTS, form="ref-x")
+    assert torch.allclose(states[0].refs_out[1], ybar * m)  # ref-x references live in numerator space
+
+
+def test_merge_bits_are_two_encoded_messages_and_shrink_with_the_bits():
+    exact = merge_bits(D)
+    assert exact == 2 * 8 * (HEADER.size + 4 * D)  # float32 values, one header
+    for bits in (8, 4, 2):
+        per_tensor = sum(HEADER.size + 4 + -(-size * bits // 8) for size in SEGMENTS)  # header, scale, packed codes
+        assert merge_bits(D, bits, SEGMENTS) == 2 * 8 * per_tensor
+    big = [100_000, 1_000]
+    assert merge_bits(sum(big), 8, big) < merge_bits(sum(big)) / 3.9  # a quarter, up to the headers
+
+
+def test_bad_merge_values_are_refused():
+    with pytest.raises(ValueError, match="merge bits"):
+        merge(_states(), torch.zeros(D, dtype=torch.float64), 16, SEGMENTS)
+    with pytest.raises(ValueError, match="segments cover"):
+        merge(_states(), torch.zeros(D, dtype=torch.float64), 8, [D - 1])
+
+
+def _cfg(**kw):
+    base = {"dataset": "synthetic", "model": "mlp", "num-nodes": 8, "graph": "exponential", "num-rounds": 20,
+            "compressor": "topk:0.02+q:4", "gamma": 0.2, "lr": 0.1}  # fmt: skip
+    return validate(base | kw)
+
+
+def test_merge_rounds():
+    cfg = _cfg(**{"merge-every": 6, "final-gossip-rounds": 4, "final-merge": True})
+    assert [t for t in range(1, 25) if merge_due(cfg, t, 24)] == [6, 12, 18, 24]  # none in the gossip-only phase
+    assert [t for t in range(1, 21) if merge_due(_cfg(**{"merge-every": 5}), t, 20)] == [5, 10, 15, 20]
+    assert [t for t in range(1, 21) if merge_due(_cfg(**{"final-merge": True}), t, 20)] == [20]
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_periodic_merges_put_every_node_on_one_model_and_count_their_bits(bits):
+    plain = run_inprocess(_cfg(), eval_every=5)
+    cfg = _cfg(**{"merge-every": 5, "merge-bits": bits})
+    merged = run_inprocess(cfg, eval_every=1)
+    setup = get_setup(cfg)
+    rows = {r["round"]: r for r in merged.history}
+    for t in (5, 10, 15, 20):
+        assert rows[t]["consensus_distance"] == pytest.approx(0.0, abs=1e-12)
+        assert rows[t]["acc_node_min"] == rows[t]["acc_consensus"]
+    assert rows[7]["consensus_distance"] > 0  # the nodes move apart again between merges
+    assert rows[20]["y_nodes"] + rows[20]["y_in_transit"] == pytest.approx(8.0, abs=1e-9)
+    one = merge_bits(setup.x0.numel(), bits, setup.segments)
+    gossip_only = np.array(merged.bits_sent) - 4 * one
+    # the same gossip kept fraction; the messages differ in content after a merge, so their sizes differ a little
+    assert np.all(np.abs(gossip_only - np.array(plain.bits_sent)) < 0.05 * np.array(plain.bits_sent))
+
+
+def test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run(tmp_path):
+    common = {"merge-every": 3, "merge-bits": 6, "final-merge": True, "out-dir": str(tmp_path), "num-rounds": 10}
+    a = run_inprocess(_cfg(**common | {"run-name": "a"}), eval_every=1)
+    cfg = _cfg(**common | {"run-name": "b", "checkpoint-every": 4})
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_7(row):
+        if row["round"] == 7:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_inprocess(cfg, eval_every=1, log=crash_at_7)
+    b = run_inprocess(validate(cfg | {"resume": True}), eval_every=1)
+    assert b.start_round == 4
+    assert b.history == a.history and b.bits_sent == a.bits_sent
+    for s, t in zip(a.states, b.states):
+        assert torch.equal(s.x, t.x) and s.y == t.y
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"merge-bits": 16, "final-merge": True}, "merge-bits=16: use 32"),
+        ({"merge-bits": 1, "final-merge": True}, "merge-bits"),
+        ({"merge-bits": 8}, "no merge to quantize"),
+        ({"merge-every": 5, "strategy": "fedavg"}, "not fedavg"),
+        ({"merge-every": -1}, "merge-every"),
+    ],
+)
+def test_bad_merge_config_is_refused_with_what_to_do(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        _cfg(**kw)
+
+
+def test_periodic_merges_are_refused_on_flower(tmp_path):
+    with pytest.raises(ConfigError, match="merge-every=5: periodic merges are implemented for the in-process loop"):
+        preflight(_cfg(**{"merge-every": 5, "out-dir": str(tmp_path)}), flower=True)
