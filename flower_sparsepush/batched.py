@@ -71,12 +71,15 @@ class BatchedSGD:
         momentum: torch.Tensor | None,
         batches: list[tuple[torch.Tensor, torch.Tensor]],
         hp: dict[str, Any],
+        drift: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``len(batches)`` SGD steps of every node from ``z`` (``(nodes, d)``); returns (z, momentum, mean losses).
 
         ``batches[k]`` holds step k's inputs ``(nodes, b, ...)`` and labels ``(nodes, b)``. ``hp``: lr, momentum,
-        weight-decay, nesterov, qgm. The arithmetic is :func:`training.local_sgd`'s, node by node.
+        weight-decay, nesterov, qgm; ``drift`` (``(nodes, d)``) is subtracted from the gradients. The arithmetic is
+        :func:`training.local_sgd`'s, node by node.
         """
+        drift = None if drift is None else drift.to(self.device, torch.float32)
         lr, mu, wd = hp["lr"], hp["momentum"], hp["weight-decay"]
         z = z.to(self.device, torch.float32).clone()
         buf = None
@@ -85,6 +88,8 @@ class BatchedSGD:
         losses = torch.zeros(z.shape[0], device=self.device)
         for xb, yb in batches:
             g, loss = self.gradients(z, xb.to(self.device), yb.to(self.device))
+            if drift is not None:
+                g = g - drift
             losses += loss.detach()
             sgd_step_(z, g, buf, lr, mu, wd, hp["nesterov"], hp["qgm"])
         return z, buf, losses / max(1, len(batches))

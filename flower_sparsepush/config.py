@@ -82,6 +82,11 @@ KEYS: dict[str, Key] = {
         2,
         32,
     ),
+    "drift-correction": Key(
+        False,
+        bool,
+        "with merge-every: each node subtracts from its gradients its own drift away from the merged model, measured at every periodic merge (SCAFFOLD-style, no extra bits)",
+    ),
     "sparsity-warmup": Key(
         0, int, "rounds over which the kept fraction ramps exponentially from sparsity-warmup-start (0 = off)", 0, 10**7
     ),
@@ -318,6 +323,10 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
         raise ConfigError(
             f"run-config merge-bits={out['merge-bits']}: there is no merge to quantize; turn on final-merge=true "
             "or merge-every=N"
+        )
+    if out["drift-correction"] and not out["merge-every"]:
+        raise ConfigError(
+            "run-config drift-correction=true: the drift is measured at periodic merges; set merge-every=M > 0"
         )
     gossip_only = ("qgm", "final-gossip-rounds", "final-merge", "merge-every", "sparsity-warmup", "gamma-warmup")
     if out["strategy"] == "fedavg" and any(out[k] for k in gossip_only):

@@ -41,6 +41,7 @@ class NodeState:
     refs_in: dict[int, torch.Tensor] = field(default_factory=dict)
     momentum: torch.Tensor | None = None
     anchor: torch.Tensor | None = None  # the training layer's previous-round model (quasi-global momentum)
+    drift: torch.Tensor | None = None  # this node's gradient bias, measured at periodic merges (drift-correction)
 
     @property
     def z(self) -> torch.Tensor:

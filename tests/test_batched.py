@@ -1,5 +1,6 @@
 """The batched (vmap) local SGD is the per-node local SGD: same batches, same arithmetic, float32 rounding apart."""
 
+import pytest
 import torch
 
 from flower_sparsepush import training
@@ -34,11 +35,16 @@ def _perturbed_states(setup, n, seed=0):
 
 
 def test_train_batched_equals_train_node_by_node():
-    for qgm in (False, True):
+    for qgm, drift in ((False, False), (True, False), (False, True)):
         cfg = _cfg(qgm=qgm)
         setup = get_setup(cfg)
         a = _perturbed_states(setup, 4)
         b = _perturbed_states(setup, 4)
+        if drift:  # a drift correction (merge.correct_drift) on some nodes, subtracted from their gradients
+            g = torch.Generator().manual_seed(7)
+            for sa, sb in zip(a[:3], b[:3]):
+                sa.drift = 0.5 * torch.randn(sa.x.shape, generator=g)
+                sb.drift = sa.drift.clone()
         engine = BatchedSGD(setup.model, torch.device("cpu"))
         for rnd in range(3):  # momentum (or the qgm buffer) carries over between rounds
             losses = [train(setup, s, i, rnd) for i, s in enumerate(a)]
@@ -68,8 +74,9 @@ def test_evaluate_many_equals_evaluate():
         assert abs(m1[k] - m2[k]) < 1e-4, k
 
 
-def test_inprocess_loop_batched_equals_node_by_node(monkeypatch):
-    cfg = _cfg(**{"final-merge": True, "num-rounds": 8})
+@pytest.mark.parametrize("merges", [{}, {"merge-every": 3, "merge-bits": 8, "drift-correction": True}])
+def test_inprocess_loop_batched_equals_node_by_node(monkeypatch, merges):
+    cfg = _cfg(**{"final-merge": True, "num-rounds": 8} | merges)
     plain = run_inprocess(cfg, eval_every=4)
     setup = get_setup(cfg)
     monkeypatch.setattr(training, "make_engine", lambda s: BatchedSGD(s.model, torch.device("cpu")))

@@ -9,7 +9,7 @@ import torch
 
 from flower_sparsepush.codec import HEADER
 from flower_sparsepush.config import ConfigError, preflight, validate
-from flower_sparsepush.merge import merge, merge_bits
+from flower_sparsepush.merge import correct_drift, merge, merge_bits
 from flower_sparsepush.pushsum import NodeState
 from flower_sparsepush.training import get_setup, merge_due, run_inprocess
 
@@ -165,6 +165,7 @@ def test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run(tmp_
         ({"merge-bits": 8}, "no merge to quantize"),
         ({"merge-every": 5, "strategy": "fedavg"}, "not fedavg"),
         ({"merge-every": -1}, "merge-every"),
+        ({"drift-correction": True, "final-merge": True}, "drift-correction=true: the drift is measured at periodic"),
     ],
 )
 def test_bad_merge_config_is_refused_with_what_to_do(kw, msg):
@@ -175,3 +176,33 @@ def test_bad_merge_config_is_refused_with_what_to_do(kw, msg):
 def test_periodic_merges_are_refused_on_flower(tmp_path):
     with pytest.raises(ConfigError, match="merge-every=5: periodic merges are implemented for the in-process loop"):
         preflight(_cfg(**{"merge-every": 5, "out-dir": str(tmp_path)}), flower=True)
+
+
+def test_drift_correction_rule_accumulates_and_sums_to_zero_over_an_exact_merge():
+    states = [NodeState(x=torch.tensor([1.0, 2.0]) * k, y=1.0) for k in (1, 2, 3)]
+    before = [s.z.clone() for s in states]
+    m = merge(states, torch.zeros(2), 32, [2])
+    assert torch.allclose(m, torch.tensor([2.0, 4.0]))
+    correct_drift(states, before, m, lr_steps=0.5, momentum=0.9)
+    # (1 - mu) (merged - before) / sum of the step sizes: node 1 lagged by (1, 2), so its gradients get 0.2 * (1, 2)
+    assert torch.allclose(states[0].drift, torch.tensor([0.2, 0.4]))
+    assert torch.allclose(sum(s.drift for s in states), torch.zeros(2), atol=1e-7)
+    correct_drift(states, [m + 1.0] * 3, m, lr_steps=1.0, momentum=0.0)  # a second merge adds to it
+    assert torch.allclose(states[0].drift, torch.tensor([-0.8, -0.6]))
+    with pytest.raises(ValueError, match="sum to > 0"):
+        correct_drift(states, before, m, lr_steps=0.0, momentum=0.0)
+
+
+def test_drift_correction_keeps_label_skewed_nodes_closer_between_merges():
+    # 8 nodes with 2 classes each: between merges each node runs towards its own classes; the correction measured
+    # at the merges cancels that pull, so just before the third merge the nodes are much closer together
+    skew = {"partition": "classes:2", "merge-every": 20, "merge-bits": 8, "final-merge": True, "local-steps": 4,
+            "num-rounds": 60, "gamma": 0.1, "lr": 0.05}  # fmt: skip
+    plain = run_inprocess(_cfg(**skew), eval_every=5)
+    corrected = run_inprocess(_cfg(**skew | {"drift-correction": True}), eval_every=5)
+    before_third = [next(r for r in res.history if r["round"] == 55) for res in (plain, corrected)]
+    assert before_third[1]["consensus_distance"] < 0.5 * before_third[0]["consensus_distance"]
+    assert before_third[1]["acc_node_mean"] > before_third[0]["acc_node_mean"] + 0.1
+    assert corrected.history[-1]["acc_consensus"] >= plain.history[-1]["acc_consensus"]
+    assert corrected.history[-1]["y_nodes"] == pytest.approx(8.0, abs=1e-9)  # the correction moves no mass
+    assert all(s.drift is not None for s in corrected.states) and all(s.drift is None for s in plain.states)
