@@ -69,6 +69,7 @@ def _sp(h: int, comp: str, gamma: float, **extra: Any) -> dict[str, Any]:
 ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "sgp": ("baseline", PARTITIONS, {"strategy": "sgp"}),
     "fedavg-h2": ("baseline", SKEWED, {"strategy": "fedavg", "local-steps": 2}),  # H of the SCSP rows it stands by
+    "fedavg-h4": ("baseline", SKEWED, {"strategy": "fedavg", "local-steps": 4}),
     # the authors' algorithm: error feedback on x, gamma 0.01 at top-1%, one SGD step per gossip, 50 final rounds
     "paper-ef": ("paper", ("iid",), _sp(1, "topk:0.01", 0.01, form="ef", final_gossip_rounds=50)),
     # the previous table's row made stable (gamma inside the stability limit), nothing else
@@ -79,6 +80,15 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "sp-h4-fg100": ("466x", ("iid",), _sp(4, "topk:0.02+q:4", 0.1, final_gossip_rounds=100)),
     "sp-h8-fg100": ("1000x", ("iid",), _sp(8, "topk:0.01+q:4", 0.1, final_gossip_rounds=100)),
     "sp-h4-fg50": ("1000x", ("iid",), _sp(4, "topk:0.008+q:4", 0.1, final_gossip_rounds=50)),
+    # the merge's all-reduce in 8 bits (merge-bits=8: a quarter of the exact merge's 2 dense messages), the bits it
+    # frees spent on the gossip: a larger kept fraction, which stays stable at a larger gamma
+    "sp-h4-q8m-g0.15": ("466x", ("iid",), _sp(4, "topk:0.021+q:4", 0.15, merge_bits=8) | _MERGE),
+    "sp-h4-q8m-g0.2": ("466x", ("iid",), _sp(4, "topk:0.021+q:4", 0.2, merge_bits=8) | _MERGE),
+    "sp-h4-q8m-1000x": ("1000x", ("iid",), _sp(4, "topk:0.0072+q:4", 0.1, merge_bits=8) | _MERGE),
+    # sp-h4-merge's gossip with its one exact merge (6.5 Mbit per node) spent as 8-bit merges every 132 rounds (4 in
+    # all); and lighter gossip with 6 of them: how much do periodic merges buy on IID data?
+    "sp-h4-m8e132": ("466x", ("iid",), _sp(4, "topk:0.012+q:4", 0.1, merge_every=132, merge_bits=8) | _MERGE),
+    "sp-h4-m8e88": ("466x", ("iid",), _sp(4, "topk:0.0075+q:4", 0.1, merge_every=88, merge_bits=8) | _MERGE),
     # ablations of sp-h4-merge: one switch changed each
     "abl-no-merge": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1)),
     "abl-gamma-0.2": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.2) | _MERGE),
@@ -104,13 +114,24 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "scsp-h1": ("scsp", SKEWED, _sp(1, "topk:0.0025+q:4", 0.02) | _MERGE | _SCSP),
     "scsp-h2": ("scsp", SKEWED, _sp(2, "topk:0.005+q:4", 0.05) | _MERGE | _SCSP),
     "scsp-h4": ("scsp", SKEWED, _sp(4, "topk:0.016+q:4", 0.1) | _MERGE | _SCSP),
+    # periodic 8-bit merges (merge-every 88 rounds of H = 4: 6 merges over the run, the last one the final merge)
+    # with lightly compressed gossip between them: label skew pulls the nodes apart while they train
+    "scsp-h4-m8e88": ("scsp", SKEWED, _sp(4, "topk:0.01+q:4", 0.1, merge_every=88, merge_bits=8) | _MERGE | _SCSP),
+    # and with each node's drift away from the merged model subtracted from its gradients (drift-correction)
+    "scsp-h4-m8e88-dc": (
+        "scsp",
+        SKEWED,
+        _sp(4, "topk:0.01+q:4", 0.1, merge_every=88, merge_bits=8, drift_correction=True) | _MERGE | _SCSP,
+    ),
     # quasi-global momentum on top of scsp-h2: its buffer diverged to NaN on this schedule (docs/algorithm.md)
     "abl-scsp-h2-qgm": ("ablation", SKEWED, _sp(2, "topk:0.005+q:4", 0.05, qgm=True) | _MERGE | _SCSP),
 }
 # run order: what the goals need first (a time-limited chunk then still answers the main question)
 PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "sp-h1", "sp-h8-fg100", "sp-h4-fg50",
             "scsp-h2", "scsp-h1", "scsp-h4", "fedavg-h2", "paper-ef", "abl-no-merge", "abl-qgm",
-            "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4", "abl-lr-0.025", "abl-lr-0.1", "abl-gamma-0.05", "abl-gamma-0.07"]  # fmt: skip
+            "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4", "abl-lr-0.025", "abl-lr-0.1", "abl-gamma-0.05", "abl-gamma-0.07", "sp-h4-q8m-g0.15",
+            "sp-h4-q8m-1000x", "sp-h4-q8m-g0.2", "scsp-h4-m8e88", "fedavg-h4", "sp-h4-m8e132",
+            "sp-h4-m8e88", "scsp-h4-m8e88-dc"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 
