@@ -72,13 +72,16 @@ class BatchedSGD:
         batches: list[tuple[torch.Tensor, torch.Tensor]],
         hp: dict[str, Any],
         drift: torch.Tensor | None = None,
+        grad_sum: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``len(batches)`` SGD steps of every node from ``z`` (``(nodes, d)``); returns (z, momentum, mean losses).
 
         ``batches[k]`` holds step k's inputs ``(nodes, b, ...)`` and labels ``(nodes, b)``. ``hp``: lr, momentum,
-        weight-decay, nesterov, qgm; ``drift`` (``(nodes, d)``) is subtracted from the gradients. The arithmetic is
+        weight-decay, nesterov, qgm; ``drift`` (``(nodes, d)``) is subtracted from the gradients; ``grad_sum``
+        (``(nodes, d)``, on the CPU) gains ``lr * (g + weight_decay * z)`` per step in place. The arithmetic is
         :func:`training.local_sgd`'s, node by node.
         """
+        acc = None if grad_sum is None else grad_sum.to(self.device, torch.float32)
         drift = None if drift is None else drift.to(self.device, torch.float32)
         lr, mu, wd = hp["lr"], hp["momentum"], hp["weight-decay"]
         z = z.to(self.device, torch.float32).clone()
@@ -88,10 +91,14 @@ class BatchedSGD:
         losses = torch.zeros(z.shape[0], device=self.device)
         for xb, yb in batches:
             g, loss = self.gradients(z, xb.to(self.device), yb.to(self.device))
+            if acc is not None:
+                acc.add_(g.add(z, alpha=wd), alpha=lr)
             if drift is not None:
                 g = g - drift
             losses += loss.detach()
             sgd_step_(z, g, buf, lr, mu, wd, hp["nesterov"], hp["qgm"])
+        if acc is not None and acc is not grad_sum:
+            grad_sum.copy_(acc.cpu())
         return z, buf, losses / max(1, len(batches))
 
 

@@ -83,9 +83,10 @@ KEYS: dict[str, Key] = {
         32,
     ),
     "drift-correction": Key(
-        False,
-        bool,
-        "with merge-every: each node subtracts from its gradients its own drift away from the merged model, measured at every periodic merge (SCAFFOLD-style, no extra bits)",
+        "off",
+        str,
+        "off | displacement | gradient; with merge-every, each node subtracts its gradient bias, estimated at every periodic merge from its drift away from the merged model (displacement) or its own mean gradient against the nodes' (gradient), as in SCAFFOLD; no extra bits",
+        choices=("off", "displacement", "gradient"),
     ),
     "sparsity-warmup": Key(
         0, int, "rounds over which the kept fraction ramps exponentially from sparsity-warmup-start (0 = off)", 0, 10**7
@@ -324,9 +325,10 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
             f"run-config merge-bits={out['merge-bits']}: there is no merge to quantize; turn on final-merge=true "
             "or merge-every=N"
         )
-    if out["drift-correction"] and not out["merge-every"]:
+    if out["drift-correction"] != "off" and not out["merge-every"]:
         raise ConfigError(
-            "run-config drift-correction=true: the drift is measured at periodic merges; set merge-every=M > 0"
+            f"run-config drift-correction={out['drift-correction']}: the drift is measured at periodic merges; set "
+            "merge-every=M > 0"
         )
     gossip_only = ("qgm", "final-gossip-rounds", "final-merge", "merge-every", "sparsity-warmup", "gamma-warmup")
     if out["strategy"] == "fedavg" and any(out[k] for k in gossip_only):

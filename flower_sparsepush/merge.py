@@ -110,6 +110,27 @@ def correct_drift(states: list[NodeState], before: list[torch.Tensor], merged: t
         s.drift = step.to(torch.float32) if s.drift is None else s.drift + step.to(s.drift.dtype)
 
 
+def correct_bias(states: list[NodeState], prev: torch.Tensor, merged: torch.Tensor, lr_steps: float,
+                 momentum: float) -> None:
+    """Set every node's gradient-bias estimate at a periodic merge (run-config ``drift-correction=gradient``).
+
+    Each node summed ``lr * g`` of its own steps since the last merge (``state.grad_sum``, gradients before any
+    correction, weight decay included), so ``grad_sum / lr_steps`` is its mean gradient. Gossip moves no mass, so
+    the nodes' average moved from the last merge's model ``prev`` to ``merged`` by their local steps alone; with
+    momentum ``mu`` that is ``-(mean gradient) * lr_steps / (1 - mu)``, which gives the mean gradient of all nodes
+    without sending it. The node's bias is the difference; local SGD subtracts it (SCAFFOLD's control variate,
+    Karimireddy et al. 2020, estimated at the merges, no bits). ``grad_sum`` restarts from zero.
+    """
+    if lr_steps <= 0:
+        raise ValueError(f"the learning rates since the last merge must sum to > 0, got {lr_steps}")
+    mean_grad = (prev.to(torch.float64) - merged.to(torch.float64)) * ((1.0 - momentum) / lr_steps)
+    for s in states:
+        if s.grad_sum is None:
+            continue
+        s.drift = (s.grad_sum.to(torch.float64) / lr_steps - mean_grad).to(torch.float32)
+        s.grad_sum = torch.zeros_like(s.grad_sum)
+
+
 def merge_bits(d: int, bits: int = EXACT, segments: list[int] | None = None) -> int:
     """Bits one node sends in a merge of a d-parameter model: two whole encoded messages (see the module doc)."""
     check_bits(bits)

@@ -42,6 +42,7 @@ class NodeState:
     momentum: torch.Tensor | None = None
     anchor: torch.Tensor | None = None  # the training layer's previous-round model (quasi-global momentum)
     drift: torch.Tensor | None = None  # this node's gradient bias, measured at periodic merges (drift-correction)
+    grad_sum: torch.Tensor | None = None  # sum of lr * gradient since the last merge (drift-correction=gradient)
 
     @property
     def z(self) -> torch.Tensor:

@@ -32,7 +32,7 @@ from flower_sparsepush.batched import sgd_step_
 from flower_sparsepush.compression import make_compressor
 from flower_sparsepush.config import parse_lr_schedule
 from flower_sparsepush.guard import BadReply, Guard, Outbox, message_size_limit
-from flower_sparsepush.merge import correct_drift, merge, merge_bits
+from flower_sparsepush.merge import correct_bias, correct_drift, merge, merge_bits
 from flower_sparsepush.node import Node, RoundOut, state_from_flat, state_to_flat
 from flower_sparsepush.pushsum import NodeState, PushSum
 from flower_sparsepush.router import Network, Router
@@ -316,12 +316,14 @@ def local_sgd(
     rnd: int,
     qgm: bool = False,
     drift: torch.Tensor | None = None,
+    grad_sum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """``local-steps`` SGD steps from ``z``; returns (z_new, momentum buffer, mean loss). Same math as torch SGD.
 
     With ``qgm`` the buffer is the quasi-global momentum m (updated once per round by :func:`qgm_update`, from the
     post-gossip model change): every step moves by ``lr * (g + momentum * m)`` and the buffer is returned unchanged.
-    ``drift`` (merge.correct_drift) is subtracted from every gradient.
+    ``drift`` (merge.correct_drift) is subtracted from every gradient; ``grad_sum``, when given, gains
+    ``lr * (g + weight_decay * z)`` of every step in place, with the gradient before that subtraction.
     """
     sch = setup.schedule
     lr, mu, wd = lr_at(setup.cfg, rnd), sch.momentum, sch.weight_decay
@@ -338,6 +340,8 @@ def local_sgd(
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
         g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters()])
+        if grad_sum is not None:
+            grad_sum.add_(g.add(z, alpha=wd), alpha=lr)
         if drift is not None:
             g = g - drift
         sgd_step_(z, g, buf, lr, mu, wd, sch.nesterov, qgm)
@@ -374,7 +378,11 @@ def train(setup: Setup, state: NodeState, node: int, rnd: int) -> float:
     qgm = setup.schedule.qgm
     if qgm:
         qgm_update(setup, state, rnd)
-    z_new, state.momentum, loss = local_sgd(setup, state.z, state.momentum, node, rnd, qgm=qgm, drift=state.drift)
+    if setup.cfg["drift-correction"] == "gradient" and state.grad_sum is None:
+        state.grad_sum = torch.zeros_like(state.x, dtype=torch.float32)
+    z_new, state.momentum, loss = local_sgd(
+        setup, state.z, state.momentum, node, rnd, qgm=qgm, drift=state.drift, grad_sum=state.grad_sum
+    )
     PushSum.local_update(state, z_new)
     return loss
 
@@ -412,7 +420,13 @@ def train_batched(setup: Setup, engine, states: list[NodeState], nodes: list[int
     drift = None
     if any(s.drift is not None for s in states):
         drift = torch.stack([torch.zeros_like(z[0]) if s.drift is None else s.drift.to(torch.float32) for s in states])
-    z_new, mom_new, losses = engine.local_sgd(z, mom, batches, hp, drift)
+    gsum = None
+    if cfg["drift-correction"] == "gradient":
+        gsum = torch.stack([torch.zeros_like(z[0]) if s.grad_sum is None else s.grad_sum for s in states])
+    z_new, mom_new, losses = engine.local_sgd(z, mom, batches, hp, drift, gsum)
+    if gsum is not None:
+        for k, state in enumerate(states):
+            state.grad_sum = gsum[k].cpu().clone()
     z_new = z_new.cpu()
     mom_new = None if mom_new is None else mom_new.cpu()
     for k, state in enumerate(states):
@@ -742,12 +756,16 @@ def run_inprocess(
             for i in range(n):  # deliver what is in flight, then the average everywhere
                 make_node(setup, i, states[i]).begin(t + 1, *router.collect(i))
             base = setup.x0 if merged_base is None else merged_base
-            correcting = cfg["drift-correction"] and (t + 1) % cfg["merge-every"] == 0 and t + 1 < cfg["num-rounds"]
+            correcting = cfg["drift-correction"] != "off" and (t + 1) % cfg["merge-every"] == 0
+            correcting = correcting and t + 1 < cfg["num-rounds"]
             before = [s.z.clone() for s in states] if correcting else []
             merged_base = merge(states, base, cfg["merge-bits"], setup.segments, cfg["form"])
             if correcting:  # the M rounds since the last merge, H steps each
                 lr_steps = cfg["local-steps"] * sum(lr_at(cfg, r) for r in range(t + 1 - cfg["merge-every"], t + 1))
-                correct_drift(states, before, merged_base, lr_steps, cfg["momentum"])
+                if cfg["drift-correction"] == "gradient":
+                    correct_bias(states, base, merged_base, lr_steps, cfg["momentum"])
+                else:
+                    correct_drift(states, before, merged_base, lr_steps, cfg["momentum"])
             for i in range(n):
                 sent[i] += one_merge_bits
                 router.delivered_bits[i] += one_merge_bits

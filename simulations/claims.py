@@ -121,7 +121,13 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "scsp-h4-m8e88-dc": (
         "scsp",
         SKEWED,
-        _sp(4, "topk:0.01+q:4", 0.1, merge_every=88, merge_bits=8, drift_correction=True) | _MERGE | _SCSP,
+        _sp(4, "topk:0.01+q:4", 0.1, merge_every=88, merge_bits=8, drift_correction="displacement") | _MERGE | _SCSP,
+    ),
+    # the bias estimated from each node's own mean gradient against the nodes' mean (read off the merges' movement)
+    "scsp-h4-m8e88-gc": (
+        "scsp",
+        SKEWED,
+        _sp(4, "topk:0.01+q:4", 0.1, merge_every=88, merge_bits=8, drift_correction="gradient") | _MERGE | _SCSP,
     ),
     # quasi-global momentum on top of scsp-h2: its buffer diverged to NaN on this schedule (docs/algorithm.md)
     "abl-scsp-h2-qgm": ("ablation", SKEWED, _sp(2, "topk:0.005+q:4", 0.05, qgm=True) | _MERGE | _SCSP),
@@ -131,7 +137,8 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "scsp-h2", "scsp-h1", "scsp-h4", "fedavg-h2", "paper-ef", "abl-no-merge", "abl-qgm",
             "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4", "abl-lr-0.025", "abl-lr-0.1", "abl-gamma-0.05", "abl-gamma-0.07", "sp-h4-q8m-g0.15",
             "sp-h4-q8m-1000x", "sp-h4-q8m-g0.2", "scsp-h4-m8e88", "fedavg-h4", "sp-h4-m8e132",
-            "sp-h4-m8e88", "scsp-h4-m8e88-dc"]  # fmt: skip
+            "sp-h4-m8e88", "scsp-h4-m8e88-dc",
+            "scsp-h4-m8e88-gc"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 

@@ -74,7 +74,10 @@ def test_evaluate_many_equals_evaluate():
         assert abs(m1[k] - m2[k]) < 1e-4, k
 
 
-@pytest.mark.parametrize("merges", [{}, {"merge-every": 3, "merge-bits": 8, "drift-correction": True}])
+@pytest.mark.parametrize(
+    "merges",
+    [{}] + [{"merge-every": 3, "merge-bits": 8, "drift-correction": m} for m in ("displacement", "gradient")],
+)
 def test_inprocess_loop_batched_equals_node_by_node(monkeypatch, merges):
     cfg = _cfg(**{"final-merge": True, "num-rounds": 8} | merges)
     plain = run_inprocess(cfg, eval_every=4)

@@ -9,7 +9,7 @@ import torch
 
 from flower_sparsepush.codec import HEADER
 from flower_sparsepush.config import ConfigError, preflight, validate
-from flower_sparsepush.merge import correct_drift, merge, merge_bits
+from flower_sparsepush.merge import correct_bias, correct_drift, merge, merge_bits
 from flower_sparsepush.pushsum import NodeState
 from flower_sparsepush.training import get_setup, merge_due, run_inprocess
 
@@ -165,7 +165,7 @@ def test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run(tmp_
         ({"merge-bits": 8}, "no merge to quantize"),
         ({"merge-every": 5, "strategy": "fedavg"}, "not fedavg"),
         ({"merge-every": -1}, "merge-every"),
-        ({"drift-correction": True, "final-merge": True}, "drift-correction=true: the drift is measured at periodic"),
+        ({"drift-correction": "displacement", "final-merge": True}, "drift-correction=displacement: the drift is measured at periodic"),
     ],
 )
 def test_bad_merge_config_is_refused_with_what_to_do(kw, msg):
@@ -193,13 +193,26 @@ def test_drift_correction_rule_accumulates_and_sums_to_zero_over_an_exact_merge(
         correct_drift(states, before, m, lr_steps=0.0, momentum=0.0)
 
 
-def test_drift_correction_keeps_label_skewed_nodes_closer_between_merges():
+def test_gradient_bias_rule_is_own_mean_gradient_minus_the_nodes_mean_from_the_merges():
+    states = [NodeState(x=torch.zeros(2), y=1.0) for _ in range(2)]
+    states[0].grad_sum = torch.tensor([1.0, 0.0])
+    states[1].grad_sum = torch.tensor([0.0, 3.0])
+    prev, merged = torch.tensor([1.0, 1.0]), torch.tensor([0.0, 3.0])
+    correct_bias(states, prev, merged, lr_steps=2.0, momentum=0.5)
+    mean_grad = torch.tensor([1.0, -2.0]) * 0.5 / 2.0  # (prev - merged) (1 - mu) / lr_steps
+    assert torch.allclose(states[0].drift, torch.tensor([0.5, 0.0]) - mean_grad)
+    assert torch.allclose(states[1].drift, torch.tensor([0.0, 1.5]) - mean_grad)
+    assert all(torch.equal(s.grad_sum, torch.zeros(2)) for s in states)  # the next period sums afresh
+
+
+@pytest.mark.parametrize("mode", ["displacement", "gradient"])
+def test_drift_correction_keeps_label_skewed_nodes_closer_between_merges(mode):
     # 8 nodes with 2 classes each: between merges each node runs towards its own classes; the correction measured
     # at the merges cancels that pull, so just before the third merge the nodes are much closer together
     skew = {"partition": "classes:2", "merge-every": 20, "merge-bits": 8, "final-merge": True, "local-steps": 4,
             "num-rounds": 60, "gamma": 0.1, "lr": 0.05}  # fmt: skip
     plain = run_inprocess(_cfg(**skew), eval_every=5)
-    corrected = run_inprocess(_cfg(**skew | {"drift-correction": True}), eval_every=5)
+    corrected = run_inprocess(_cfg(**skew | {"drift-correction": mode}), eval_every=5)
     before_third = [next(r for r in res.history if r["round"] == 55) for res in (plain, corrected)]
     assert before_third[1]["consensus_distance"] < 0.5 * before_third[0]["consensus_distance"]
     assert before_third[1]["acc_node_mean"] > before_third[0]["acc_node_mean"] + 0.1
