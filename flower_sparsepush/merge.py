@@ -91,8 +91,9 @@ def merge(
     return m
 
 
-def correct_drift(states: list[NodeState], before: list[torch.Tensor], merged: torch.Tensor, lr_steps: float,
-                  momentum: float) -> None:
+def correct_drift(
+    states: list[NodeState], before: list[torch.Tensor], merged: torch.Tensor, lr_steps: float, momentum: float
+) -> None:
     """Update every node's gradient-bias estimate from a periodic merge (run-config ``drift-correction``).
 
     Between two merges node i moved to ``before[i]`` while the nodes together moved to ``merged``. With SGD of
@@ -110,8 +111,9 @@ def correct_drift(states: list[NodeState], before: list[torch.Tensor], merged: t
         s.drift = step.to(torch.float32) if s.drift is None else s.drift + step.to(s.drift.dtype)
 
 
-def correct_bias(states: list[NodeState], prev: torch.Tensor, merged: torch.Tensor, lr_steps: float,
-                 momentum: float) -> None:
+def correct_bias(
+    states: list[NodeState], prev: torch.Tensor, merged: torch.Tensor, lr_steps: float, momentum: float
+) -> None:
     """Set every node's gradient-bias estimate at a periodic merge (run-config ``drift-correction=gradient``).
 
     Each node summed ``lr * g`` of its own steps since the last merge (``state.grad_sum``, gradients before any

@@ -165,7 +165,10 @@ def test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run(tmp_
         ({"merge-bits": 8}, "no merge to quantize"),
         ({"merge-every": 5, "strategy": "fedavg"}, "not fedavg"),
         ({"merge-every": -1}, "merge-every"),
-        ({"drift-correction": "displacement", "final-merge": True}, "drift-correction=displacement: the drift is measured at periodic"),
+        (
+            {"drift-correction": "displacement", "final-merge": True},
+            "drift-correction=displacement: the drift is measured at periodic",
+        ),
     ],
 )
 def test_bad_merge_config_is_refused_with_what_to_do(kw, msg):
