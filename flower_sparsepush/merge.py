@@ -91,6 +91,14 @@ def merge(
     return m
 
 
+def _per_step(lr_steps: float, momentum: float) -> float:
+    """The factor that turns a model movement over local steps of summed learning rate ``lr_steps`` (momentum
+    ``mu``) into a gradient: a persistent gradient g moves a model by ``-g * lr_steps / (1 - mu)``."""
+    if lr_steps <= 0:
+        raise ValueError(f"the learning rates since the last merge must sum to > 0, got {lr_steps}")
+    return (1.0 - momentum) / lr_steps
+
+
 def correct_drift(
     states: list[NodeState], before: list[torch.Tensor], merged: torch.Tensor, lr_steps: float, momentum: float
 ) -> None:
@@ -104,10 +112,9 @@ def correct_drift(
     al. 2020), measured at the merges, so it costs no bits. Over nodes of equal weight after an exact merge the
     corrections sum to zero.
     """
-    if lr_steps <= 0:
-        raise ValueError(f"the learning rates since the last merge must sum to > 0, got {lr_steps}")
+    scale = _per_step(lr_steps, momentum)
     for s, b in zip(states, before):
-        step = (merged.to(torch.float64) - b.to(torch.float64)) * ((1.0 - momentum) / lr_steps)
+        step = (merged.to(torch.float64) - b.to(torch.float64)) * scale
         s.drift = step.to(torch.float32) if s.drift is None else s.drift + step.to(s.drift.dtype)
 
 
@@ -123,9 +130,7 @@ def correct_bias(
     without sending it. The node's bias is the difference; local SGD subtracts it (SCAFFOLD's control variate,
     Karimireddy et al. 2020, estimated at the merges, no bits). ``grad_sum`` restarts from zero.
     """
-    if lr_steps <= 0:
-        raise ValueError(f"the learning rates since the last merge must sum to > 0, got {lr_steps}")
-    mean_grad = (prev.to(torch.float64) - merged.to(torch.float64)) * ((1.0 - momentum) / lr_steps)
+    mean_grad = (prev.to(torch.float64) - merged.to(torch.float64)) * _per_step(lr_steps, momentum)
     for s in states:
         if s.grad_sum is None:
             continue

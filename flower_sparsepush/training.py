@@ -758,11 +758,12 @@ def run_inprocess(
             base = setup.x0 if merged_base is None else merged_base
             correcting = cfg["drift-correction"] != "off" and (t + 1) % cfg["merge-every"] == 0
             correcting = correcting and t + 1 < cfg["num-rounds"]
-            before = [s.z.clone() for s in states] if correcting else []
+            mode = cfg["drift-correction"] if correcting else "off"
+            before = [s.z.clone() for s in states] if mode == "displacement" else []
             merged_base = merge(states, base, cfg["merge-bits"], setup.segments, cfg["form"])
             if correcting:  # the M rounds since the last merge, H steps each
                 lr_steps = cfg["local-steps"] * sum(lr_at(cfg, r) for r in range(t + 1 - cfg["merge-every"], t + 1))
-                if cfg["drift-correction"] == "gradient":
+                if mode == "gradient":
                     correct_bias(states, base, merged_base, lr_steps, cfg["momentum"])
                 else:
                     correct_drift(states, before, merged_base, lr_steps, cfg["momentum"])

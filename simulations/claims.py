@@ -83,7 +83,6 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     # the merge's all-reduce in 8 bits (merge-bits=8: a quarter of the exact merge's 2 dense messages), the bits it
     # frees spent on the gossip: a larger kept fraction, which stays stable at a larger gamma
     "sp-h4-q8m-g0.15": ("466x", ("iid",), _sp(4, "topk:0.021+q:4", 0.15, merge_bits=8) | _MERGE),
-    "sp-h4-q8m-g0.2": ("466x", ("iid",), _sp(4, "topk:0.021+q:4", 0.2, merge_bits=8) | _MERGE),
     "sp-h4-q8m-1000x": ("1000x", ("iid",), _sp(4, "topk:0.0072+q:4", 0.1, merge_bits=8) | _MERGE),
     # sp-h4-merge's gossip with its one exact merge (6.5 Mbit per node) spent as 8-bit merges every 132 rounds (4 in
     # all); and lighter gossip with 6 of them: how much do periodic merges buy on IID data?
@@ -135,10 +134,9 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
 # run order: what the goals need first (a time-limited chunk then still answers the main question)
 PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "sp-h1", "sp-h8-fg100", "sp-h4-fg50",
             "scsp-h2", "scsp-h1", "scsp-h4", "fedavg-h2", "paper-ef", "abl-no-merge", "abl-qgm",
-            "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4", "abl-lr-0.025", "abl-lr-0.1", "abl-gamma-0.05", "abl-gamma-0.07", "sp-h4-q8m-g0.15",
-            "sp-h4-q8m-1000x", "sp-h4-q8m-g0.2", "scsp-h4-m8e88", "fedavg-h4", "sp-h4-m8e132",
-            "sp-h4-m8e88", "scsp-h4-m8e88-dc",
-            "scsp-h4-m8e88-gc"]  # fmt: skip
+            "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4", "abl-lr-0.025", "abl-lr-0.1", "abl-gamma-0.05", "abl-gamma-0.07",
+            "sp-h4-q8m-g0.15", "sp-h4-q8m-1000x", "scsp-h4-m8e88", "fedavg-h4", "sp-h4-m8e132", "sp-h4-m8e88",
+            "scsp-h4-m8e88-dc", "scsp-h4-m8e88-gc"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 
