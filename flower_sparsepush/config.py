@@ -82,6 +82,11 @@ KEYS: dict[str, Key] = {
         2,
         32,
     ),
+    "merge-feedback": Key(
+        False,
+        bool,
+        "with merge-bits 2..8: error feedback on the quantized merges (each node and each chunk owner adds what its last merge message rounded away to the next one), so rounding delays a change instead of losing it; no extra bits",
+    ),
     "drift-correction": Key(
         "off",
         str,
@@ -90,6 +95,12 @@ KEYS: dict[str, Key] = {
     ),
     "sparsity-warmup": Key(
         0, int, "rounds over which the kept fraction ramps exponentially from sparsity-warmup-start (0 = off)", 0, 10**7
+    ),
+    "sparsity-schedule": Key(
+        "constant",
+        str,
+        "constant | lr; lr: the kept fraction of round t is F * lr_t / (mean lr over the training rounds), floored at F/20 and capped at 1, so the bits of a run stay about those of F but are spent where the nodes move most",
+        choices=("constant", "lr"),
     ),
     "sparsity-warmup-start": Key(
         0.05, float, "kept fraction at round 0 of the sparsity warm-up, in (0, 1]", 0.0, 1.0, lo_open=True
@@ -325,16 +336,33 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
             f"run-config merge-bits={out['merge-bits']}: there is no merge to quantize; turn on final-merge=true "
             "or merge-every=N"
         )
+    if out["merge-feedback"] and out["merge-bits"] == 32:
+        raise ConfigError(
+            "run-config merge-feedback=true: an exact merge (merge-bits=32) rounds nothing away; set merge-bits to "
+            "2..8 or drop merge-feedback"
+        )
     if out["drift-correction"] != "off" and not out["merge-every"]:
         raise ConfigError(
             f"run-config drift-correction={out['drift-correction']}: the drift is measured at periodic merges; set "
             "merge-every=M > 0"
         )
     gossip_only = ("qgm", "final-gossip-rounds", "final-merge", "merge-every", "sparsity-warmup", "gamma-warmup")
+    if out["strategy"] == "fedavg" and out["sparsity-schedule"] != "constant":
+        raise ConfigError("run-config sparsity-schedule: this belongs to the gossip strategies, not fedavg")
     if out["strategy"] == "fedavg" and any(out[k] for k in gossip_only):
         bad = next(k for k in gossip_only if out[k])
         raise ConfigError(f"run-config {bad}={out[bad]!r}: this belongs to the gossip strategies, not fedavg")
-    if out["sparsity-warmup"]:
+    if out["sparsity-warmup"] and out["sparsity-schedule"] != "constant":
+        raise ConfigError(
+            f"run-config sparsity-schedule={out['sparsity-schedule']}: set either it or sparsity-warmup, not both "
+            "(each sets the kept fraction of the first rounds)"
+        )
+    for key, on in (
+        ("sparsity-warmup", out["sparsity-warmup"]),
+        ("sparsity-schedule", out["sparsity-schedule"] != "constant"),
+    ):
+        if not on:
+            continue
         sel, _, arg = out["compressor"].partition("+")[0].partition(":")
         try:
             target = float(arg)
@@ -342,10 +370,10 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
             target = None
         if sel not in ("topk", "topk-layer", "randk") or target is None or not 0 < target < 1:
             raise ConfigError(
-                f"run-config sparsity-warmup={out['sparsity-warmup']}: needs a compressor that keeps a fraction "
+                f"run-config {key}={out[key]}: needs a compressor that keeps a fraction "
                 f"(topk:F, topk-layer:F or randk:F, optionally +q:B), got compressor={out['compressor']!r}"
             )
-        if not out["sparsity-warmup-start"] > target:
+        if key == "sparsity-warmup" and not out["sparsity-warmup-start"] > target:
             raise ConfigError(
                 f"run-config sparsity-warmup-start={out['sparsity-warmup-start']}: must be larger than the "
                 f"compressor's kept fraction {target:g} (the warm-up ramps down from it)"

@@ -12,6 +12,12 @@ A merge is the one step of a run where every node learns the same vector, so it 
   same vector everywhere, within one rounding step per tensor of the exact average ``sum x / sum y``. The weights
   are averaged exactly; the numerators' sum moves by the rounding error only (``n * ybar * (m - exact average)``).
 
+With ``merge-feedback`` (error feedback, as in EF-SGD, Karimireddy et al. 2019) nothing is rounded away for good:
+each node keeps what its last message did not carry (``state.merge_err``) and adds it to its next one, and the
+chunks' owners keep what the averaged chunk lost (``owner_err``, one vector split by chunk among the owners) and
+add it to the next average. Then ``sum_i x_i + sum_i merge_err_i + n * ybar * owner_err`` is the same before and
+after every merge (:func:`merge_mass`): a coordinate whose change is below one rounding step is delayed, not lost.
+
 Bits (:func:`merge_bits`): a reduce-scatter then an all-gather sends ``2 (n - 1) / n`` of the vector per node; it is
 counted as two whole encoded messages per node (one per tensor when quantized, each with its header and scale).
 """
@@ -56,7 +62,12 @@ def merge_exact(states: list[NodeState]) -> None:
 
 
 def merge(
-    states: list[NodeState], base: torch.Tensor, bits: int, segments: list[int], form: str = "ref"
+    states: list[NodeState],
+    base: torch.Tensor,
+    bits: int,
+    segments: list[int],
+    form: str = "ref",
+    owner_err: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge all nodes (in place) and return the new shared base, the merged de-biased model.
 
@@ -76,9 +87,24 @@ def merge(
         m = states[0].z.detach().clone()
     else:
         b = base.detach().to(torch.float64).numpy()
-        sent = [_round_trip(s.x.detach().to(torch.float64).numpy() - s.y * b, segments, bits) for s in states]
+        sent = []
+        for s in states:
+            v = s.x.detach().to(torch.float64).numpy() - s.y * b
+            if owner_err is not None and s.merge_err is not None:
+                v = v + s.merge_err.numpy()
+            q = _round_trip(v, segments, bits)
+            if owner_err is not None:
+                s.merge_err = torch.from_numpy(v - q)
+            sent.append(q)
         avg = np.sum(sent, axis=0) / (ybar * n)
-        m64 = b + _round_trip(avg, segments, bits)
+        if owner_err is not None:
+            if owner_err.numel() != base.numel() or owner_err.dtype != torch.float64:
+                raise ValueError(f"owner_err must be float64 with {base.numel()} values, got {owner_err.shape}")
+            avg = avg + owner_err.numpy()
+        q_avg = _round_trip(avg, segments, bits)
+        if owner_err is not None:
+            owner_err.copy_(torch.from_numpy(avg - q_avg))
+        m64 = b + q_avg
         m = torch.from_numpy(m64).to(states[0].x.dtype)
         for s in states:
             s.x = (ybar * torch.from_numpy(m64)).to(s.x.dtype)
@@ -89,6 +115,17 @@ def merge(
             for j in refs:
                 refs[j] = ref.clone()
     return m
+
+
+def merge_mass(states: list[NodeState], owner_err: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_i x_i + sum_i merge_err_i + n * ybar * owner_err`` (float64): what a merge with error feedback keeps."""
+    total = torch.stack([s.x.to(torch.float64) for s in states]).sum(0)
+    for s in states:
+        if s.merge_err is not None:
+            total = total + s.merge_err
+    if owner_err is not None:
+        total = total + float(sum(s.y for s in states)) * owner_err  # n * ybar = sum_i y_i
+    return total
 
 
 def _per_step(lr_steps: float, momentum: float) -> float:

@@ -17,6 +17,7 @@ from the de-biased model z, set ``x = y * z_new`` (``PushSum.local_update``), th
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping
@@ -70,17 +71,36 @@ def compressor_at(cfg: dict[str, Any], rnd: int) -> str:
     """The compressor spec of round ``rnd`` (0-based). With ``sparsity-warmup`` R > 0 the kept fraction of the
     selection ramps exponentially (as in Deep Gradient Compression, Lin et al. 2018) from ``sparsity-warmup-start``
     at round 0 to the spec's own fraction F at round R: ``f_t = f0 * (F / f0) ** (t / R)``; from round R on it is F.
-    The quantizer (``+q:B``) is unchanged. Bits are whatever the messages then take (counted as always)."""
+    With ``sparsity-schedule=lr`` the kept fraction follows the learning rate, ``f_t = F * lr_t / mean(lr)`` (mean
+    over the training rounds; floored at F/20, capped at 1; F in the gossip-only final rounds): a node moves in
+    proportion to its step size, so that is where its neighbours' copies fall behind. The quantizer (``+q:B``) is
+    unchanged. Bits are whatever the messages then take (counted as always)."""
     spec, warm = cfg["compressor"], cfg["sparsity-warmup"]
-    if not warm or rnd >= warm or spec == "none":
+    by_lr = cfg["sparsity-schedule"] == "lr" and rnd < cfg["num-rounds"]
+    if spec == "none" or not (by_lr or (warm and rnd < warm)):
         return spec
     sel, plus, rest = spec.partition("+")
     name, _, arg = sel.partition(":")
     if name not in ("topk", "topk-layer", "randk"):
         return spec
-    target, start = float(arg), cfg["sparsity-warmup-start"]
-    frac = start * (target / start) ** (rnd / warm)
+    target = float(arg)
+    if by_lr:
+        frac = min(1.0, max(target / 20, target * lr_at(cfg, rnd) / mean_lr(cfg)))
+    else:
+        start = cfg["sparsity-warmup-start"]
+        frac = start * (target / start) ** (rnd / warm)
     return f"{name}:{frac:.6g}{plus}{rest}"
+
+
+def mean_lr(cfg: dict[str, Any]) -> float:
+    """The learning rate averaged over the training rounds (``lr-schedule``)."""
+    return _mean_lr(cfg["lr-schedule"], cfg["lr"], cfg["num-rounds"])
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_lr(schedule: str, lr: float, total: int) -> float:
+    cfg = {"lr-schedule": schedule, "lr": lr, "num-rounds": total}
+    return sum(lr_at(cfg, r) for r in range(total)) / total
 
 
 def gamma_at(cfg: dict[str, Any], rnd: int) -> float:
@@ -658,9 +678,11 @@ def save_checkpoint(
     sent: list[int],
     history: list[dict[str, float]],
     merge_base: torch.Tensor | None = None,
+    owner_err: torch.Tensor | None = None,
 ) -> None:
     """Everything the in-process loop needs to continue after round ``rnd`` (RNGs are pure functions of (seed,
-    node, round)); ``merge_base`` is the last merge's model (None before the first merge)."""
+    node, round)); ``merge_base`` is the last merge's model (None before the first merge), ``owner_err`` the chunk
+    owners' merge error feedback (merge-feedback)."""
     body = {
         "states": [state_to_flat(s) for s in states],
         "router": router.state_dict(),
@@ -669,21 +691,23 @@ def save_checkpoint(
     }
     if merge_base is not None:
         body["merge_base"] = merge_base
+    if owner_err is not None:
+        body["merge_owner_err"] = owner_err
     write_checkpoint(cfg, "inprocess", rnd, body)
 
 
 def load_checkpoint(
     cfg: dict[str, Any], router: Router
-) -> tuple[int, list[NodeState], list[int], list[dict], torch.Tensor | None] | None:
-    """(round, states, bits sent, history, merge base or None) from the run's checkpoint, restoring ``router``;
-    None if there is none."""
+) -> tuple[int, list[NodeState], list[int], list[dict], torch.Tensor | None, torch.Tensor | None] | None:
+    """(round, states, bits sent, history, merge base or None, owners' merge error or None) from the run's
+    checkpoint, restoring ``router``; None if there is none."""
     ck = read_checkpoint(cfg, "inprocess")
     if ck is None:
         return None
     router.load_state_dict(ck["router"])
     states = [state_from_flat(d) for d in ck["states"]]
     hist = [dict(h) for h in ck["history"]]
-    return int(ck["round"]), states, [int(b) for b in ck["bits_sent"]], hist, ck.get("merge_base")
+    return int(ck["round"]), states, [int(b) for b in ck["bits_sent"]], hist, ck.get("merge_base"), ck.get("merge_owner_err")
 
 
 def make_engine(setup: Setup):
@@ -721,10 +745,13 @@ def run_inprocess(
     secs: list[float] = []
     start = 0
     merged_base = None  # the last merge's model, shared by all nodes (None: they share only the initial model)
+    # what the chunk owners' averaged merge messages rounded away (merge-feedback; each owner holds its chunk)
+    owner_err = torch.zeros(setup.x0.numel(), dtype=torch.float64) if cfg["merge-feedback"] else None
     if cfg["resume"]:
         restored = load_checkpoint(cfg, router)
         if restored is not None:
-            start, states, sent, history, merged_base = restored
+            start, states, sent, history, merged_base, saved_err = restored
+            owner_err = saved_err if saved_err is not None else owner_err
             for row in history:
                 if log:
                     log(dict(row))
@@ -760,7 +787,7 @@ def run_inprocess(
             correcting = correcting and t + 1 < cfg["num-rounds"]
             mode = cfg["drift-correction"] if correcting else "off"
             before = [s.z.clone() for s in states] if mode == "displacement" else []
-            merged_base = merge(states, base, cfg["merge-bits"], setup.segments, cfg["form"])
+            merged_base = merge(states, base, cfg["merge-bits"], setup.segments, cfg["form"], owner_err)
             if correcting:  # the M rounds since the last merge, H steps each
                 lr_steps = cfg["local-steps"] * sum(lr_at(cfg, r) for r in range(t + 1 - cfg["merge-every"], t + 1))
                 if mode == "gradient":
@@ -787,7 +814,7 @@ def run_inprocess(
             if log:
                 log(m)
         if every and (t + 1) % every == 0:
-            save_checkpoint(cfg, t + 1, states, router, sent, history, merged_base)
+            save_checkpoint(cfg, t + 1, states, router, sent, history, merged_base, owner_err)
     return InProcessResult(
         states,
         [[d for _, _, d in box] for box in router.mailboxes],

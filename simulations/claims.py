@@ -88,6 +88,30 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     # all); and lighter gossip with 6 of them: how much do periodic merges buy on IID data?
     "sp-h4-m8e132": ("466x", ("iid",), _sp(4, "topk:0.012+q:4", 0.1, merge_every=132, merge_bits=8) | _MERGE),
     "sp-h4-m8e88": ("466x", ("iid",), _sp(4, "topk:0.0075+q:4", 0.1, merge_every=88, merge_bits=8) | _MERGE),
+    # the bits as frequent cheap merges instead of gossip: 16 4-bit merges (every 33 rounds) or 8 8-bit ones (every
+    # 66), with a trickle of gossip (top-0.2%) between them
+    "sp-h4-m4e33": ("466x", ("iid",), _sp(4, "topk:0.002+q:4", 0.1, merge_every=33, merge_bits=4) | _MERGE),
+    "sp-h4-m8e66": ("466x", ("iid",), _sp(4, "topk:0.002+q:4", 0.1, merge_every=66, merge_bits=8) | _MERGE),
+    # sp-h4-m4e33 with error feedback on the merges: what a 4-bit merge rounds away waits for the next one
+    "sp-h4-m4e33-ef": (
+        "466x",
+        ("iid",),
+        _sp(4, "topk:0.002+q:4", 0.1, merge_every=33, merge_bits=4, merge_feedback=True) | _MERGE,
+    ),
+    # sp-h4-merge with the kept fraction following the learning rate (sparsity-schedule=lr: 2.4% at the start, 0.06%
+    # at the end, the same bits): the nodes move apart in proportion to their step size
+    "sp-h4-klr": ("466x", ("iid",), _sp(4, "topk:0.012+q:4", 0.1, sparsity_schedule="lr") | _MERGE),
+    # fewer local steps (H = 4 alone costs 0.6, abl-sgp-h4) with the cheap 8-bit merge and sparsity-schedule=lr
+    "sp-h1-q8m-klr": (
+        "466x",
+        ("iid",),
+        _sp(1, "topk:0.0042+q:4", 0.05, merge_bits=8, sparsity_schedule="lr") | _MERGE,
+    ),
+    "sp-h2-q8m-klr": (
+        "466x",
+        ("iid",),
+        _sp(2, "topk:0.0087+q:4", 0.1, merge_bits=8, sparsity_schedule="lr") | _MERGE,
+    ),
     # ablations of sp-h4-merge: one switch changed each
     "abl-no-merge": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1)),
     "abl-gamma-0.2": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.2) | _MERGE),
@@ -136,7 +160,8 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "scsp-h2", "scsp-h1", "scsp-h4", "fedavg-h2", "paper-ef", "abl-no-merge", "abl-qgm",
             "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4", "abl-lr-0.025", "abl-lr-0.1", "abl-gamma-0.05", "abl-gamma-0.07",
             "sp-h4-q8m-g0.15", "sp-h4-q8m-1000x", "scsp-h4-m8e88", "fedavg-h4", "sp-h4-m8e132", "sp-h4-m8e88",
-            "scsp-h4-m8e88-dc", "scsp-h4-m8e88-gc"]  # fmt: skip
+            "scsp-h4-m8e88-dc", "scsp-h4-m8e88-gc", "sp-h4-m4e33", "sp-h4-m8e66", "sp-h4-m4e33-ef", "sp-h4-klr", "sp-h1-q8m-klr",
+            "sp-h2-q8m-klr"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 

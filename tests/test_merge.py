@@ -9,7 +9,7 @@ import torch
 
 from flower_sparsepush.codec import HEADER
 from flower_sparsepush.config import ConfigError, preflight, validate
-from flower_sparsepush.merge import correct_bias, correct_drift, merge, merge_bits
+from flower_sparsepush.merge import correct_bias, correct_drift, merge, merge_bits, merge_mass
 from flower_sparsepush.pushsum import NodeState
 from flower_sparsepush.training import get_setup, merge_due, run_inprocess
 
@@ -88,6 +88,45 @@ def test_quantized_merge_error_shrinks_with_bits_and_numerator_refs_follow_the_f
     assert torch.allclose(states[0].refs_out[1], ybar * m)  # ref-x references live in numerator space
 
 
+def test_merge_feedback_keeps_the_mass_and_delays_a_small_change_instead_of_losing_it():
+    # 4 nodes, one tensor: coordinate 0 moves by 1 per merge interval (it sets the scale: one 4-bit level is 1/7),
+    # coordinate 1 by 0.01, far below half a level, so plain rounding drops it at every merge
+    n, merges, small = 4, 100, 0.01
+    step = torch.tensor([1.0, small], dtype=torch.float64)
+    ends = {}
+    for feedback in (False, True):
+        states = [NodeState(x=torch.zeros(2, dtype=torch.float64), y=1.0) for _ in range(n)]
+        base = torch.zeros(2, dtype=torch.float64)
+        owner_err = torch.zeros(2, dtype=torch.float64) if feedback else None
+        for _ in range(merges):
+            for s in states:
+                s.x = s.x + s.y * step  # every node's model moves by `step` between two merges
+            kept = merge_mass(states, owner_err)
+            base = merge(states, base, 4, [2], owner_err=owner_err)
+            if feedback:
+                assert torch.allclose(merge_mass(states, owner_err), kept, rtol=0, atol=1e-9)
+        ends[feedback] = base
+    assert ends[False][1] == 0.0  # every 0.01 was rounded away: after 100 merges the coordinate never moved
+    level = 1.0 / 7  # one rounding step of the nodes' messages, then one of the owner's: at most their sum behind
+    assert abs(float(ends[True][1]) - merges * small) <= 2 * level
+    assert float(ends[True][0]) == pytest.approx(merges * 1.0, abs=2 * level)
+
+
+def test_merge_feedback_mass_holds_with_unequal_weights_and_random_changes():
+    states = _states(seed=3)
+    base = torch.zeros(D, dtype=torch.float64)
+    owner_err = torch.zeros(D, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        for s in states:
+            s.x = s.x + s.y * torch.randn(D, generator=g, dtype=torch.float64)
+        kept = merge_mass(states, owner_err)
+        base = merge(states, base, 3, SEGMENTS, owner_err=owner_err)
+        assert torch.allclose(merge_mass(states, owner_err), kept, rtol=1e-12, atol=1e-9)
+        assert all(torch.equal(s.z, states[0].z) for s in states)
+    assert all(s.merge_err is not None and s.merge_err.abs().max() > 0 for s in states)  # feedback was used
+
+
 def test_merge_bits_are_two_encoded_messages_and_shrink_with_the_bits():
     exact = merge_bits(D)
     assert exact == 2 * 8 * (HEADER.size + 4 * D)  # float32 values, one header
@@ -136,8 +175,10 @@ def test_periodic_merges_put_every_node_on_one_model_and_count_their_bits(bits):
     assert np.all(np.abs(gossip_only - np.array(plain.bits_sent)) < 0.05 * np.array(plain.bits_sent))
 
 
-def test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("feedback", [False, True])
+def test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run(tmp_path, feedback):
     common = {"merge-every": 3, "merge-bits": 6, "final-merge": True, "out-dir": str(tmp_path), "num-rounds": 10}
+    common["merge-feedback"] = feedback  # the checkpoint then holds the nodes' and the owners' feedback too
     a = run_inprocess(_cfg(**common | {"run-name": "a"}), eval_every=1)
     cfg = _cfg(**common | {"run-name": "b", "checkpoint-every": 4})
 
@@ -155,6 +196,9 @@ def test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run(tmp_
     assert b.history == a.history and b.bits_sent == a.bits_sent
     for s, t in zip(a.states, b.states):
         assert torch.equal(s.x, t.x) and s.y == t.y
+        assert (s.merge_err is not None) == feedback
+        if feedback:
+            assert torch.equal(s.merge_err, t.merge_err)
 
 
 @pytest.mark.parametrize(
@@ -165,6 +209,7 @@ def test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run(tmp_
         ({"merge-bits": 8}, "no merge to quantize"),
         ({"merge-every": 5, "strategy": "fedavg"}, "not fedavg"),
         ({"merge-every": -1}, "merge-every"),
+        ({"merge-feedback": True, "final-merge": True}, "merge-feedback=true: an exact merge"),
         (
             {"drift-correction": "displacement", "final-merge": True},
             "drift-correction=displacement: the drift is measured at periodic",

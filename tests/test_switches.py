@@ -35,6 +35,29 @@ def test_sparsity_warmup_ramps_exponentially_to_the_target():
     assert compressor_at(_cfg(), 0) == "topk:0.02+q:4"  # off by default
 
 
+def test_sparsity_schedule_lr_follows_the_learning_rate_and_keeps_the_mean_fraction():
+    cfg = _cfg(**{"sparsity-schedule": "lr", "lr-schedule": "cosine", "num-rounds": 40, "final-gossip-rounds": 5})
+    fracs = [float(compressor_at(cfg, t).split("+")[0].split(":")[1]) for t in range(40)]
+    lrs = [0.05 * (1 + math.cos(math.pi * t / 40)) for t in range(40)]  # cosine from lr 0.1 (mean 0.05)
+    for f, lr in zip(fracs, lrs):
+        assert f == pytest.approx(max(0.001, 0.02 * lr / np.mean(lrs)), rel=1e-4)  # F lr_t / mean lr, floor F/20
+    assert fracs[0] == pytest.approx(0.04, rel=0.03) and fracs[-1] == pytest.approx(0.001)  # 2F at the start
+    assert np.mean(fracs) == pytest.approx(0.02, rel=0.02)  # the run keeps about the bits of F (the floor adds)
+    assert compressor_at(cfg, 42) == "topk:0.02+q:4"  # gossip-only final rounds: F
+    assert compressor_at(_cfg(**{"sparsity-schedule": "lr"}), 7) == "topk:0.02+q:4"  # constant lr: F throughout
+
+
+def test_sparsity_schedule_lr_spends_the_bits_early_and_conserves_mass():
+    common = {"lr-schedule": "cosine", "num-rounds": 20}
+    plain = run_inprocess(_cfg(**common), eval_every=10)
+    by_lr = run_inprocess(_cfg(**common | {"sparsity-schedule": "lr"}), eval_every=10)
+    first = [r["bits_sent_per_node"] for r in (plain.history[0], by_lr.history[0])]
+    assert first[1] > 1.3 * first[0]  # the first half of a cosine keeps 1.64x the entries (headers do not grow)
+    assert sum(by_lr.bits_sent) == pytest.approx(sum(plain.bits_sent), rel=0.15)  # about the same in all
+    last = by_lr.history[-1]
+    assert last["y_nodes"] + last["y_in_transit"] == pytest.approx(8.0, abs=1e-9)
+
+
 def test_gamma_warmup_is_linear_then_constant():
     cfg = _cfg(**{"gamma-warmup": 4})
     assert [gamma_at(cfg, t) for t in range(6)] == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
@@ -94,6 +117,9 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
         ({"sparsity-warmup": 10, "compressor": "topk:20"}, "keeps a fraction"),
         ({"sparsity-warmup": 10, "sparsity-warmup-start": 0.01}, "larger than"),
         ({"sparsity-warmup": -1}, "sparsity-warmup"),
+        ({"sparsity-schedule": "lr", "compressor": "none"}, "sparsity-schedule=lr: needs a compressor that keeps"),
+        ({"sparsity-schedule": "lr", "sparsity-warmup": 5}, "not both"),
+        ({"sparsity-schedule": "step"}, "sparsity-schedule"),
         ({"gamma-warmup": -2}, "gamma-warmup"),
         ({"val-split": 0.6}, "val-split"),
         ({"device": "tpu"}, "device"),
