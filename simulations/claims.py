@@ -152,6 +152,12 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         SKEWED,
         _sp(4, "topk:0.01+q:4", 0.1, merge_every=88, merge_bits=8, drift_correction="gradient") | _MERGE | _SCSP,
     ),
+    # the merges in 4 bits with error feedback, so 16 of them (every 33 rounds) fit the budget with light gossip
+    "scsp-h4-m4e33-ef": (
+        "scsp",
+        SKEWED,
+        _sp(4, "topk:0.005+q:4", 0.1, merge_every=33, merge_bits=4, merge_feedback=True) | _MERGE | _SCSP,
+    ),
     # quasi-global momentum on top of scsp-h2: its buffer diverged to NaN on this schedule (docs/algorithm.md)
     "abl-scsp-h2-qgm": ("ablation", SKEWED, _sp(2, "topk:0.005+q:4", 0.05, qgm=True) | _MERGE | _SCSP),
 }
@@ -161,7 +167,7 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4", "abl-lr-0.025", "abl-lr-0.1", "abl-gamma-0.05", "abl-gamma-0.07",
             "sp-h4-q8m-g0.15", "sp-h4-q8m-1000x", "scsp-h4-m8e88", "fedavg-h4", "sp-h4-m8e132", "sp-h4-m8e88",
             "scsp-h4-m8e88-dc", "scsp-h4-m8e88-gc", "sp-h4-m4e33", "sp-h4-m8e66", "sp-h4-m4e33-ef", "sp-h4-klr", "sp-h1-q8m-klr",
-            "sp-h2-q8m-klr"]  # fmt: skip
+            "sp-h2-q8m-klr", "scsp-h4-m4e33-ef"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 
@@ -191,21 +197,29 @@ def plan(datasets: list[str], quick: bool, seeds: tuple[int, ...] = SEEDS) -> li
     return runs
 
 
-def run_row(spec: dict[str, Any], command: str, device: str = "cpu") -> dict[str, Any]:
-    """Train one run and return its journal entry (numbers measured in this run)."""
-    import torch
-
+def run_config(spec: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """The validated run config of one planned run: its epochs turned into rounds of its local steps."""
     from flower_sparsepush.config import validate
-    from flower_sparsepush.energy import forward_flops, node_energy
-    from flower_sparsepush.training import get_setup, run_inprocess
+    from flower_sparsepush.training import get_setup
 
-    torch.set_num_threads(1)
     cfg = dict(spec["cfg"]) | {"device": device}
     train_size = get_setup(validate(cfg | {"num-rounds": 1})).train_size
     steps = cfg.get("local-steps", 1)
     rounds = math.ceil(spec["epochs"] * train_size / (cfg["num-nodes"] * cfg["batch-size"] * steps))
     # nodes on the whole test set (1,000 samples in --quick runs, which are checks, not results)
-    cfg = validate(cfg | {"num-rounds": rounds, "eval-node-samples": 1000 if spec["quick"] else 0})
+    return validate(cfg | {"num-rounds": rounds, "eval-node-samples": 1000 if spec["quick"] else 0})
+
+
+def run_row(spec: dict[str, Any], command: str, device: str = "cpu") -> dict[str, Any]:
+    """Train one run and return its journal entry (numbers measured in this run)."""
+    import torch
+
+    from flower_sparsepush.energy import forward_flops, node_energy
+    from flower_sparsepush.training import get_setup, run_inprocess
+
+    torch.set_num_threads(1)
+    cfg = run_config(spec, device)
+    rounds, steps = cfg["num-rounds"], cfg["local-steps"]
     total = rounds + (cfg["final-gossip-rounds"] if cfg["strategy"] != "fedavg" else 0)
     every = max(1, total // spec["evals"])
     start = time.perf_counter()
