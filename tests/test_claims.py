@@ -73,3 +73,12 @@ def test_the_validation_split_chooses_and_the_goal_reads_the_test_accuracy_of_th
     assert goal["met"] is False and goal["reduction_vs_sgp"] == pytest.approx(500)
     b = next(r for r in rows if r["name"] == "b")
     assert b["seeds"] == [0, 1, 2] and b["acc_consensus_std"] == 0.0
+
+
+def test_every_row_is_planned_once_and_its_switches_are_a_valid_run_config():
+    from flower_sparsepush.config import validate
+
+    assert sorted(claims.PRIORITY) == sorted(claims.ROWS)  # a row missing from the run order would never run
+    assert len(set(claims.PRIORITY)) == len(claims.PRIORITY)
+    for spec in claims.plan(["fashion_mnist"], quick=False, seeds=(0,)):
+        validate(spec["cfg"] | {"num-rounds": 10})  # a bad switch fails here, not hours into a chunk
