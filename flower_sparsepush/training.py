@@ -707,7 +707,14 @@ def load_checkpoint(
     router.load_state_dict(ck["router"])
     states = [state_from_flat(d) for d in ck["states"]]
     hist = [dict(h) for h in ck["history"]]
-    return int(ck["round"]), states, [int(b) for b in ck["bits_sent"]], hist, ck.get("merge_base"), ck.get("merge_owner_err")
+    return (
+        int(ck["round"]),
+        states,
+        [int(b) for b in ck["bits_sent"]],
+        hist,
+        ck.get("merge_base"),
+        ck.get("merge_owner_err"),
+    )
 
 
 def make_engine(setup: Setup):

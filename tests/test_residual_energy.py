@@ -3,7 +3,6 @@ input is refused with what to do."""
 
 import pytest
 import torch
-
 from flower_sparsepush.simulations.residual_energy import gaussian_topk_energy, lowrank_energy, main, topk_energy
 
 
