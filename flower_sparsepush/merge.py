@@ -75,11 +75,16 @@ def merge(
     are the model's tensor sizes (one quantization scale each). The per-edge references are set to what the
     merged sender now holds, on both ends of every edge (both ends know it): the merged model in the ``ref`` form,
     its numerator ``ybar * m`` in ``ref-x``. So the next messages carry only what moved after the merge. Messages
-    in flight must be delivered first.
+    in flight must be delivered first. ``owner_err`` (float64, model-sized, updated in place) turns on error
+    feedback for a quantized merge: the nodes' residuals live in ``state.merge_err``, the owners' in it.
     """
     check_bits(bits)
     if sum(segments) != base.numel():
         raise ValueError(f"segments cover {sum(segments)} values, the model has {base.numel()}")
+    if owner_err is not None and (owner_err.numel() != base.numel() or owner_err.dtype != torch.float64):
+        raise ValueError(
+            f"owner_err must be float64 with {base.numel()} values, got {owner_err.dtype} {owner_err.shape}"
+        )
     n = len(states)
     ybar = float(sum(s.y for s in states)) / n
     if bits == EXACT:
@@ -98,8 +103,6 @@ def merge(
             sent.append(q)
         avg = np.sum(sent, axis=0) / (ybar * n)
         if owner_err is not None:
-            if owner_err.numel() != base.numel() or owner_err.dtype != torch.float64:
-                raise ValueError(f"owner_err must be float64 with {base.numel()} values, got {owner_err.shape}")
             avg = avg + owner_err.numpy()
         q_avg = _round_trip(avg, segments, bits)
         if owner_err is not None:

@@ -43,9 +43,8 @@ class NodeState:
     anchor: torch.Tensor | None = None  # the training layer's previous-round model (quasi-global momentum)
     drift: torch.Tensor | None = None  # this node's gradient bias, measured at periodic merges (drift-correction)
     grad_sum: torch.Tensor | None = None  # sum of lr * gradient since the last merge (drift-correction=gradient)
-    merge_err: torch.Tensor | None = (
-        None  # what this node's quantized merge messages have not yet carried (merge-feedback)
-    )
+    # what this node's quantized merge messages have not carried yet (merge-feedback)
+    merge_err: torch.Tensor | None = None
 
     @property
     def z(self) -> torch.Tensor:

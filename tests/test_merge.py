@@ -142,6 +142,11 @@ def test_bad_merge_values_are_refused():
         merge(_states(), torch.zeros(D, dtype=torch.float64), 16, SEGMENTS)
     with pytest.raises(ValueError, match="segments cover"):
         merge(_states(), torch.zeros(D, dtype=torch.float64), 8, [D - 1])
+    states = _states()
+    before = [s.x.clone() for s in states]
+    with pytest.raises(ValueError, match="owner_err must be float64"):
+        merge(states, torch.zeros(D, dtype=torch.float64), 8, SEGMENTS, owner_err=torch.zeros(D))  # float32
+    assert all(torch.equal(s.x, b) and s.merge_err is None for s, b in zip(states, before))  # nothing touched
 
 
 def _cfg(**kw):
