@@ -107,6 +107,12 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         ("iid",),
         _sp(4, "topk:0.02+q:4", 0.1, merge_bits=8, sparsity_schedule="lr") | _MERGE,
     ),
+    # the best test row so far, sp-h4-fg100 (top-2%, 100 final gossip rounds), with the kept fraction following the lr
+    "sp-h4-klr-fg100": (
+        "466x",
+        ("iid",),
+        _sp(4, "topk:0.02+q:4", 0.1, sparsity_schedule="lr", final_gossip_rounds=100),
+    ),
     # fewer local steps (H = 4 alone costs 0.6, abl-sgp-h4) with the cheap 8-bit merge and sparsity-schedule=lr
     "sp-h1-q8m-klr": (
         "466x",
@@ -174,7 +180,7 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "sp-h4-q8m-g0.15", "sp-h4-q8m-1000x", "scsp-h4-m8e88", "fedavg-h4", "sp-h4-m8e132", "sp-h4-m8e88",
             "scsp-h4-m8e88-dc", "scsp-h4-m8e88-gc", "sp-h4-m4e33", "sp-h4-m8e66", "sp-h4-m4e33-ef", "sp-h4-klr", "sp-h1-q8m-klr",
             "sp-h2-q8m-klr", "scsp-h4-m4e33-ef",
-            "sp-h4-klr-q8m"]  # fmt: skip
+            "sp-h4-klr-q8m", "sp-h4-klr-fg100"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 
