@@ -92,20 +92,21 @@ def merge(
         m = states[0].z.detach().clone()
     else:
         b = base.detach().to(torch.float64).numpy()
+        feedback = owner_err is not None
         sent = []
         for s in states:
             v = s.x.detach().to(torch.float64).numpy() - s.y * b
-            if owner_err is not None and s.merge_err is not None:
+            if feedback and s.merge_err is not None:
                 v = v + s.merge_err.numpy()
             q = _round_trip(v, segments, bits)
-            if owner_err is not None:
+            if feedback:
                 s.merge_err = torch.from_numpy(v - q)
             sent.append(q)
         avg = np.sum(sent, axis=0) / (ybar * n)
-        if owner_err is not None:
+        if feedback:
             avg = avg + owner_err.numpy()
         q_avg = _round_trip(avg, segments, bits)
-        if owner_err is not None:
+        if feedback:
             owner_err.copy_(torch.from_numpy(avg - q_avg))
         m64 = b + q_avg
         m = torch.from_numpy(m64).to(states[0].x.dtype)

@@ -790,12 +790,12 @@ def run_inprocess(
             for i in range(n):  # deliver what is in flight, then the average everywhere
                 make_node(setup, i, states[i]).begin(t + 1, *router.collect(i))
             base = setup.x0 if merged_base is None else merged_base
-            correcting = cfg["drift-correction"] != "off" and (t + 1) % cfg["merge-every"] == 0
-            correcting = correcting and t + 1 < cfg["num-rounds"]
-            mode = cfg["drift-correction"] if correcting else "off"
+            mode = cfg["drift-correction"]
+            if mode != "off" and ((t + 1) % cfg["merge-every"] or t + 1 >= cfg["num-rounds"]):
+                mode = "off"  # only the periodic merges during training measure a drift
             before = [s.z.clone() for s in states] if mode == "displacement" else []
             merged_base = merge(states, base, cfg["merge-bits"], setup.segments, cfg["form"], owner_err)
-            if correcting:  # the M rounds since the last merge, H steps each
+            if mode != "off":  # the M rounds since the last merge, H steps each
                 lr_steps = cfg["local-steps"] * sum(lr_at(cfg, r) for r in range(t + 1 - cfg["merge-every"], t + 1))
                 if mode == "gradient":
                     correct_bias(states, base, merged_base, lr_steps, cfg["momentum"])

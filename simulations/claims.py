@@ -178,9 +178,8 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "scsp-h2", "scsp-h1", "scsp-h4", "fedavg-h2", "paper-ef", "abl-no-merge", "abl-qgm",
             "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4", "abl-lr-0.025", "abl-lr-0.1", "abl-gamma-0.05", "abl-gamma-0.07",
             "sp-h4-q8m-g0.15", "sp-h4-q8m-1000x", "scsp-h4-m8e88", "fedavg-h4", "sp-h4-m8e132", "sp-h4-m8e88",
-            "scsp-h4-m8e88-dc", "scsp-h4-m8e88-gc", "sp-h4-m4e33", "sp-h4-m8e66", "sp-h4-m4e33-ef", "sp-h4-klr", "sp-h1-q8m-klr",
-            "sp-h2-q8m-klr", "scsp-h4-m4e33-ef",
-            "sp-h4-klr-q8m", "sp-h4-klr-fg100"]  # fmt: skip
+            "scsp-h4-m8e88-dc", "scsp-h4-m8e88-gc", "sp-h4-m4e33", "sp-h4-m8e66", "sp-h4-m4e33-ef", "sp-h4-klr",
+            "sp-h1-q8m-klr", "sp-h2-q8m-klr", "scsp-h4-m4e33-ef", "sp-h4-klr-q8m", "sp-h4-klr-fg100"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 
