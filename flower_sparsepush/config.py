@@ -78,14 +78,14 @@ KEYS: dict[str, Key] = {
     "merge-bits": Key(
         32,
         int,
-        "bits per value in the merges' all-reduce: 32 = exact float32; 2..8 = each tensor's change since the last merge quantized, one scale per tensor",
-        2,
+        "bits per value in the merges' all-reduce: 32 = exact float32; 2..8 = each tensor's change since the last merge quantized, one scale per tensor; 1 = its sign times the mean magnitude (needs merge-feedback)",
+        1,
         32,
     ),
     "merge-feedback": Key(
         False,
         bool,
-        "with merge-bits 2..8: error feedback on the quantized merges (each node and each chunk owner adds what its last merge message rounded away to the next one), so rounding delays a change instead of losing it; no extra bits",
+        "with merge-bits 1..8: error feedback on the quantized merges (each node and each chunk owner adds what its last merge message rounded away to the next one), so rounding delays a change instead of losing it; no extra bits",
     ),
     "drift-correction": Key(
         "off",
@@ -327,9 +327,14 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
     if out["strategy"] == "scsp":
         # SCSP = Sparse-Push + one exact global merge at the end (docs/algorithm.md: what the claims measured)
         out["final-merge"] = out["final-merge"] if "final-merge" in cfg else True
-    if not (out["merge-bits"] == 32 or 2 <= out["merge-bits"] <= 8):
+    if not (out["merge-bits"] == 32 or 1 <= out["merge-bits"] <= 8):
         raise ConfigError(
-            f"run-config merge-bits={out['merge-bits']}: use 32 (exact float32 merge) or 2..8 (quantized merge)"
+            f"run-config merge-bits={out['merge-bits']}: use 32 (exact float32 merge) or 1..8 (quantized merge)"
+        )
+    if out["merge-bits"] == 1 and not out["merge-feedback"]:
+        raise ConfigError(
+            "run-config merge-bits=1: a 1-bit merge sends each value's sign times the mean magnitude, which moves "
+            "every coordinate by the same amount; it needs merge-feedback=true to carry the error to the next merge"
         )
     if out["merge-bits"] != 32 and not (out["final-merge"] or out["merge-every"]):
         raise ConfigError(
@@ -339,7 +344,7 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
     if out["merge-feedback"] and out["merge-bits"] == 32:
         raise ConfigError(
             "run-config merge-feedback=true: an exact merge (merge-bits=32) rounds nothing away; set merge-bits to "
-            "2..8 or drop merge-feedback"
+            "1..8 or drop merge-feedback"
         )
     if out["drift-correction"] != "off" and not out["merge-every"]:
         raise ConfigError(

@@ -124,6 +124,19 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         ("iid",),
         _sp(2, "topk:0.0087+q:4", 0.1, merge_bits=8, sparsity_schedule="lr") | _MERGE,
     ),
+    # the merges in 1 bit (sign x mean magnitude per tensor, merge-bits=1) with error feedback: 1/16 of a dense
+    # message each, so 66 of them fit the budget (every 8 rounds = 32 SGD steps) beside a trickle of gossip, or 44
+    # (every 12 rounds) beside top-0.7%: local SGD with frequent cheap averaging against gossip
+    "sp-h4-m1e8-ef": (
+        "466x",
+        ("iid",),
+        _sp(4, "topk:0.0005+q:4", 0.1, merge_every=8, merge_bits=1, merge_feedback=True) | _MERGE,
+    ),
+    "sp-h4-m1e12-ef": (
+        "466x",
+        ("iid",),
+        _sp(4, "topk:0.007+q:4", 0.1, merge_every=12, merge_bits=1, merge_feedback=True) | _MERGE,
+    ),
     # ablations of sp-h4-merge: one switch changed each
     "abl-no-merge": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1)),
     "abl-gamma-0.2": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.2) | _MERGE),
@@ -179,7 +192,8 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "abl-gamma-0.2", "abl-sparsity-warmup", "abl-gamma-warmup", "abl-scsp-h2-qgm", "abl-dense-g0.1", "abl-sgp-h4", "abl-lr-0.025", "abl-lr-0.1", "abl-gamma-0.05", "abl-gamma-0.07",
             "sp-h4-q8m-g0.15", "sp-h4-q8m-1000x", "scsp-h4-m8e88", "fedavg-h4", "sp-h4-m8e132", "sp-h4-m8e88",
             "scsp-h4-m8e88-dc", "scsp-h4-m8e88-gc", "sp-h4-m4e33", "sp-h4-m8e66", "sp-h4-m4e33-ef", "sp-h4-klr",
-            "sp-h1-q8m-klr", "sp-h2-q8m-klr", "scsp-h4-m4e33-ef", "sp-h4-klr-q8m", "sp-h4-klr-fg100"]  # fmt: skip
+            "sp-h1-q8m-klr", "sp-h2-q8m-klr", "scsp-h4-m4e33-ef", "sp-h4-klr-q8m", "sp-h4-klr-fg100",
+            "sp-h4-m1e8-ef", "sp-h4-m1e12-ef"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 

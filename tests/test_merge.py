@@ -127,10 +127,29 @@ def test_merge_feedback_mass_holds_with_unequal_weights_and_random_changes():
     assert all(s.merge_err is not None and s.merge_err.abs().max() > 0 for s in states)  # feedback was used
 
 
+def test_one_bit_merges_with_feedback_keep_the_mass_and_reach_the_exact_average():
+    # nodes that stop moving: a 1-bit merge (sign x mean magnitude per tensor) is far from the average at first, but
+    # with feedback each later merge sends what the earlier ones missed, so the shared model closes in on it
+    states = _states(seed=7)
+    exact = sum(s.x for s in states) / sum(s.y for s in states)
+    base = torch.zeros(D, dtype=torch.float64)
+    owner_err = torch.zeros(D, dtype=torch.float64)
+    errors = []
+    for _ in range(200):
+        kept = merge_mass(states, owner_err)
+        base = merge(states, base, 1, SEGMENTS, owner_err=owner_err)
+        assert torch.allclose(merge_mass(states, owner_err), kept, rtol=1e-12, atol=1e-9)
+        assert all(torch.equal(s.z, states[0].z) for s in states)
+        errors.append(float((base - exact).norm() / exact.norm()))
+    assert errors[0] > 0.3  # one sign merge alone is a poor average
+    assert errors[0] > errors[9] > errors[49] > errors[-1]  # nothing was lost: it arrives later (slowly: 1 bit)
+    assert errors[-1] < 0.01
+
+
 def test_merge_bits_are_two_encoded_messages_and_shrink_with_the_bits():
     exact = merge_bits(D)
     assert exact == 2 * 8 * (HEADER.size + 4 * D)  # float32 values, one header
-    for bits in (8, 4, 2):
+    for bits in (8, 4, 2, 1):
         per_tensor = sum(HEADER.size + 4 + -(-size * bits // 8) for size in SEGMENTS)  # header, scale, packed codes
         assert merge_bits(D, bits, SEGMENTS) == 2 * 8 * per_tensor
     big = [100_000, 1_000]
@@ -210,7 +229,8 @@ def test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run(tmp_
     "kw, msg",
     [
         ({"merge-bits": 16, "final-merge": True}, "merge-bits=16: use 32"),
-        ({"merge-bits": 1, "final-merge": True}, "merge-bits"),
+        ({"merge-bits": 0, "final-merge": True}, "merge-bits=0: must be in"),
+        ({"merge-bits": 1, "final-merge": True}, "needs merge-feedback=true"),
         ({"merge-bits": 8}, "no merge to quantize"),
         ({"merge-every": 5, "strategy": "fedavg"}, "not fedavg"),
         ({"merge-every": -1}, "merge-every"),
