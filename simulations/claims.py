@@ -137,6 +137,9 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         ("iid",),
         _sp(4, "topk:0.007+q:4", 0.1, merge_every=12, merge_bits=1, merge_feedback=True) | _MERGE,
     ),
+    # sp-h4-klr with the kept fraction taken per tensor (topk-layer): global top-k ranks by magnitude, which favours
+    # the tensors with large values, not necessarily those whose disagreement costs accuracy
+    "sp-h4-klr-layer": ("466x", ("iid",), _sp(4, "topk-layer:0.012+q:4", 0.1, sparsity_schedule="lr") | _MERGE),
     # ablations of sp-h4-merge: one switch changed each
     "abl-no-merge": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1)),
     "abl-gamma-0.2": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.2) | _MERGE),
@@ -151,6 +154,8 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "abl-gamma-warmup": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1, gamma_warmup=50) | _MERGE),
     # sp-h4-merge without compression: separates the damped gossip (gamma 0.1) from what compression costs
     "abl-dense-g0.1": ("ablation", ("iid",), _sp(4, "none", 0.1) | _MERGE),
+    # and dense at gamma 0.3: how much faster the gossip must mix than gamma 0.1 for the H = 4 rows to reach SGP-h4
+    "abl-dense-g0.3": ("ablation", ("iid",), _sp(4, "none", 0.3) | _MERGE),
     # and SGP itself with H = 4 local steps and the merge: what the H = 4 schedule costs without damping
     "abl-sgp-h4": ("ablation", ("iid",), {"strategy": "sgp", "local-steps": 4} | _MERGE),
     "abl-qgm": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1, qgm=True) | _MERGE),
@@ -193,7 +198,7 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "sp-h4-q8m-g0.15", "sp-h4-q8m-1000x", "scsp-h4-m8e88", "fedavg-h4", "sp-h4-m8e132", "sp-h4-m8e88",
             "scsp-h4-m8e88-dc", "scsp-h4-m8e88-gc", "sp-h4-m4e33", "sp-h4-m8e66", "sp-h4-m4e33-ef", "sp-h4-klr",
             "sp-h1-q8m-klr", "sp-h2-q8m-klr", "scsp-h4-m4e33-ef", "sp-h4-klr-q8m", "sp-h4-klr-fg100",
-            "sp-h4-m1e8-ef", "sp-h4-m1e12-ef"]  # fmt: skip
+            "sp-h4-m1e8-ef", "sp-h4-m1e12-ef", "abl-dense-g0.3", "sp-h4-klr-layer"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 
