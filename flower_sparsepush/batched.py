@@ -73,16 +73,19 @@ class BatchedSGD:
         hp: dict[str, Any],
         drift: torch.Tensor | None = None,
         grad_sum: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``len(batches)`` SGD steps of every node from ``z`` (``(nodes, d)``); returns (z, momentum, mean losses).
 
         ``batches[k]`` holds step k's inputs ``(nodes, b, ...)`` and labels ``(nodes, b)``. ``hp``: lr, momentum,
         weight-decay, nesterov, qgm; ``drift`` (``(nodes, d)``) is subtracted from the gradients; ``grad_sum``
-        (``(nodes, d)``, on the CPU) gains ``lr * (g + weight_decay * z)`` per step in place. The arithmetic is
+        (``(nodes, d)``, on the CPU) gains ``lr * (g + weight_decay * z)`` per step in place; with ``offset``
+        (``(nodes, d)``) the gradients are taken at ``z + offset`` (gradient-lookahead). The arithmetic is
         :func:`training.local_sgd`'s, node by node.
         """
         acc = None if grad_sum is None else grad_sum.to(self.device, torch.float32)
         drift = None if drift is None else drift.to(self.device, torch.float32)
+        offset = None if offset is None else offset.to(self.device, torch.float32)
         lr, mu, wd = hp["lr"], hp["momentum"], hp["weight-decay"]
         z = z.to(self.device, torch.float32).clone()
         buf = None
@@ -90,7 +93,8 @@ class BatchedSGD:
             buf = torch.zeros_like(z) if momentum is None else momentum.to(self.device, torch.float32).clone()
         losses = torch.zeros(z.shape[0], device=self.device)
         for xb, yb in batches:
-            g, loss = self.gradients(z, xb.to(self.device), yb.to(self.device))
+            at = z if offset is None else z + offset
+            g, loss = self.gradients(at, xb.to(self.device), yb.to(self.device))
             if acc is not None:
                 acc.add_(g.add(z, alpha=wd), alpha=lr)
             if drift is not None:

@@ -93,6 +93,13 @@ KEYS: dict[str, Key] = {
         "off | displacement | gradient; with merge-every, each node subtracts its gradient bias, estimated at every periodic merge from its drift away from the merged model (displacement) or its own mean gradient against the nodes' (gradient), as in SCAFFOLD; no extra bits",
         choices=("off", "displacement", "gradient"),
     ),
+    "gradient-lookahead": Key(
+        0.0,
+        float,
+        "c in [0, 1]: local SGD takes its gradients at z + c (mean of the node's copies of its in-neighbours' models - z) and applies them to z, a point nearer the nodes' average; 0 = off; form ref only; no extra bits",
+        0.0,
+        1.0,
+    ),
     "sparsity-warmup": Key(
         0, int, "rounds over which the kept fraction ramps exponentially from sparsity-warmup-start (0 = off)", 0, 10**7
     ),
@@ -351,7 +358,13 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
             f"run-config drift-correction={out['drift-correction']}: the drift is measured at periodic merges; set "
             "merge-every=M > 0"
         )
+    if out["gradient-lookahead"] and out["form"] != "ref":
+        raise ConfigError(
+            f"run-config gradient-lookahead={out['gradient-lookahead']}: it reads the de-biased copies of the ref "
+            f"form, and form={out['form']} keeps none; use form=ref or gradient-lookahead=0"
+        )
     gossip_only = ("qgm", "final-gossip-rounds", "final-merge", "merge-every", "sparsity-warmup", "gamma-warmup")
+    gossip_only += ("gradient-lookahead",)
     if out["strategy"] == "fedavg" and out["sparsity-schedule"] != "constant":
         raise ConfigError("run-config sparsity-schedule: this belongs to the gossip strategies, not fedavg")
     if out["strategy"] == "fedavg" and any(out[k] for k in gossip_only):

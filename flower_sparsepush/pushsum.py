@@ -166,6 +166,17 @@ class PushSum:
         state.y += msg.y
 
     @staticmethod
+    def lookahead_offset(state: NodeState, c: float) -> torch.Tensor | None:
+        """``c * (mean_j zhat_ji - z_i)`` (float32): from the node's model towards the mean of the copies it holds
+        of its in-neighbours' models (ref form: de-biased), where run-config ``gradient-lookahead`` takes the
+        gradients. Those copies are what the node already knows of the others, so this costs no bits, and their
+        mean is nearer the nodes' average than the node itself. None when off (``c == 0``) or before any copy."""
+        if not c or not state.refs_in:
+            return None
+        copies = torch.stack([r.to(torch.float32) for r in state.refs_in.values()]).mean(0)
+        return (copies - state.z.to(torch.float32)) * c
+
+    @staticmethod
     def local_update(state: NodeState, z_new: torch.Tensor) -> None:
         """Apply a local training step that moved the de-biased model to ``z_new``: ``x += y * (z_new - z)``."""
         state.x = state.y * z_new.detach().to(state.x.dtype)

@@ -337,13 +337,15 @@ def local_sgd(
     qgm: bool = False,
     drift: torch.Tensor | None = None,
     grad_sum: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """``local-steps`` SGD steps from ``z``; returns (z_new, momentum buffer, mean loss). Same math as torch SGD.
 
     With ``qgm`` the buffer is the quasi-global momentum m (updated once per round by :func:`qgm_update`, from the
     post-gossip model change): every step moves by ``lr * (g + momentum * m)`` and the buffer is returned unchanged.
     ``drift`` (merge.correct_drift) is subtracted from every gradient; ``grad_sum``, when given, gains
-    ``lr * (g + weight_decay * z)`` of every step in place, with the gradient before that subtraction.
+    ``lr * (g + weight_decay * z)`` of every step in place, with the gradient before that subtraction. With
+    ``offset`` (gradient-lookahead, :meth:`PushSum.lookahead_offset`) the gradients are taken at ``z + offset``.
     """
     sch = setup.schedule
     lr, mu, wd = lr_at(setup.cfg, rnd), sch.momentum, sch.weight_decay
@@ -354,7 +356,7 @@ def local_sgd(
     buf = None if mu == 0 else (torch.zeros_like(z) if momentum is None else momentum.to(torch.float32).clone())
     losses = []
     for step in range(sch.local_steps):
-        load_flat(model, z)
+        load_flat(model, z if offset is None else z + offset)
         xb, yb = node_batch(setup, node, rnd, step, aug)
         model.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(xb), yb)
@@ -400,8 +402,9 @@ def train(setup: Setup, state: NodeState, node: int, rnd: int) -> float:
         qgm_update(setup, state, rnd)
     if setup.cfg["drift-correction"] == "gradient" and state.grad_sum is None:
         state.grad_sum = torch.zeros_like(state.x, dtype=torch.float32)
+    offset = PushSum.lookahead_offset(state, setup.cfg["gradient-lookahead"])
     z_new, state.momentum, loss = local_sgd(
-        setup, state.z, state.momentum, node, rnd, qgm=qgm, drift=state.drift, grad_sum=state.grad_sum
+        setup, state.z, state.momentum, node, rnd, qgm=qgm, drift=state.drift, grad_sum=state.grad_sum, offset=offset
     )
     PushSum.local_update(state, z_new)
     return loss
@@ -443,7 +446,11 @@ def train_batched(setup: Setup, engine, states: list[NodeState], nodes: list[int
     gsum = None
     if cfg["drift-correction"] == "gradient":
         gsum = torch.stack([torch.zeros_like(z[0]) if s.grad_sum is None else s.grad_sum for s in states])
-    z_new, mom_new, losses = engine.local_sgd(z, mom, batches, hp, drift, gsum)
+    offsets = [PushSum.lookahead_offset(s, cfg["gradient-lookahead"]) for s in states]
+    offset = None
+    if any(o is not None for o in offsets):
+        offset = torch.stack([torch.zeros_like(z[0]) if o is None else o for o in offsets])
+    z_new, mom_new, losses = engine.local_sgd(z, mom, batches, hp, drift, gsum, offset)
     if gsum is not None:
         for k, state in enumerate(states):
             state.grad_sum = gsum[k].cpu().clone()

@@ -35,11 +35,15 @@ def _perturbed_states(setup, n, seed=0):
 
 
 def test_train_batched_equals_train_node_by_node():
-    for qgm, drift in ((False, False), (True, False), (False, True)):
-        cfg = _cfg(qgm=qgm)
+    for qgm, drift, look in ((False, False, 0.0), (True, False, 0.0), (False, True, 0.0), (False, False, 0.7)):
+        cfg = _cfg(qgm=qgm, **{"gradient-lookahead": look})
         setup = get_setup(cfg)
         a = _perturbed_states(setup, 4)
         b = _perturbed_states(setup, 4)
+        if look:  # copies of other nodes' models on three nodes: their gradients are taken nearer those
+            for i, (sa, sb) in enumerate(zip(a[:3], b[:3])):
+                sa.refs_in = {j: b[j].z.clone() for j in range(4) if j != i}
+                sb.refs_in = {j: r.clone() for j, r in sa.refs_in.items()}
         if drift:  # a drift correction (merge.correct_drift) on some nodes, subtracted from their gradients
             g = torch.Generator().manual_seed(7)
             for sa, sb in zip(a[:3], b[:3]):
@@ -76,7 +80,8 @@ def test_evaluate_many_equals_evaluate():
 
 @pytest.mark.parametrize(
     "merges",
-    [{}] + [{"merge-every": 3, "merge-bits": 8, "drift-correction": m} for m in ("displacement", "gradient")],
+    [{}, {"gradient-lookahead": 0.8}]
+    + [{"merge-every": 3, "merge-bits": 8, "drift-correction": m} for m in ("displacement", "gradient")],
 )
 def test_inprocess_loop_batched_equals_node_by_node(monkeypatch, merges):
     cfg = _cfg(**{"final-merge": True, "num-rounds": 8} | merges)

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from flower_sparsepush.config import ConfigError, validate
+from flower_sparsepush.pushsum import NodeState, PushSum
 from flower_sparsepush.training import (
     compressor_at,
     gamma_at,
     get_setup,
+    local_sgd,
     merge_bits,
     run_inprocess,
     validation_split,
@@ -110,6 +112,38 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
     assert len(setup.val[1]) == 400 and setup.train_size == 1600  # synthetic: 2,000 training samples
 
 
+def test_gradient_lookahead_points_at_the_mean_of_the_in_copies():
+    z = torch.tensor([1.0, 2.0, 3.0])
+    state = NodeState(x=2.0 * z, y=2.0)  # de-biased model z
+    assert PushSum.lookahead_offset(state, 0.8) is None  # no copy yet: gradients at z
+    state.refs_in = {3: torch.tensor([3.0, 2.0, 1.0]), 5: torch.tensor([1.0, 0.0, 5.0])}
+    mean = torch.tensor([2.0, 1.0, 3.0])
+    assert torch.allclose(PushSum.lookahead_offset(state, 0.8), 0.8 * (mean - z))
+    assert torch.allclose(z + PushSum.lookahead_offset(state, 1.0), mean)  # c = 1: at the copies' mean
+    assert PushSum.lookahead_offset(state, 0.0) is None  # off
+
+
+def test_gradient_lookahead_steps_from_z_with_the_gradient_of_the_shifted_point():
+    # one plain SGD step (no momentum, no weight decay): z - lr g(z + o), exactly what a step from z + o moves
+    cfg = _cfg(**{"local-steps": 1, "momentum": 0.0, "weight-decay": 0.0})
+    setup = get_setup(cfg)
+    z = setup.x0.clone()
+    o = 0.05 * torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    moved, _, _ = local_sgd(setup, z, None, 0, 0, offset=o)
+    shifted, _, _ = local_sgd(setup, z + o, None, 0, 0)
+    assert torch.allclose(moved - z, shifted - (z + o), atol=1e-6)
+    plain, _, _ = local_sgd(setup, z, None, 0, 0)
+    assert not torch.allclose(moved, plain, atol=1e-4)  # the offset changed the gradient
+
+
+def test_gradient_lookahead_conserves_mass_and_trains():
+    runs = {c: run_inprocess(_cfg(**{"gradient-lookahead": c, "num-rounds": 30}), eval_every=30) for c in (0.0, 0.8)}
+    last = runs[0.8].history[-1]
+    assert last["y_nodes"] + last["y_in_transit"] == pytest.approx(8.0, abs=1e-9)
+    assert runs[0.8].bits_sent == pytest.approx(runs[0.0].bits_sent, rel=0.05)  # no extra messages
+    assert last["acc_consensus"] > 0.8 and last["acc_consensus"] >= runs[0.0].history[-1]["acc_consensus"] - 0.05
+
+
 @pytest.mark.parametrize(
     ("bad", "needle"),
     [
@@ -124,6 +158,9 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
         ({"val-split": 0.6}, "val-split"),
         ({"device": "tpu"}, "device"),
         ({"strategy": "fedavg", "final-merge": True}, "not fedavg"),
+        ({"gradient-lookahead": 1.5}, "gradient-lookahead=1.5: must be in"),
+        ({"gradient-lookahead": 0.5, "form": "ef"}, "form=ef keeps none"),
+        ({"gradient-lookahead": 0.5, "strategy": "fedavg"}, "not fedavg"),
     ],
 )
 def test_bad_switch_values_get_one_clear_error(bad, needle):
