@@ -33,6 +33,8 @@ TINY = {
 CASES = {
     "sgp": {"strategy": "sgp"},
     "sparse-push": {"strategy": "sparse-push", "compressor": "topk:0.1+q:4", "gamma": 0.3, "form": "ref"},
+    # the gradients read at the node's copies of its in-neighbours (kept in the node state the ClientApp restores)
+    "lookahead": {"strategy": "sparse-push", "compressor": "topk:0.1+q:4", "gamma": 0.3, "gradient-lookahead": 0.8},
 }
 
 
