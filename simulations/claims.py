@@ -153,6 +153,22 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         ("iid",),
         _sp(4, "topk:0.012+q:4", 0.1, sparsity_schedule="lr", gradient_lookahead=0.5) | _MERGE,
     ),
+    "sp-h4-klr-la3": (
+        "466x",
+        ("iid",),
+        _sp(4, "topk:0.012+q:4", 0.1, sparsity_schedule="lr", gradient_lookahead=0.3) | _MERGE,
+    ),
+    "sp-h4-klr-la65": (
+        "466x",
+        ("iid",),
+        _sp(4, "topk:0.012+q:4", 0.1, sparsity_schedule="lr", gradient_lookahead=0.65) | _MERGE,
+    ),
+    # the 1000x row with gradient-lookahead 0.5
+    "sp-h4-q8m-1000x-la5": (
+        "1000x",
+        ("iid",),
+        _sp(4, "topk:0.0072+q:4", 0.1, merge_bits=8, gradient_lookahead=0.5) | _MERGE,
+    ),
     # ablations of sp-h4-merge: one switch changed each
     "abl-no-merge": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1)),
     "abl-gamma-0.2": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.2) | _MERGE),
@@ -169,6 +185,8 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "abl-dense-g0.1": ("ablation", ("iid",), _sp(4, "none", 0.1) | _MERGE),
     # and dense at gamma 0.3: how much faster the gossip must mix than gamma 0.1 for the H = 4 rows to reach SGP-h4
     "abl-dense-g0.3": ("ablation", ("iid",), _sp(4, "none", 0.3) | _MERGE),
+    # abl-dense-g0.1 with gradient-lookahead 0.5: how much of what damping costs the lookahead wins back
+    "abl-dense-g0.1-la5": ("ablation", ("iid",), _sp(4, "none", 0.1, gradient_lookahead=0.5) | _MERGE),
     # and SGP itself with H = 4 local steps and the merge: what the H = 4 schedule costs without damping
     "abl-sgp-h4": ("ablation", ("iid",), {"strategy": "sgp", "local-steps": 4} | _MERGE),
     "abl-qgm": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1, qgm=True) | _MERGE),
@@ -201,6 +219,15 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         SKEWED,
         _sp(4, "topk:0.005+q:4", 0.1, merge_every=33, merge_bits=4, merge_feedback=True) | _MERGE | _SCSP,
     ),
+    # the best SCSP row with gradient-lookahead 0.5
+    "scsp-h4-m8e88-dc-la5": (
+        "scsp",
+        SKEWED,
+        _sp(4, "topk:0.01+q:4", 0.1, merge_every=88, merge_bits=8, drift_correction="displacement")
+        | {"gradient-lookahead": 0.5}
+        | _MERGE
+        | _SCSP,
+    ),
     # quasi-global momentum on top of scsp-h2: its buffer diverged to NaN on this schedule (docs/algorithm.md)
     "abl-scsp-h2-qgm": ("ablation", SKEWED, _sp(2, "topk:0.005+q:4", 0.05, qgm=True) | _MERGE | _SCSP),
 }
@@ -212,7 +239,8 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "scsp-h4-m8e88-dc", "scsp-h4-m8e88-gc", "sp-h4-m4e33", "sp-h4-m8e66", "sp-h4-m4e33-ef", "sp-h4-klr",
             "sp-h1-q8m-klr", "sp-h2-q8m-klr", "scsp-h4-m4e33-ef", "sp-h4-klr-q8m", "sp-h4-klr-fg100",
             "sp-h4-m1e8-ef", "sp-h4-m1e12-ef", "abl-dense-g0.3", "sp-h4-klr-layer",
-            "sp-h4-klr-la8", "sp-h4-klr-la5"]  # fmt: skip
+            "sp-h4-klr-la8", "sp-h4-klr-la5", "sp-h4-klr-la3", "sp-h4-klr-la65", "sp-h4-q8m-1000x-la5",
+            "abl-dense-g0.1-la5", "scsp-h4-m8e88-dc-la5"]  # fmt: skip
 CIFAR_ROWS = ["sgp", "sp-h4-merge", "sp-h8-fg100"]  # the GPU headline comparison (scripts/gpu_claims.sh)
 
 

@@ -52,7 +52,9 @@ def measure(row: str, rounds: list[int], seed: int = 0) -> list[dict[str, Any]]:
 
     specs = [p for p in plan(["fashion_mnist"], False, (seed,)) if p["id"].endswith(f"/iid/{row}/s{seed}")]
     if not specs:
-        raise SystemExit(f"--row {row!r}: not an IID Fashion-MNIST claims row (the names are in simulations/claims.py ROWS)")
+        raise SystemExit(
+            f"--row {row!r}: not an IID Fashion-MNIST claims row (the names are in simulations/claims.py ROWS)"
+        )
     cfg = run_config(specs[0]) | {"final-merge": False}
     if max(rounds) > cfg["num-rounds"]:
         raise SystemExit(f"--rounds: row {row} trains {cfg['num-rounds']} rounds; measure within 1..that")
