@@ -363,8 +363,15 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
             f"run-config gradient-lookahead={out['gradient-lookahead']}: it reads the de-biased copies of the ref "
             f"form, and form={out['form']} keeps none; use form=ref or gradient-lookahead=0"
         )
-    gossip_only = ("qgm", "final-gossip-rounds", "final-merge", "merge-every", "sparsity-warmup", "gamma-warmup")
-    gossip_only += ("gradient-lookahead",)
+    gossip_only = (
+        "qgm",
+        "final-gossip-rounds",
+        "final-merge",
+        "merge-every",
+        "sparsity-warmup",
+        "gamma-warmup",
+        "gradient-lookahead",
+    )
     if out["strategy"] == "fedavg" and out["sparsity-schedule"] != "constant":
         raise ConfigError("run-config sparsity-schedule: this belongs to the gossip strategies, not fedavg")
     if out["strategy"] == "fedavg" and any(out[k] for k in gossip_only):

@@ -6,12 +6,13 @@ A merge is the one step of a run where every node learns the same vector, so it 
 - ``bits=32`` (exact): every node takes ``sum_i x_i / sum_i y_i`` with weight ``sum_i y_i / n``; the mass is kept
   exactly (:func:`merge_exact`).
 - ``bits`` in 1..8 (quantized): each node sends its numerator's deviation from the base, ``x_i - y_i * base``, with
-  every tensor (segment) quantized to ``bits``-bit codes and one float32 scale (compression.quantize: round to
-  nearest at 2..8 bits, sign times the mean magnitude at 1 bit), and its weight ``y_i`` exactly; the owner of each chunk divides the sum by ``sum_i y_i`` and sends that
-  back quantized the same way. Every node ends with ``m = base + Q(sum_i Q(x_i - y_i * base) / sum_i y_i)``: the
-  same vector everywhere, within one rounding step per tensor of the exact average ``sum x / sum y``. The weights
-  are averaged exactly; the numerators' sum moves by the rounding error only (``n * ybar * (m - exact average)``).
-  One bit (scaled sign) is biased on its own, so it is only used with error feedback (config.py refuses it without).
+  every tensor (segment) quantized to ``bits``-bit codes and one float32 scale (compression.quantize), and its
+  weight ``y_i`` exactly; the owner of each chunk divides the sum by ``sum_i y_i`` and sends that back quantized the
+  same way. Every node ends with ``m = base + Q(sum_i Q(x_i - y_i * base) / sum_i y_i)``, the same vector
+  everywhere. At 2..8 bits (round to nearest) it is within one rounding step per tensor of the exact average
+  ``sum x / sum y``; at 1 bit (sign times the mean magnitude) there is no such bound and the rounding is biased, so
+  config.py allows it only with error feedback. The weights are averaged exactly; the numerators' sum moves by the
+  rounding error only (``n * ybar * (m - exact average)``).
 
 With ``merge-feedback`` (error feedback, as in EF-SGD, Karimireddy et al. 2019) nothing is rounded away for good:
 each node keeps what its last message did not carry (``state.merge_err``) and adds it to its next one, and the

@@ -345,7 +345,8 @@ def local_sgd(
     post-gossip model change): every step moves by ``lr * (g + momentum * m)`` and the buffer is returned unchanged.
     ``drift`` (merge.correct_drift) is subtracted from every gradient; ``grad_sum``, when given, gains
     ``lr * (g + weight_decay * z)`` of every step in place, with the gradient before that subtraction. With
-    ``offset`` (gradient-lookahead, :meth:`PushSum.lookahead_offset`) the gradients are taken at ``z + offset``.
+    ``offset`` (gradient-lookahead, :meth:`PushSum.lookahead_offset`) the gradients, and the loss returned, are
+    taken at ``z + offset``; the steps move ``z``.
     """
     sch = setup.schedule
     lr, mu, wd = lr_at(setup.cfg, rnd), sch.momentum, sch.weight_decay
