@@ -290,6 +290,17 @@ def run_config(spec: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     return validate(cfg | {"num-rounds": rounds, "eval-node-samples": 1000 if spec["quick"] else 0})
 
 
+def parse_rounds(text: str) -> list[int]:
+    """``--rounds`` of the diagnostics that stop a claims row early (residual_energy, lookahead_distance)."""
+    try:
+        rounds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--rounds {text!r}: give whole numbers separated by commas, e.g. 40,200") from None
+    if min(rounds) < 1:
+        raise SystemExit(f"--rounds {text!r}: every round must be 1 or more")
+    return rounds
+
+
 def run_row(spec: dict[str, Any], command: str, device: str = "cpu") -> dict[str, Any]:
     """Train one run and return its journal entry (numbers measured in this run)."""
     import torch

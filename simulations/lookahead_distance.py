@@ -88,13 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", default="100", help="comma-separated rounds after which to measure")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
-    try:
-        rounds = [int(x) for x in args.rounds.split(",")]
-    except ValueError:
-        raise SystemExit(f"--rounds {args.rounds!r}: give whole numbers separated by commas, e.g. 40,200") from None
-    if not rounds or min(rounds) < 1:
-        raise SystemExit(f"--rounds {args.rounds!r}: every round must be 1 or more")
-    rows = measure(args.row, rounds)
+    from flower_sparsepush.simulations.claims import parse_rounds
+
+    rows = measure(args.row, parse_rounds(args.rounds))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = (

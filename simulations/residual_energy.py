@@ -129,11 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", default="40,200", help="comma-separated rounds after which to measure (of 528)")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
-    try:
-        rounds = [int(x) for x in args.rounds.split(",")]
-    except ValueError:
-        raise SystemExit(f"--rounds {args.rounds!r}: give whole numbers separated by commas, e.g. 40,200") from None
-    if not rounds or min(rounds) < 1 or max(rounds) > 528:
+    from flower_sparsepush.simulations.claims import parse_rounds
+
+    rounds = parse_rounds(args.rounds)
+    if max(rounds) > 528:
         raise SystemExit(f"--rounds {args.rounds!r}: every round must be in 1..528 (the row's rounds)")
     rows = measure(rounds)
     out = Path(args.out)
