@@ -143,26 +143,14 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     # sp-h4-klr with the gradients taken nearer the nodes' average (gradient-lookahead c: at z + c (mean of the
     # node's copies of its in-neighbours - z)); measured at round 100 of sp-h4-klr, c = 0.8 puts that point 2.4 from
     # the average against 4.1 for the node itself (c = 0.5: 2.6). No bits.
-    "sp-h4-klr-la8": (
-        "466x",
-        ("iid",),
-        _sp(4, "topk:0.012+q:4", 0.1, sparsity_schedule="lr", gradient_lookahead=0.8) | _MERGE,
-    ),
-    "sp-h4-klr-la5": (
-        "466x",
-        ("iid",),
-        _sp(4, "topk:0.012+q:4", 0.1, sparsity_schedule="lr", gradient_lookahead=0.5) | _MERGE,
-    ),
-    "sp-h4-klr-la3": (
-        "466x",
-        ("iid",),
-        _sp(4, "topk:0.012+q:4", 0.1, sparsity_schedule="lr", gradient_lookahead=0.3) | _MERGE,
-    ),
-    "sp-h4-klr-la65": (
-        "466x",
-        ("iid",),
-        _sp(4, "topk:0.012+q:4", 0.1, sparsity_schedule="lr", gradient_lookahead=0.65) | _MERGE,
-    ),
+    **{
+        f"sp-h4-klr-la{tag}": (
+            "466x",
+            ("iid",),
+            _sp(4, "topk:0.012+q:4", 0.1, sparsity_schedule="lr", gradient_lookahead=c) | _MERGE,
+        )
+        for tag, c in (("8", 0.8), ("5", 0.5), ("3", 0.3), ("65", 0.65))
+    },
     # the 1000x row with gradient-lookahead 0.5
     "sp-h4-q8m-1000x-la5": (
         "1000x",
@@ -223,8 +211,15 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "scsp-h4-m8e88-dc-la5": (
         "scsp",
         SKEWED,
-        _sp(4, "topk:0.01+q:4", 0.1, merge_every=88, merge_bits=8, drift_correction="displacement")
-        | {"gradient-lookahead": 0.5}
+        _sp(
+            4,
+            "topk:0.01+q:4",
+            0.1,
+            merge_every=88,
+            merge_bits=8,
+            drift_correction="displacement",
+            gradient_lookahead=0.5,
+        )
         | _MERGE
         | _SCSP,
     ),
