@@ -7,16 +7,16 @@ import importlib
 import json
 import sys
 
-from flower_sparsepush.compression import COMPRESSOR_SPECS
-from flower_sparsepush.topology import GRAPH_NAMES
+from flower_sparsepush.core.compression import COMPRESSOR_SPECS
+from flower_sparsepush.core.topology import GRAPH_NAMES
 
 EXIT_USAGE = 2
-SUBCOMMAND_MODULES = ("launch", "simulations.claims", "bench", "deploy", "node_worker")
+SUBCOMMAND_MODULES = ("flower.launch", "simulations.claims", "simulations.bench", "deploy.local", "deploy.node_worker")
 
 
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
-        from flower_sparsepush.keyhelp import OneLineHelp
+        from flower_sparsepush.run.keyhelp import OneLineHelp
 
         kwargs.setdefault("formatter_class", OneLineHelp)  # --help: one line per option, with its default
         super().__init__(*args, **kwargs)
@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _consensus(args: argparse.Namespace) -> int:
-    from flower_sparsepush.consensus import run_consensus
+    from flower_sparsepush.core.consensus import run_consensus
 
     result = run_consensus(
         nodes=args.nodes,
@@ -59,7 +59,7 @@ def _config_keys(args: argparse.Namespace) -> int:
 
 def config_keys_markdown() -> str:
     """The run-config table of docs/config.md, generated from config.KEYS so the docs match the code."""
-    from flower_sparsepush.config import KEYS
+    from flower_sparsepush.run.config import KEYS
 
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for key, spec in KEYS.items():

@@ -282,8 +282,8 @@ def plan(datasets: list[str], quick: bool, seeds: tuple[int, ...] = SEEDS) -> li
 
 def run_config(spec: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     """The validated run config of one planned run: its epochs turned into rounds of its local steps."""
-    from flower_sparsepush.config import validate
-    from flower_sparsepush.training import get_setup
+    from flower_sparsepush.run.config import validate
+    from flower_sparsepush.run.training import get_setup
 
     cfg = dict(spec["cfg"]) | {"device": device}
     train_size = get_setup(validate(cfg | {"num-rounds": 1})).train_size
@@ -308,8 +308,8 @@ def run_row(spec: dict[str, Any], command: str, device: str = "cpu") -> dict[str
     """Train one run and return its journal entry (numbers measured in this run)."""
     import torch
 
-    from flower_sparsepush.energy import forward_flops, node_energy
-    from flower_sparsepush.training import get_setup, run_inprocess
+    from flower_sparsepush.core.energy import forward_flops, node_energy
+    from flower_sparsepush.run.training import get_setup, run_inprocess
 
     torch.set_num_threads(1)
     cfg = run_config(spec, device)
@@ -534,7 +534,7 @@ def _work(spec: dict[str, Any], command: str, device: str) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from flower_sparsepush.progress import Progress
+    from flower_sparsepush.run.progress import Progress
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

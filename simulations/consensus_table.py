@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from flower_sparsepush.consensus import run_consensus
+from flower_sparsepush.core.consensus import run_consensus
 
 CASES = [
     # (graph, compressor, gamma)

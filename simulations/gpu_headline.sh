@@ -41,7 +41,7 @@ $PY -m flower_sparsepush.simulations.claims $QUICK_FLAG $ROWS_FLAG --datasets fa
   --device "$DEVICE" --max-hours "$MAX_HOURS" --out "$OUT_DIR/fashion_mnist" > "$OUT_DIR/fashion_mnist/log.txt" 2>&1 &
 fmnist=$!
 # decode CIFAR-10 once (JPEG -> the uint8 cache) before its workers start, so they do not all decode it
-$PY -c "from flower_sparsepush.data import load_dataset; load_dataset('cifar10')" >/dev/null || echo "CIFAR-10 decode failed"
+$PY -c "from flower_sparsepush.learn.data import load_dataset; load_dataset('cifar10')" >/dev/null || echo "CIFAR-10 decode failed"
 $PY -m flower_sparsepush.simulations.claims $QUICK_FLAG $ROWS_FLAG --datasets cifar10 --seeds 0 --jobs "$JOBS_CIFAR" \
   --device "$DEVICE" --max-hours "$MAX_HOURS" --out "$OUT_DIR/cifar10" > "$OUT_DIR/cifar10/log.txt" 2>&1 || true
 wait "$fmnist" || echo "the Fashion-MNIST runs failed: see $OUT_DIR/fashion_mnist/log.txt"

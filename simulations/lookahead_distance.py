@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from flower_sparsepush.pushsum import NodeState, PushSum
+from flower_sparsepush.core.pushsum import NodeState, PushSum
 
 CS = (0.25, 0.5, 0.65, 0.8, 1.0)
 
@@ -48,7 +48,7 @@ def distances(states: list[NodeState], cs: tuple[float, ...] = CS) -> dict[str, 
 def measure(row: str, rounds: list[int], seed: int = 0) -> list[dict[str, Any]]:
     from flower_sparsepush.simulations.claims import plan, run_config
 
-    from flower_sparsepush.training import run_inprocess
+    from flower_sparsepush.run.training import run_inprocess
 
     specs = [p for p in plan(["fashion_mnist"], False, (seed,)) if p["id"].endswith(f"/iid/{row}/s{seed}")]
     if not specs:

@@ -46,7 +46,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flower_sparsepush.processes import descendants, free_port, venv_exe
+from flower_sparsepush.run.processes import descendants, free_port, venv_exe
 
 MARKER = "SPARSEPUSH_RAY_CLUSTER"
 NODE_STORE_ENV = "SPARSEPUSH_NODE_STORE"  # store.ENV: where the nodes' state files go when node-store is ''
@@ -327,7 +327,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     ``engine`` "simulate": :func:`launch.simulate` with the recorder mod; "flwr-run": :func:`launch.flwr_run` (a
     private ``flower-superlink --simulation`` that inherits RAY_ADDRESS, then ``flwr run``; the ClientApp is loaded
     from the project, so no mod: the actor table alone says where its actors lived)."""
-    from flower_sparsepush.launch import flwr_run, simulate
+    from flower_sparsepush.flower.launch import flwr_run, simulate
 
     out: dict[str, Any] = {"ray_address_env": os.environ.get("RAY_ADDRESS")}
     before: set[str] = set()
@@ -417,7 +417,7 @@ def compare_runs(a: Path, b: Path) -> dict[str, Any]:
     node models of two run folders: max absolute difference and whether all are bit-for-bit equal."""
     import numpy as np
 
-    from flower_sparsepush.results import read_metrics
+    from flower_sparsepush.run.results import read_metrics
 
     ra, rb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
     out: dict[str, Any] = {"rows": [len(ra), len(rb)], "fields": []}
@@ -473,7 +473,7 @@ def run(
     """Cluster run, single-machine run, comparison; writes ``<out_dir>/ray_cluster.json`` and ``.md``.
     ``overrides`` change :data:`RUN_CFG` (tests use a smaller run); ``command`` is the command line recorded;
     ``flwr_run_too`` adds the ``flwr run`` path (private SuperLink with RAY_ADDRESS) on the same cluster."""
-    from flower_sparsepush.config import validate
+    from flower_sparsepush.run.config import validate
 
     if command is None:
         command = shlex.join(["python", "-m", "flower_sparsepush.simulations.ray_cluster", *sys.argv[1:]])

@@ -43,7 +43,7 @@ def is_stable(trace: list[float], start: float) -> bool:
 
 
 def cell(graph: str, nodes: int, form: str, fraction: float, gamma: float, dim: int, rounds: int) -> dict[str, Any]:
-    from flower_sparsepush.consensus import run_consensus
+    from flower_sparsepush.core.consensus import run_consensus
 
     r = run_consensus(
         nodes, graph, f"topk:{fraction:g}+q:4", gamma, rounds, dim, seed=1, form=form, trace_every=max(1, rounds // 30)

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from flower_sparsepush import protocol
+from flower_sparsepush.flower import protocol
 
 
 def query_partitions(grid: Grid, node_ids: list[int], timeout: float, strict: bool = True) -> dict[int, int]:

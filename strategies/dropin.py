@@ -4,9 +4,9 @@ Swap ``FedAvg(...)`` for ``DecentralizedFedAvg(...)`` in a ServerApp and the sam
 an ``ArrayRecord`` under ``"arrays"`` and a ``ConfigRecord``, returns the trained ``ArrayRecord`` and a
 ``MetricRecord`` with ``"num-examples"``) trains decentralized: there is no global average that any node sees.
 
-The ServerApp holds every node's push-sum state (:class:`~flower_sparsepush.pushsum.NodeState`: numerator x,
+The ServerApp holds every node's push-sum state (:class:`~flower_sparsepush.core.pushsum.NodeState`: numerator x,
 weight y, error memory, per-edge references) and plays the nodes' gossip with the project's own code
-(:class:`~flower_sparsepush.pushsum.PushSum` encodes real messages, :class:`~flower_sparsepush.router.Router`
+(:class:`~flower_sparsepush.core.pushsum.PushSum` encodes real messages, :class:`~flower_sparsepush.core.router.Router`
 delivers them). Round t (``server_round = t + 1``) for every sampled node i:
 
 1. the state absorbs the messages sent to i in earlier rounds (``PushSum.receive``; bounces first);
@@ -43,14 +43,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from flower_sparsepush import protocol
-from flower_sparsepush.codec import FORMS
-from flower_sparsepush.compression import CompressionError, Identity, make_compressor
-from flower_sparsepush.node import Node
-from flower_sparsepush.pushsum import NodeState
-from flower_sparsepush.router import Network, Router
-from flower_sparsepush.topology import Graph, GraphError, make_graph
-from flower_sparsepush.training import round_rule
+from flower_sparsepush.core.codec import FORMS
+from flower_sparsepush.core.compression import CompressionError, Identity, make_compressor
+from flower_sparsepush.core.node import Node
+from flower_sparsepush.core.pushsum import NodeState
+from flower_sparsepush.core.router import Network, Router
+from flower_sparsepush.core.topology import Graph, GraphError, make_graph
+from flower_sparsepush.flower import protocol
+from flower_sparsepush.run.training import round_rule
 
 from .base import EvalReport, PushSumStrategy, Report, eval_report, wait_and_register
 

@@ -1,7 +1,7 @@
 """Routing strategies: the ServerApp forwards push-sum messages between nodes and never averages models.
 
 Flower has no node-to-node channel, so a message from node i to node j travels ClientApp(i) -> SuperLink ->
-ServerApp -> SuperLink -> ClientApp(j). The strategy keeps a :class:`flower_sparsepush.router.Router` (one mailbox
+ServerApp -> SuperLink -> ClientApp(j). The strategy keeps a :class:`flower_sparsepush.core.router.Router` (one mailbox
 per node, the network model of router.py: dropped messages bounce to their sender, offline nodes' mail waits); what
 a node sends in round t is delivered (packed into that node's single train message: one message per node per round)
 in round t+1, or later if the receiver is offline, or bounced back if the link drops it. The bits
@@ -9,12 +9,12 @@ counted are the peer-to-peer payloads: 8 x the length of every encoded push-sum 
 when routed and to its receiver when delivered. Flower's own envelopes (protobuf, headers) are not counted.
 
 What travels between the ServerApp and the ClientApp (records, frames, rounds) is defined in
-flower_sparsepush/protocol.py. A node keeps each outbox until the relay acknowledges it, and frames handed to a
+flower_sparsepush/flower/protocol.py. A node keeps each outbox until the relay acknowledges it, and frames handed to a
 node whose reply never came are handed again (``redo``), so a lost reply loses no mass: the node resends its
 outbox with its next reply and absorbs only what it had not absorbed.
 
 Nothing in a reply is trusted: before anything of it is routed, :func:`read_train_reply` checks the records and
-:class:`flower_sparsepush.guard.Guard` the content (round, destinations, sizes, every message's sender, round, form
+:class:`flower_sparsepush.core.guard.Guard` the content (round, destinations, sizes, every message's sender, round, form
 and model size). A reply that fails is refused whole, recorded with the node and the reason, and the node is a
 straggler for that round; messages a receiver refused are bounced to their senders (docs/reliability.md).
 """
@@ -31,10 +31,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from flower_sparsepush import protocol
-from flower_sparsepush.codec import decode
-from flower_sparsepush.guard import BadReply, Guard, Outbox
-from flower_sparsepush.router import Network, Router
+from flower_sparsepush.core.codec import decode
+from flower_sparsepush.core.guard import BadReply, Guard, Outbox
+from flower_sparsepush.core.router import Network, Router
+from flower_sparsepush.flower import protocol
 
 from .base import EvalReport, PushSumStrategy, Report, eval_report, wait_and_register
 
@@ -453,14 +453,14 @@ class SGP(_Router):
         Seconds to wait for all nodes to connect and answer the registration query.
     sample_seed : int (default: 0)
         Seed of node sampling when a fraction is below 1.
-    network : flower_sparsepush.router.Network | None (default: None, a perfect network)
+    network : flower_sparsepush.core.router.Network | None (default: None, a perfect network)
         Lossy links and churn (drop, link_down, down_span, churn, seed): which messages drop and which nodes are
         offline are pure functions of (seed, round, sender, receiver), the same as in the in-process loop.
         Offline nodes get no train message in that round; their mail waits.
     bounce : bool (default: True)
         A dropped message is returned to its sender in its next train message, which takes its mass back.
         With False it is lost (the unprotected form: the push-sum weights drift).
-    graph : flower_sparsepush.topology.Graph | None (default: None)
+    graph : flower_sparsepush.core.topology.Graph | None (default: None)
         The run's graph: a reply must address exactly the sender's out-neighbours of its round.
     dim : int | None (default: None)
         Model parameters: every message, and every evaluation report, must be of this size.
@@ -472,7 +472,7 @@ class SGP(_Router):
         Stop routing to and from a node after this many refused replies (0: never). Its mass leaves the run.
 
     The ServerApp passes graph, dim, form and max_message_bytes from the run config; a check whose value is None is
-    skipped. Every reply is checked before anything of it is routed (``flower_sparsepush.guard``).
+    skipped. Every reply is checked before anything of it is routed (``flower_sparsepush.core.guard``).
     """
 
     label = "SGP"

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from flower_sparsepush import training
-from flower_sparsepush.batched import BatchedSGD
-from flower_sparsepush.config import validate
-from flower_sparsepush.training import (
+from flower_sparsepush.learn.batched import BatchedSGD
+from flower_sparsepush.run import training
+from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.training import (
     consensus_metrics,
     evaluate,
     evaluate_many,

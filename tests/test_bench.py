@@ -8,9 +8,10 @@ import math
 
 import numpy as np
 import torch
+from flower_sparsepush.simulations import bench
 
-from flower_sparsepush import bench, codec
-from flower_sparsepush.compression import TopK
+from flower_sparsepush.core import codec
+from flower_sparsepush.core.compression import TopK
 
 
 def test_stats_median_min_max():

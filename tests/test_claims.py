@@ -7,7 +7,7 @@ import json
 import pytest
 from flower_sparsepush.simulations import claims
 
-from flower_sparsepush import data
+from flower_sparsepush.learn import data
 
 
 def _fmnist_present() -> bool:
@@ -76,7 +76,7 @@ def test_the_validation_split_chooses_and_the_goal_reads_the_test_accuracy_of_th
 
 
 def test_every_row_is_planned_once_and_its_switches_are_a_valid_run_config():
-    from flower_sparsepush.config import validate
+    from flower_sparsepush.run.config import validate
 
     assert sorted(claims.PRIORITY) == sorted(claims.ROWS)  # a row missing from the run order would never run
     assert len(set(claims.PRIORITY)) == len(claims.PRIORITY)

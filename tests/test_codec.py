@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flower_sparsepush.codec import (
+from flower_sparsepush.core.codec import (
     BITMAP,
     FIXED,
     HEADER,
@@ -24,7 +24,7 @@ from flower_sparsepush.codec import (
     payload_entropy_bits,
     unpack_uint,
 )
-from flower_sparsepush.compression import Compressed, quantize
+from flower_sparsepush.core.compression import Compressed, quantize
 
 
 @st.composite

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from flower_sparsepush import compression
-from flower_sparsepush.compression import (
+from flower_sparsepush.core import compression
+from flower_sparsepush.core.compression import (
     SAMPLED_FROM,
     CompressionError,
     Identity,

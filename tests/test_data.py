@@ -1,4 +1,4 @@
-"""Tests for flower_sparsepush.data: loaders on tiny files written here, partitions, batches."""
+"""Tests for flower_sparsepush.learn.data: loaders on tiny files written here, partitions, batches."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flower_sparsepush import data
-from flower_sparsepush.data import DataNotFoundError
+from flower_sparsepush.learn import data
+from flower_sparsepush.learn.data import DataNotFoundError
 
 # --------------------------------------------------------------------------- helpers
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from flower_sparsepush.cli import build_parser
-from flower_sparsepush.config import validate
-from flower_sparsepush.deploy import DeploymentError, LocalDeployment, cmd_deploy_local, deploy_run, pid_alive
-from flower_sparsepush.results import METRIC_FIELDS, read_metrics
-from flower_sparsepush.training import get_setup, run_inprocess
+from flower_sparsepush.deploy.local import DeploymentError, LocalDeployment, cmd_deploy_local, deploy_run, pid_alive
+from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.results import METRIC_FIELDS, read_metrics
+from flower_sparsepush.run.training import get_setup, run_inprocess
 
 pytestmark = pytest.mark.skipif(
     not Path(sys.executable).with_name("flower-superlink").exists() and not shutil.which("flower-superlink"),

@@ -24,7 +24,7 @@ def test_pyproject_declares_every_run_config_key_with_its_default():
     """`flwr run` refuses keys that [tool.flwr.app.config] does not declare, so it must list every key."""
     import tomllib
 
-    from flower_sparsepush.config import KEYS
+    from flower_sparsepush.run.config import KEYS
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert set(declared) == set(KEYS)

@@ -23,10 +23,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from flower_sparsepush.config import validate
-from flower_sparsepush.launch import BACKEND_CONFIG, QUIET_ENV
-from flower_sparsepush.router import Network
-from flower_sparsepush.training import get_setup, local_sgd, run_inprocess
+from flower_sparsepush.core.router import Network
+from flower_sparsepush.flower.launch import BACKEND_CONFIG, QUIET_ENV
+from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.training import get_setup, local_sgd, run_inprocess
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pytorch-dropin"
 CFG = {
@@ -190,7 +190,7 @@ def test_bad_arguments_rejected(kwargs, match):
 
 
 def test_setup_rejects_mismatches():
-    from flower_sparsepush.topology import make_graph
+    from flower_sparsepush.core.topology import make_graph
 
     arrays = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "steps": Array(np.zeros(1, np.int64))})
     s = DecentralizedFedAvg(graph=make_graph("ring", 3))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from flower_sparsepush.energy import forward_flops, node_energy
-from flower_sparsepush.models import build_model
+from flower_sparsepush.core.energy import forward_flops, node_energy
+from flower_sparsepush.learn.models import build_model
 
 
 def test_linear_and_conv_flops_match_hand_counts():

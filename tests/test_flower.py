@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from flower_sparsepush.config import validate
-from flower_sparsepush.launch import simulate
-from flower_sparsepush.results import METRIC_FIELDS, read_metrics
-from flower_sparsepush.training import get_setup, run_inprocess
+from flower_sparsepush.flower.launch import simulate
+from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.results import METRIC_FIELDS, read_metrics
+from flower_sparsepush.run.training import get_setup, run_inprocess
 
 TINY = {
     "dataset": "synthetic",
@@ -92,7 +92,7 @@ def test_fedavg_through_flower_equals_inprocess(tmp_path):
 def test_status_file_follows_every_round(tmp_path, monkeypatch):
     """The ServerApp updates <run>/status.json after every round (Flower's evaluate_fn hook), not only on the
     evaluation rounds, and closes it at the end."""
-    from flower_sparsepush.progress import Progress, read_status
+    from flower_sparsepush.run.progress import Progress, read_status
 
     seen = []
     orig = Progress.update

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from flower_sparsepush.config import validate
-from flower_sparsepush.launch import simulate
-from flower_sparsepush.results import read_metrics
+from flower_sparsepush.flower.launch import simulate
+from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.results import read_metrics
 
 RUN = {
     "dataset": "synthetic",
@@ -37,7 +37,7 @@ def _rows(out):
 
 
 def test_resumed_flower_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    from flower_sparsepush import server_app
+    from flower_sparsepush.flower import server_app
 
     cfg = RUN | {"checkpoint-every": 2, "out-dir": str(tmp_path)}
     full = simulate(validate(cfg | {"run-name": "full"}))

@@ -19,14 +19,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flower_sparsepush.codec import Message as Msg
-from flower_sparsepush.codec import decode, encode
-from flower_sparsepush.compression import Identity, make_compressor
-from flower_sparsepush.guard import KINDS, message_size_limit
-from flower_sparsepush.protocol import pack_frames, unpack_frames
-from flower_sparsepush.pushsum import PushSum
-from flower_sparsepush.router import Network, Router
-from flower_sparsepush.topology import Graph
+from flower_sparsepush.core.codec import Message as Msg
+from flower_sparsepush.core.codec import decode, encode
+from flower_sparsepush.core.compression import Identity, make_compressor
+from flower_sparsepush.core.guard import KINDS, message_size_limit
+from flower_sparsepush.core.pushsum import PushSum
+from flower_sparsepush.core.router import Network, Router
+from flower_sparsepush.core.topology import Graph
+from flower_sparsepush.flower.protocol import pack_frames, unpack_frames
 
 torch.set_num_threads(1)
 
@@ -499,7 +499,7 @@ def test_a_hostile_network_costs_no_mass_and_consensus_stays_exact():
     message bounces home, the sums of x and y stay exact and the nodes still reach the exact average."""
     n, d, rounds = 8, 30, 500
     algo = PushSum(make_compressor("topk:0.3"), 0.4, "ref")
-    from flower_sparsepush.topology import make_graph
+    from flower_sparsepush.core.topology import make_graph
 
     g = make_graph("torus", n, 0)  # every edge carries a message every round: rejections come late
     router = Router(n)
@@ -593,9 +593,9 @@ def hostile_mod(msg, context, call_next):
 def inprocess_runs():
     """In-process runs of RUN: node HOSTILE offline throughout; hostile with the exclusion policy off; hostile and
     excluded after five refused replies. Returns the three results and the weight handed to the hostile node."""
-    from flower_sparsepush import training
-    from flower_sparsepush.config import validate
-    from flower_sparsepush.training import RoundOut, node_round, run_inprocess
+    from flower_sparsepush.run import training
+    from flower_sparsepush.run.config import validate
+    from flower_sparsepush.run.training import RoundOut, node_round, run_inprocess
 
     handed = {}
 
@@ -631,8 +631,8 @@ def _honest(states):
 
 
 def _accuracy(zs) -> float:
-    from flower_sparsepush.config import validate
-    from flower_sparsepush.training import evaluate, get_setup
+    from flower_sparsepush.run.config import validate
+    from flower_sparsepush.run.training import evaluate, get_setup
 
     setup = get_setup(validate(RUN))
     return float(np.mean([evaluate(setup, torch.as_tensor(z, dtype=torch.float32))[0] for z in zs]))
@@ -674,8 +674,8 @@ def test_hostile_node_through_flower(inprocess_runs, tmp_path):
 
     import ray.cloudpickle
 
-    from flower_sparsepush.config import validate
-    from flower_sparsepush.launch import simulate
+    from flower_sparsepush.flower.launch import simulate
+    from flower_sparsepush.run.config import validate
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
     out = simulate(validate(RUN | {"out-dir": str(tmp_path), "run-name": "hostile"}), client_mods=[hostile_mod])

@@ -1,5 +1,5 @@
 """Every entry point answers --help (exit 0) with its keys or flags and their defaults, one line each, generated from
-config.KEYS: ``sparsepush <sub>``, ``python -m flower_sparsepush.training`` and ``make help``."""
+config.KEYS: ``sparsepush <sub>``, ``python -m flower_sparsepush.run.training`` and ``make help``."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from flower_sparsepush import config
 from flower_sparsepush.cli import build_parser, main
-from flower_sparsepush.config import KEYS, validate
-from flower_sparsepush.deploy import DEPLOY_DEFAULTS
-from flower_sparsepush.keyhelp import keys_text
+from flower_sparsepush.deploy.local import DEPLOY_DEFAULTS
+from flower_sparsepush.run import config
+from flower_sparsepush.run.config import KEYS, validate
+from flower_sparsepush.run.keyhelp import keys_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,17 +69,17 @@ def test_run_config_help_names_every_key_with_the_default_that_validates(capsys,
 
 def test_training_module_help(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "flower_sparsepush.training", "--help"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "flower_sparsepush.run.training", "--help"], capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0].startswith("usage: python -m flower_sparsepush.training")
+    assert lines[0].startswith("usage: python -m flower_sparsepush.run.training")
     for key in KEYS:
         (line,) = [ln for ln in lines if ln.strip().startswith(f"{key}=")]
         shown = _typed(line.split()[0].split("=", 1)[1])
         assert validate({key: shown})[key] == validate({})[key], key
     bad = subprocess.run(
-        [sys.executable, "-m", "flower_sparsepush.training", "--bogus"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "flower_sparsepush.run.training", "--bogus"], capture_output=True, text=True, timeout=300
     )
     assert bad.returncode == 2 and "see --help" in bad.stderr and "Traceback" not in bad.stderr
 

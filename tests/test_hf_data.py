@@ -11,9 +11,9 @@ import pytest
 datasets = pytest.importorskip("datasets")
 
 from flower_sparsepush import data  # noqa: E402
-from flower_sparsepush.config import ConfigError, model_size, preflight, validate  # noqa: E402
-from flower_sparsepush.data import DataNotFoundError  # noqa: E402
-from flower_sparsepush.models import SmallCNN  # noqa: E402
+from flower_sparsepush.learn.data import DataNotFoundError  # noqa: E402
+from flower_sparsepush.learn.models import SmallCNN  # noqa: E402
+from flower_sparsepush.run.config import ConfigError, model_size, preflight, validate  # noqa: E402
 
 CLASSES = ["circle", "square", "cross", "line"]
 
@@ -136,7 +136,7 @@ def test_partitioned_by_the_same_partitioners(saved):
 def test_short_run_through_the_native_flower_mode(saved, tmp_path):
     """A few rounds of Sparse-Push on the saved dataset through Flower's simulation engine (native mode: node states
     in the ClientApps), label-skewed by flwr-datasets' Dirichlet partitioner; the nodes learn the 4 classes."""
-    from flower_sparsepush.launch import simulate
+    from flower_sparsepush.flower.launch import simulate
 
     folder, _, _ = saved
     cfg = {

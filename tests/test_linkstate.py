@@ -21,7 +21,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 
-from flower_sparsepush import linkstate
+from flower_sparsepush.flower import linkstate
 
 RUN_ID = 7
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from flower_sparsepush.simulations.lookahead_distance import distances, main
 
-from flower_sparsepush.pushsum import NodeState
+from flower_sparsepush.core.pushsum import NodeState
 
 
 def test_distances_on_nodes_whose_copies_are_exact():

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from flower_sparsepush.codec import HEADER
-from flower_sparsepush.config import ConfigError, preflight, validate
-from flower_sparsepush.merge import correct_bias, correct_drift, merge, merge_bits, merge_mass
-from flower_sparsepush.pushsum import NodeState
-from flower_sparsepush.training import get_setup, merge_due, run_inprocess
+from flower_sparsepush.core.codec import HEADER
+from flower_sparsepush.core.merge import correct_bias, correct_drift, merge, merge_bits, merge_mass
+from flower_sparsepush.core.pushsum import NodeState
+from flower_sparsepush.run.config import ConfigError, preflight, validate
+from flower_sparsepush.run.training import get_setup, merge_due, run_inprocess
 
 SEGMENTS = [40, 7, 153]  # three tensors of very different scales below
 D = sum(SEGMENTS)

@@ -1,4 +1,4 @@
-"""Tests for flower_sparsepush.models: sizes, shapes, norms, flat-parameter helpers."""
+"""Tests for flower_sparsepush.learn.models: sizes, shapes, norms, flat-parameter helpers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from flower_sparsepush import models
-from flower_sparsepush.models import build_model, flat_params, load_flat_params_, num_params, segment_sizes
+from flower_sparsepush.learn import models
+from flower_sparsepush.learn.models import build_model, flat_params, load_flat_params_, num_params, segment_sizes
 
 
 @pytest.mark.parametrize("norm", ["group", "batch", "layer", "none"])

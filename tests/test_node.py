@@ -8,15 +8,15 @@ import safetensors
 import safetensors.torch
 import torch
 
-from flower_sparsepush import protocol
-from flower_sparsepush.codec import decode
-from flower_sparsepush.compression import make_compressor
-from flower_sparsepush.guard import BadReply
-from flower_sparsepush.node import Node, state_from_flat, state_to_flat
-from flower_sparsepush.pushsum import NodeState, PushSum
-from flower_sparsepush.router import Router
-from flower_sparsepush.store import NodeStore, Stamp, StoreError, checksum
-from flower_sparsepush.topology import make_graph
+from flower_sparsepush.core.codec import decode
+from flower_sparsepush.core.compression import make_compressor
+from flower_sparsepush.core.guard import BadReply
+from flower_sparsepush.core.node import Node, state_from_flat, state_to_flat
+from flower_sparsepush.core.pushsum import NodeState, PushSum
+from flower_sparsepush.core.router import Router
+from flower_sparsepush.core.topology import make_graph
+from flower_sparsepush.flower import protocol
+from flower_sparsepush.flower.store import NodeStore, Stamp, StoreError, checksum
 
 torch.set_num_threads(1)
 D = 64
@@ -236,7 +236,7 @@ def test_eval_reply_optional_fields_are_checked():
 
 
 def test_pending_outbox_weight_is_what_the_messages_carry():
-    from flower_sparsepush.client_app import join, pending_weight, split
+    from flower_sparsepush.flower.client_app import join, pending_weight, split
 
     _, _, nodes = _nodes()
     out = nodes[0].round(0).messages
@@ -249,7 +249,7 @@ def test_pending_outbox_weight_is_what_the_messages_carry():
 def test_store_files_are_safetensors_the_library_reads_back_exactly(tmp_path):
     """write_state writes the safetensors layout itself (straight from the tensors' memory); the library must read
     every dtype a node state holds, empty tensors and odd sizes included, to the same bytes, with the metadata."""
-    from flower_sparsepush.store import write_state
+    from flower_sparsepush.flower.store import write_state
 
     flat = {
         "x": torch.randn(7),

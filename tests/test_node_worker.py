@@ -16,19 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from flower_sparsepush.config import validate
-from flower_sparsepush.deploy import LocalDeployment, pid_alive
-from flower_sparsepush.processes import descendants
-from flower_sparsepush.results import read_metrics
+from flower_sparsepush.deploy.local import LocalDeployment, pid_alive
+from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.processes import descendants
+from flower_sparsepush.run.results import read_metrics
 
 HAS_FLOWER = Path(sys.executable).with_name("flower-superlink").exists() or shutil.which("flower-superlink")
 
 
 def test_relay_client_app_imports_no_torch():
     code = (
-        "import sys, flower_sparsepush.client_app as c; "
+        "import sys, flower_sparsepush.flower.client_app as c; "
         "assert c.app is not None; "
-        "bad = [m for m in ('torch', 'flower_sparsepush.training', 'flower_sparsepush.data') if m in sys.modules]; "
+        "bad = [m for m in ('torch', 'flower_sparsepush.run.training', 'flower_sparsepush.learn.data') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -36,7 +36,7 @@ def test_relay_client_app_imports_no_torch():
 
 
 def test_old_helpers_still_reachable_from_client_app():
-    from flower_sparsepush import client_app, node_handlers
+    from flower_sparsepush.flower import client_app, node_handlers
 
     assert client_app.split is node_handlers.split and client_app.STAMP == "ps-stamp"
 
@@ -44,7 +44,7 @@ def test_old_helpers_still_reachable_from_client_app():
 def test_relay_without_a_worker_says_so(tmp_path, monkeypatch):
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from flower_sparsepush.relay import WorkerError, relay
+    from flower_sparsepush.flower.worker_link import WorkerError, relay
 
     monkeypatch.setenv("SPARSEPUSH_NODE_WORKER_WAIT", "0.3")
     ctx = Context(run_id=1, node_id=2, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
@@ -56,10 +56,10 @@ def test_relay_without_a_worker_says_so(tmp_path, monkeypatch):
 def test_worker_answers_a_query_and_stops_on_sigterm(tmp_path):
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from flower_sparsepush.relay import relay
+    from flower_sparsepush.flower.worker_link import relay
 
     sock = tmp_path / "w.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "flower_sparsepush.node_worker", "--socket", str(sock)])
+    proc = subprocess.Popen([sys.executable, "-m", "flower_sparsepush.deploy.node_worker", "--socket", str(sock)])
     try:
         ctx = Context(run_id=1, node_id=2, node_config={"partition-id": 3}, state=RecordDict(), run_config={})
         reply = relay(str(sock), "query", RecordDict({"q": ConfigRecord({"what": "partition-id"})}), ctx)
@@ -105,7 +105,9 @@ def test_a_killed_worker_is_started_again_and_the_run_continues(tmp_path, mode):
     def kill_worker_after_round_1(dep, done):
         if done >= 1 and not killed and idle(dep):
             node = dep.procs["supernode-1"].pid
-            workers = [p for p in descendants(node) if b"flower_sparsepush.node_worker" in _cmdline(p) and pid_alive(p)]
+            workers = [
+                p for p in descendants(node) if b"flower_sparsepush.deploy.node_worker" in _cmdline(p) and pid_alive(p)
+            ]
             assert len(workers) == 1, workers
             os.kill(workers[0], signal.SIGKILL)
             killed.append(workers[0])
@@ -140,7 +142,7 @@ def test_sparsepush_node_stops_supernode_and_worker_on_a_signal(tmp_path, sig):
     """`sparsepush node` (no SuperLink to reach: the SuperNode keeps retrying) stops both children by PID."""
     import time
 
-    from flower_sparsepush.processes import free_port
+    from flower_sparsepush.run.processes import free_port
 
     cmd = [sys.executable, "-m", "flower_sparsepush.cli", "node", "--superlink", "127.0.0.1:1", "--insecure"]
     cmd += ["--partition-id", "0", "--num-partitions", "2", "--port", str(free_port())]

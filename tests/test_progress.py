@@ -1,4 +1,4 @@
-"""Tests for flower_sparsepush.progress: the status file, the estimate of the time left, the terminal line, and its
+"""Tests for flower_sparsepush.run.progress: the status file, the estimate of the time left, the terminal line, and its
 use by a run's results folder and by ``sparsepush bench``."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import types
 
 import pytest
 
-from flower_sparsepush import progress
-from flower_sparsepush.progress import Progress, StatusFollower, format_status, read_status
+from flower_sparsepush.run import progress
+from flower_sparsepush.run.progress import Progress, StatusFollower, format_status, read_status
 
 
 class Clock:
@@ -107,7 +107,7 @@ def test_format_status_and_follower(tmp_path, clock):
 
 
 def test_inprocess_run_writes_rounds_status(tmp_path):
-    from flower_sparsepush.training import train_inprocess
+    from flower_sparsepush.run.training import train_inprocess
 
     cfg = {
         "dataset": "synthetic",
@@ -126,7 +126,7 @@ def test_inprocess_run_writes_rounds_status(tmp_path):
 
 
 def test_bench_reports_sections(tmp_path, monkeypatch):
-    from flower_sparsepush import bench
+    from flower_sparsepush.simulations import bench
 
     seen = []
 
@@ -156,7 +156,7 @@ def test_bench_reports_sections(tmp_path, monkeypatch):
 
 def test_follow_run_needs_no_run_folder(tmp_path):
     """The launchers follow a raw config too (one that flwr run will refuse): nothing to show, no error."""
-    from flower_sparsepush.progress import follow_run
+    from flower_sparsepush.run.progress import follow_run
 
     assert follow_run({"no-such-key": 1}).poll() is None
     f = follow_run({"out-dir": str(tmp_path), "run-name": "r"})

@@ -6,11 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flower_sparsepush.compression import make_compressor
-from flower_sparsepush.consensus import run_consensus
-from flower_sparsepush.node import Node
-from flower_sparsepush.pushsum import NodeState, PushSum
-from flower_sparsepush.topology import make_graph
+from flower_sparsepush.core.compression import make_compressor
+from flower_sparsepush.core.consensus import run_consensus
+from flower_sparsepush.core.node import Node
+from flower_sparsepush.core.pushsum import NodeState, PushSum
+from flower_sparsepush.core.topology import make_graph
 
 
 def gossip_round(algo: PushSum, states: list[NodeState], out_lists: list[list[int]], rnd: int) -> None:

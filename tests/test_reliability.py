@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from flower_sparsepush.config import validate
-from flower_sparsepush.results import read_metrics
-from flower_sparsepush.training import network_of, run_inprocess, train_inprocess
+from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.results import read_metrics
+from flower_sparsepush.run.training import network_of, run_inprocess, train_inprocess
 
 torch.set_num_threads(1)
 
@@ -63,7 +63,7 @@ def test_lossy_network_is_exercised():
 
 
 def test_flower_equals_inprocess_under_drop_and_churn(tmp_path):
-    from flower_sparsepush.launch import simulate
+    from flower_sparsepush.flower.launch import simulate
 
     cfg = validate(TINY | LOSSY | {"out-dir": str(tmp_path), "run-name": "lossy"})
     out = simulate(cfg)
@@ -165,7 +165,7 @@ def test_recorded_resume_same_metrics_file(tmp_path):
 
 
 def test_resume_refuses_another_runs_checkpoint(tmp_path):
-    from flower_sparsepush.config import ConfigError
+    from flower_sparsepush.run.config import ConfigError
 
     cfg = validate(RESUME | {"out-dir": str(tmp_path), "run-name": "x", "checkpoint-every": 2, "num-rounds": 2})
     run_inprocess(cfg)
@@ -207,9 +207,9 @@ def test_stragglers_reported_and_run_goes_on(monkeypatch):
     from flower_sparsepush.strategies import routing
     from flower_sparsepush.strategies.routing import SparsePush
 
-    from flower_sparsepush.codec import Message, encode
-    from flower_sparsepush.compression import Identity
-    from flower_sparsepush.protocol import pack_frames
+    from flower_sparsepush.core.codec import Message, encode
+    from flower_sparsepush.core.compression import Identity
+    from flower_sparsepush.flower.protocol import pack_frames
 
     # Flower Messages need a running Flower task; the routing logic does not
     monkeypatch.setattr(

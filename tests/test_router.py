@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from flower_sparsepush.compression import make_compressor
-from flower_sparsepush.consensus import run_consensus
-from flower_sparsepush.pushsum import PushSum
-from flower_sparsepush.router import Network, Router
+from flower_sparsepush.core.compression import make_compressor
+from flower_sparsepush.core.consensus import run_consensus
+from flower_sparsepush.core.pushsum import PushSum
+from flower_sparsepush.core.router import Network, Router
 
 # Documented budget (docs/algorithm.md): 8 nodes, d = 100, top-5%, gamma 0.05, drop 0.3: 2500 rounds reach 1e-6.
 LOSSY = dict(nodes=8, compressor="topk:0.05", gamma=0.05, rounds=2500, dim=100, seed=1, drop=0.3)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from flower_sparsepush.config import ConfigError, validate
-from flower_sparsepush.pushsum import NodeState, PushSum
-from flower_sparsepush.training import (
+from flower_sparsepush.core.pushsum import NodeState, PushSum
+from flower_sparsepush.run.config import ConfigError, validate
+from flower_sparsepush.run.training import (
     compressor_at,
     gamma_at,
     get_setup,
@@ -81,7 +81,7 @@ def test_final_merge_gives_every_node_the_exact_average_and_counts_its_bits():
     merged = run_inprocess(merged_cfg, eval_every=20)
     # the average the merge computes: all mass, in the nodes and in transit (what plain would deliver next)
     total_y = sum(s.y for s in plain.states)
-    from flower_sparsepush.codec import decode
+    from flower_sparsepush.core.codec import decode
 
     for box in plain.mailboxes:
         for data in box:
@@ -179,7 +179,7 @@ def test_qgm_stays_finite_with_local_steps_and_a_cosine_schedule_to_zero():
 
 
 def test_scsp_is_sparse_push_with_the_final_merge_and_says_so_on_flower():
-    from flower_sparsepush.config import preflight
+    from flower_sparsepush.run.config import preflight
 
     cfg = _cfg(strategy="scsp")
     assert cfg["final-merge"] and not cfg["qgm"] and cfg["final-gossip-rounds"] == 0

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from flower_sparsepush import topology
-from flower_sparsepush.topology import Graph, GraphError, check_strongly_connected, make_graph, torus_shape
+from flower_sparsepush.core import topology
+from flower_sparsepush.core.topology import Graph, GraphError, check_strongly_connected, make_graph, torus_shape
 
 ALL_SPECS = ["ring", "exponential", "exponential-multi:2", "random-out:2", "complete", "undirected-ring", "torus"]
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flower_sparsepush.config import validate
-from flower_sparsepush.models import flat_params
-from flower_sparsepush.training import (
+from flower_sparsepush.learn.models import flat_params
+from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.training import (
     batch_indices,
     generator,
     get_setup,
@@ -79,7 +79,7 @@ def test_inprocess_deterministic_and_conserves_mass(extra):
     a, b = run_inprocess(cfg), run_inprocess(cfg)
     for sa, sb in zip(a.states, b.states):
         assert torch.equal(sa.x, sb.x) and sa.y == sb.y
-    from flower_sparsepush.codec import decode
+    from flower_sparsepush.core.codec import decode
 
     y_mail = sum(decode(d).y for box in a.mailboxes for d in box)
     assert sum(s.y for s in a.states) + y_mail == pytest.approx(cfg["num-nodes"], abs=1e-12)
@@ -98,7 +98,7 @@ def test_inprocess_learns_and_reaches_consensus():
 
 def test_node_evaluation_subset_covers_every_class_of_a_class_sorted_test_set():
     """Test sets read from image folders come sorted by class; a node's subset must not be the first N samples."""
-    from flower_sparsepush.training import eval_subset
+    from flower_sparsepush.run.training import eval_subset
 
     labels = torch.arange(10).repeat_interleave(1000)  # 10,000 samples sorted by class
     idx = eval_subset(len(labels), 1000)

@@ -38,7 +38,7 @@ class Net(nn.Module):
 def load_all(dataset: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train, y_train, x_test, y_test), float32 inputs, int64 labels."""
     if dataset == "fashion_mnist":
-        from flower_sparsepush.data import load_dataset, normalize  # local IDX files only, no download
+        from flower_sparsepush.learn.data import load_dataset, normalize  # local IDX files only, no download
 
         ds = load_dataset("fashion_mnist")
         xt, xs = normalize(ds.x_train, ds.mean, ds.std), normalize(ds.x_test, ds.mean, ds.std)

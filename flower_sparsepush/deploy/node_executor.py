@@ -71,7 +71,7 @@ def serve_tasks(runtime_address: str, stop: threading.Event, poll: float = 0.02,
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-    from flower_sparsepush.client_app import make_client_app
+    from flower_sparsepush.flower.client_app import make_client_app
 
     app = make_client_app(relay_ok=False)
 

@@ -29,9 +29,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flower_sparsepush.codec import Message, encode
-from flower_sparsepush.compression import Compressed, Identity, dequantize, quantize
-from flower_sparsepush.pushsum import NodeState
+from flower_sparsepush.core.codec import Message, encode
+from flower_sparsepush.core.compression import Compressed, Identity, dequantize, quantize
+from flower_sparsepush.core.pushsum import NodeState
 
 EXACT = 32
 QUANTIZED_BITS = range(1, 9)

@@ -7,12 +7,12 @@ import time
 
 import torch
 
-from flower_sparsepush.codec import message_entropy_bits
-from flower_sparsepush.compression import make_compressor
-from flower_sparsepush.node import Node
-from flower_sparsepush.pushsum import PushSum
-from flower_sparsepush.router import Network, Router
-from flower_sparsepush.topology import check_strongly_connected, make_graph
+from flower_sparsepush.core.codec import message_entropy_bits
+from flower_sparsepush.core.compression import make_compressor
+from flower_sparsepush.core.node import Node
+from flower_sparsepush.core.pushsum import PushSum
+from flower_sparsepush.core.router import Network, Router
+from flower_sparsepush.core.topology import check_strongly_connected, make_graph
 
 
 def run_consensus(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flower_sparsepush.compression import Compressed
+from flower_sparsepush.core.compression import Compressed
 
 VERSION = 1
 MAGIC = b"SP"

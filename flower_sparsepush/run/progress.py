@@ -2,7 +2,7 @@
 
 One class, three calls::
 
-    from flower_sparsepush.progress import Progress
+    from flower_sparsepush.run.progress import Progress
 
     prog = Progress(total=40, status_path="results/claims.status.json", label="claims", unit="rows", initial=12)
     for row in rows:

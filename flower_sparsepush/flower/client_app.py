@@ -17,7 +17,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flower_sparsepush.relay import relay, worker_address
+from flower_sparsepush.flower.worker_link import relay, worker_address
 
 
 def make_client_app(run_config: dict | None = None, mods: list | None = None, relay_ok: bool = True) -> ClientApp:
@@ -32,7 +32,7 @@ def make_client_app(run_config: dict | None = None, mods: list | None = None, re
         if path is not None:
             return Message(relay(path, kind, msg.content, context, run_config), reply_to=msg)
         if not local:
-            from flower_sparsepush.node_handlers import NodeHandlers  # torch, data: only on this path
+            from flower_sparsepush.flower.node_handlers import NodeHandlers  # torch, data: only on this path
 
             local.append(NodeHandlers(run_config))
         return Message(local[0].handle(kind, msg.content, context), reply_to=msg)
@@ -54,7 +54,7 @@ def make_client_app(run_config: dict | None = None, mods: list | None = None, re
 
 def __getattr__(name: str) -> Any:  # the helpers that lived here before node_handlers.py (torch: imported lazily)
     if name in ("NodeHolder", "split", "join", "pending_weight", "STAMP", "STATE", "SNAPSHOT", "NodeHandlers"):
-        from flower_sparsepush import node_handlers
+        from flower_sparsepush.flower import node_handlers
 
         return getattr(node_handlers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

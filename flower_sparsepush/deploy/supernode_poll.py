@@ -1,4 +1,4 @@
-"""``flower-supernode`` with shorter idle waits: ``python -m flower_sparsepush.supernode_poll SECONDS ARGS...``.
+"""``flower-supernode`` with shorter idle waits: ``python -m flower_sparsepush.deploy.supernode_poll SECONDS ARGS...``.
 
 Flower 1.42's SuperNode loop (``flwr/supernode/start_client_internal.py``) sleeps a fixed 3 s whenever it pulls no
 message from the SuperLink, and 0.5 s between checks for its ClientApp's reply; neither is configurable. So every

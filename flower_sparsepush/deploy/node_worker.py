@@ -7,10 +7,10 @@ node store keeps the node's state in the same files (so a restarted SuperNode or
 per-process caches (validated config, ``get_setup``'s data and model, the store's last state) survive from one
 message to the next. Two modes:
 
-- executor (``python -m flower_sparsepush.node_worker --runtime-api HOST:PORT``): the SuperNode runs with
+- executor (``python -m flower_sparsepush.deploy.node_worker --runtime-api HOST:PORT``): the SuperNode runs with
   ``--isolation process`` and the worker acquires its tasks on its runtime API and runs them in this process
   (node_executor.py): no process per message.
-- relay (``python -m flower_sparsepush.node_worker --socket PATH``): Flower's SuperExec starts a ClientApp process
+- relay (``python -m flower_sparsepush.deploy.node_worker --socket PATH``): Flower's SuperExec starts a ClientApp process
   per message, a thin torch-free relay (client_app.py + relay.py) that forwards the message to this worker over a
   Unix domain socket (in a folder only this user can enter; removed on exit), one message at a time.
 
@@ -38,7 +38,7 @@ import time
 import traceback
 from pathlib import Path
 
-from flower_sparsepush import relay
+from flower_sparsepush.flower import worker_link
 
 RESTARTS = 5  # a worker that dies this many times within RESTART_WINDOW s stops the node
 RESTART_WINDOW = 120.0
@@ -55,7 +55,7 @@ def _log(text: str) -> None:
 def serve(path: str) -> None:
     """Serve messages on the Unix socket ``path`` until SIGTERM/SIGINT."""
     t0 = time.perf_counter()
-    from flower_sparsepush.node_handlers import NodeHandlers  # torch, flwr, the training code: once
+    from flower_sparsepush.flower.node_handlers import NodeHandlers  # torch, flwr, the training code: once
 
     handlers: dict[str, NodeHandlers] = {}
     _log(f"imports took {time.perf_counter() - t0:.2f} s")
@@ -64,24 +64,24 @@ def serve(path: str) -> None:
         def handle(self) -> None:
             sock: socket.socket = self.request
             try:
-                parts = relay.recv_parts(sock, 3)
+                parts = worker_link.recv_parts(sock, 3)
             except ConnectionError:
                 return
             t1 = time.perf_counter()
             try:
-                kind, content, context, run_config, age = relay.decode_request(parts)
+                kind, content, context, run_config, age = worker_link.decode_request(parts)
                 key = repr(sorted(run_config.items())) if run_config is not None else ""
                 h = handlers.setdefault(key, NodeHandlers(run_config))
                 t2 = time.perf_counter()
                 reply = h.handle(kind, content, context)
                 t3 = time.perf_counter()
-                out = relay.encode_reply(reply, context.state)
+                out = worker_link.encode_reply(reply, context.state)
             except Exception as err:  # noqa: BLE001 - the relay raises it in the ClientApp, as the handler would
                 _log(traceback.format_exc())
-                relay.send_parts(sock, relay.encode_reply(None, None, f"{err.__class__.__name__}: {err}"))
+                worker_link.send_parts(sock, worker_link.encode_reply(None, None, f"{err.__class__.__name__}: {err}"))
                 return
             t4 = time.perf_counter()
-            relay.send_parts(sock, out)
+            worker_link.send_parts(sock, out)
             _log(
                 f"{kind} node {context.node_config.get('partition-id')}: handler {1e3 * (t3 - t2):.0f} ms, "
                 f"decode {1e3 * (t2 - t1):.1f} ms, encode {1e3 * (t4 - t3):.1f} ms; its ClientApp process had "
@@ -114,8 +114,8 @@ def serve_executor(runtime_address: str) -> None:
     import threading
 
     t0 = time.perf_counter()
-    import flower_sparsepush.node_handlers  # noqa: F401 - torch, flwr, the training code: once, before any task
-    from flower_sparsepush.node_executor import serve_tasks
+    import flower_sparsepush.flower.node_handlers  # noqa: F401 - torch, flwr, the training code: once, before any task
+    from flower_sparsepush.deploy.node_executor import serve_tasks
 
     _log(f"imports took {time.perf_counter() - t0:.2f} s; serving the tasks of the SuperNode at {runtime_address}")
     stop = threading.Event()
@@ -140,7 +140,7 @@ def _die_with_parent() -> None:
 
 
 def supernode_command(args: argparse.Namespace) -> list[str]:
-    from flower_sparsepush.processes import venv_exe
+    from flower_sparsepush.run.processes import venv_exe
 
     cmd = [venv_exe("flower-supernode"), "--superlink", args.superlink]
     if args.insecure:
@@ -166,7 +166,7 @@ class NodeHost:
         self.restarts: list[float] = []
 
     def start_worker(self) -> None:
-        cmd = [sys.executable, "-m", "flower_sparsepush.node_worker"]
+        cmd = [sys.executable, "-m", "flower_sparsepush.deploy.node_worker"]
         if self.args.mode == "executor":
             cmd += ["--runtime-api", f"{self.args.host}:{self.args.port}"]
         else:
@@ -180,10 +180,16 @@ class NodeHost:
         if self.args.mode == "executor":  # the worker acquires the tasks: no SuperExec, no process per message
             cmd += ["--isolation", "process"]
         else:  # Flower's SuperExec starts a relay ClientApp per message
-            env[relay.ENV] = self.socket
+            env[worker_link.ENV] = self.socket
             env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL)
         if self.args.supernode_poll:  # Flower's hard-coded 3 s idle wait, capped (supernode_poll.py)
-            cmd = [sys.executable, "-m", "flower_sparsepush.supernode_poll", str(self.args.supernode_poll), *cmd[1:]]
+            cmd = [
+                sys.executable,
+                "-m",
+                "flower_sparsepush.deploy.supernode_poll",
+                str(self.args.supernode_poll),
+                *cmd[1:],
+            ]
         self.supernode = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         _log(f"started SuperNode {self.supernode.pid}: {shlex.join(cmd)}")
 

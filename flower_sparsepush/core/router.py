@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flower_sparsepush.codec import decode
+from flower_sparsepush.core.codec import decode
 
 _DROP, _DOWN, _OFFLINE = 1, 2, 3
 

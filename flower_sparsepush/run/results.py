@@ -50,8 +50,8 @@ class Recorder:
         self.echo = echo
         (self.dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (self.dir / "metrics.jsonl").write_text("")
-        from flower_sparsepush.config import total_rounds
-        from flower_sparsepush.progress import STATUS_FILE, Progress
+        from flower_sparsepush.run.config import total_rounds
+        from flower_sparsepush.run.progress import STATUS_FILE, Progress
 
         self.progress = Progress(
             total_rounds(cfg), self.dir / STATUS_FILE, f"[{cfg['run-name']}]", unit="rounds", min_interval=10.0

@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flower_sparsepush.config import KEYS, validate
-from flower_sparsepush.launch import PROJECT_DIR, _quiet_env, _toml_value, cfg_from_args, checked_config
-from flower_sparsepush.processes import (
+from flower_sparsepush.flower.launch import PROJECT_DIR, _quiet_env, _toml_value, cfg_from_args, checked_config
+from flower_sparsepush.run.config import KEYS, validate
+from flower_sparsepush.run.processes import (
     descendants,
     free_port,
     port_open,
@@ -42,8 +42,8 @@ from flower_sparsepush.processes import (
     superlink_connection,
     venv_exe,
 )
-from flower_sparsepush.progress import follow_run
-from flower_sparsepush.results import run_dir
+from flower_sparsepush.run.progress import follow_run
+from flower_sparsepush.run.results import run_dir
 
 FEDERATION = "sparsepush"
 # deploy-local's defaults (a short synthetic Sparse-Push run); every run-config key can still be overridden
@@ -420,7 +420,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``deploy-local`` to the ``sparsepush`` CLI."""
-    from flower_sparsepush.keyhelp import add_key_options
+    from flower_sparsepush.run.keyhelp import add_key_options
 
     p = subparsers.add_parser(
         "deploy-local",

@@ -270,8 +270,8 @@ def parse_lr_schedule(spec: str) -> tuple[str, list[float]]:
 
 def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """A complete, typed copy of ``cfg`` (defaults filled in); raises :class:`ConfigError` on the first problem."""
-    from flower_sparsepush.compression import CompressionError, make_compressor
-    from flower_sparsepush.topology import GraphError, make_graph
+    from flower_sparsepush.core.compression import CompressionError, make_compressor
+    from flower_sparsepush.core.topology import GraphError, make_graph
 
     cfg = dict(cfg or {})
     for key in cfg:
@@ -297,7 +297,7 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
     for key in ("image-column", "label-column"):
         if out[key] and not dataset.startswith("hf:"):
             raise ConfigError(f"run-config {key}={out[key]!r}: only for dataset=hf:... (built-in datasets have theirs)")
-    from flower_sparsepush.pushsum import FORMS
+    from flower_sparsepush.core.pushsum import FORMS
 
     if out["form"] not in FORMS:
         raise ConfigError(f"run-config form={out['form']!r}: allowed values are {', '.join(FORMS)}")
@@ -443,7 +443,7 @@ def total_rounds(cfg: dict[str, Any]) -> int:
 
 def hf_dataset(cfg: dict[str, Any]):
     """The ``dataset=hf:...`` data of a validated config (``data.load_hf_dataset``; errors as :class:`ConfigError`)."""
-    from flower_sparsepush import data
+    from flower_sparsepush.learn import data
 
     try:
         return data.load_hf_dataset(cfg["dataset"], cfg["image-column"], cfg["label-column"])
@@ -453,7 +453,7 @@ def hf_dataset(cfg: dict[str, Any]):
 
 def model_size(cfg: dict[str, Any]) -> tuple[int, list[int]]:
     """(number of parameters, per-tensor sizes) of the run's model, built without loading the dataset."""
-    from flower_sparsepush.models import build_model, segment_sizes
+    from flower_sparsepush.learn.models import build_model, segment_sizes
 
     if cfg["dataset"] in DATA_SHAPES:
         shape, classes = DATA_SHAPES[cfg["dataset"]]
@@ -482,18 +482,18 @@ def preflight(cfg: dict[str, Any], flower: bool = False) -> None:
     import os
     from pathlib import Path
 
-    from flower_sparsepush.topology import GraphError, check_strongly_connected, make_graph
+    from flower_sparsepush.core.topology import GraphError, check_strongly_connected, make_graph
 
     if flower and cfg["final-merge"]:
         raise ConfigError(
             f"run-config final-merge={cfg['final-merge']!r}: the final merge is implemented for the in-process loop "
-            "only (python -m flower_sparsepush.training ...); strategy scsp turns it on: set final-merge=false on "
+            "only (python -m flower_sparsepush.run.training ...); strategy scsp turns it on: set final-merge=false on "
             "Flower, final-gossip-rounds=N emulates the merge by gossip"
         )
     if flower and cfg["merge-every"]:
         raise ConfigError(
             f"run-config merge-every={cfg['merge-every']}: periodic merges are implemented for the in-process loop "
-            "only (python -m flower_sparsepush.training ...); set merge-every=0 on Flower"
+            "only (python -m flower_sparsepush.run.training ...); set merge-every=0 on Flower"
         )
     if flower and cfg["node-store"] == "context" and (cfg["checkpoint-every"] or cfg["resume"]):
         key = "checkpoint-every" if cfg["checkpoint-every"] else "resume"
@@ -526,7 +526,7 @@ def preflight(cfg: dict[str, Any], flower: bool = False) -> None:
                     "(k must be in (0, d])"
                 )
     if cfg["dataset"] != "synthetic":
-        from flower_sparsepush import data
+        from flower_sparsepush.learn import data
 
         try:
             hf_dataset(cfg) if data.is_hf(cfg["dataset"]) else data.find_data(cfg["dataset"], cfg["data-dir"] or None)

@@ -23,7 +23,7 @@ fixed 0.1 s, which every message of a round waited half of on average.
 
 It replaces two methods of Flower's ``InMemoryLinkState`` class and the engine's sweep loop
 (``vce_api.add_messages_to_queue``) while active (and puts the originals back on exit); nothing in site-packages is
-edited. It is used by :func:`flower_sparsepush.launch.simulate` and the scale
+edited. It is used by :func:`flower_sparsepush.flower.launch.simulate` and the scale
 benchmark. No other module of this project imports Flower's link state.
 """
 

@@ -13,7 +13,7 @@ worker (node_worker.py, next to a SuperNode) call :class:`NodeHandlers`: one imp
   samples), and z itself so the ServerApp computes the consensus model and the consensus distance.
 
 Node state lives in the node store (store.py: files per node where the node runs; ``context.state`` keeps only
-its :class:`~flower_sparsepush.store.Stamp`), or, with ``node-store=context``, whole in ``context.state``.
+its :class:`~flower_sparsepush.flower.store.Stamp`), or, with ``node-store=context``, whole in ``context.state``.
 
 A node keeps each outbox until the relay acknowledges it (``acked`` in the next train message), and resends the
 unacknowledged ones with its next reply: a reply lost on the way loses no mass. Frames handed to it again after a
@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from flower_sparsepush import protocol, training
-from flower_sparsepush.codec import decode
-from flower_sparsepush.config import validate
-from flower_sparsepush.node import state_from_flat, state_to_flat
-from flower_sparsepush.store import CONTEXT, NodeStore, Stamp, StoreError
+from flower_sparsepush.core.codec import decode
+from flower_sparsepush.core.node import state_from_flat, state_to_flat
+from flower_sparsepush.flower import protocol
+from flower_sparsepush.flower.store import CONTEXT, NodeStore, Stamp, StoreError
+from flower_sparsepush.run import training
+from flower_sparsepush.run.config import validate
 
 STAMP = "ps-stamp"  # context.state: the Stamp of the node's stored state
 STATE = "ps-state"  # context.state with node-store=context: the flat state itself

@@ -29,15 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flower_sparsepush.batched import sgd_step_
-from flower_sparsepush.compression import make_compressor
-from flower_sparsepush.config import parse_lr_schedule
-from flower_sparsepush.guard import BadReply, Guard, Outbox, message_size_limit
-from flower_sparsepush.merge import correct_bias, correct_drift, merge, merge_bits
-from flower_sparsepush.node import Node, RoundOut, state_from_flat, state_to_flat
-from flower_sparsepush.pushsum import NodeState, PushSum
-from flower_sparsepush.router import Network, Router
-from flower_sparsepush.topology import make_graph
+from flower_sparsepush.core.compression import make_compressor
+from flower_sparsepush.core.guard import BadReply, Guard, Outbox, message_size_limit
+from flower_sparsepush.core.merge import correct_bias, correct_drift, merge, merge_bits
+from flower_sparsepush.core.node import Node, RoundOut, state_from_flat, state_to_flat
+from flower_sparsepush.core.pushsum import NodeState, PushSum
+from flower_sparsepush.core.router import Network, Router
+from flower_sparsepush.core.topology import make_graph
+from flower_sparsepush.learn.batched import sgd_step_
+from flower_sparsepush.run.config import parse_lr_schedule
 
 _TAGS = {"batch": 1, "epoch": 2, "aug": 3, "compress": 4}
 
@@ -227,7 +227,7 @@ _DATA_KEYS = (
 
 
 def load_data(cfg: dict[str, Any]):
-    from flower_sparsepush import data
+    from flower_sparsepush.learn import data
 
     if cfg["dataset"] == "synthetic":
         return data.make_synthetic(num_train=2000, num_test=500, num_classes=10, shape=(32,), seed=cfg["seed"])
@@ -266,7 +266,7 @@ def get_setup(cfg: Mapping[str, Any]) -> Setup:
 
 
 def build_data(cfg: Mapping[str, Any]) -> RunData:
-    from flower_sparsepush import data, models
+    from flower_sparsepush.learn import data, models
 
     ds = load_data(cfg)
     x_train, y_train, val = ds.x_train, ds.y_train, None
@@ -310,7 +310,7 @@ def batch_indices(n_i: int, seed: int, node: int, start: int, size: int) -> torc
 
 
 def node_batch(setup: Setup, node: int, rnd: int, step: int, aug_gen: torch.Generator):
-    from flower_sparsepush.data import normalize, random_crop_flip
+    from flower_sparsepush.learn.data import normalize, random_crop_flip
 
     sch = setup.schedule
     x, y = setup.shards[node]
@@ -323,7 +323,7 @@ def node_batch(setup: Setup, node: int, rnd: int, step: int, aug_gen: torch.Gene
 
 
 def load_flat(model: torch.nn.Module, vec: torch.Tensor) -> None:
-    from flower_sparsepush.models import load_flat_params_
+    from flower_sparsepush.learn.models import load_flat_params_
 
     load_flat_params_(model, vec.to(torch.float32))
 
@@ -412,7 +412,7 @@ def train(setup: Setup, state: NodeState, node: int, rnd: int) -> float:
 
 
 def make_node(setup: Setup, node: int, state: NodeState) -> Node:
-    """The :class:`~flower_sparsepush.node.Node` ``node`` of this run, holding ``state``."""
+    """The :class:`~flower_sparsepush.core.node.Node` ``node`` of this run, holding ``state``."""
     return Node(node, state, lambda rnd: setup.algo(node, rnd), lambda rnd: setup.graph.out_of(rnd, node))
 
 
@@ -488,7 +488,7 @@ def eval_subset(n: int, limit: int) -> torch.Tensor:
 
 def eval_data(setup: Setup, limit: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized inputs and labels of the ``test`` set or the ``val`` split (``limit`` > 0: a fixed subset)."""
-    from flower_sparsepush.data import normalize
+    from flower_sparsepush.learn.data import normalize
 
     ds = setup.ds
     key = (split, limit)
@@ -630,7 +630,7 @@ def checkpoint_identity(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def checkpoint_path(cfg: dict[str, Any]):
-    from flower_sparsepush.results import run_dir
+    from flower_sparsepush.run.results import run_dir
 
     return run_dir(cfg) / "checkpoint.pt"
 
@@ -652,7 +652,7 @@ def write_checkpoint(cfg: dict[str, Any], engine: str, rnd: int, body: dict[str,
 def read_checkpoint(cfg: dict[str, Any], engine: str) -> dict[str, Any] | None:
     """The run's checkpoint written by ``engine``, or None if there is none; refuses (ConfigError) one of another
     engine, version or run."""
-    from flower_sparsepush.config import ConfigError
+    from flower_sparsepush.run.config import ConfigError
 
     path = checkpoint_path(cfg)
     if not path.exists():
@@ -730,7 +730,7 @@ def make_engine(setup: Setup):
     the per-node path is faster (vmap turns the convolutions into slow grouped ones there)."""
     if setup.cfg["device"] == "cpu":
         return None
-    from flower_sparsepush.batched import BatchedSGD, resolve_device
+    from flower_sparsepush.learn.batched import BatchedSGD, resolve_device
 
     dev = resolve_device(setup.cfg["device"])
     return BatchedSGD(setup.model, dev) if dev.type != "cpu" else None
@@ -845,8 +845,8 @@ def run_inprocess(
 
 def train_inprocess(raw_cfg: dict[str, Any], echo=print) -> dict[str, Any]:
     """Validate, check, run the in-process loop and write the run's results folder (as the ServerApp does)."""
-    from flower_sparsepush.config import preflight, validate
-    from flower_sparsepush.results import Recorder
+    from flower_sparsepush.run.config import preflight, validate
+    from flower_sparsepush.run.results import Recorder
 
     cfg = validate(raw_cfg)
     preflight(cfg)
@@ -905,17 +905,17 @@ def run_fedavg_inprocess(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flower_sparsepush.training key=value ...``: one in-process run with results, checkpoints, resume."""
+    """``python -m flower_sparsepush.run.training key=value ...``: one in-process run with results, checkpoints, resume."""
     import sys
 
-    from flower_sparsepush.config import ConfigError
+    from flower_sparsepush.run.config import ConfigError
 
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help", "help") for a in args):
-        from flower_sparsepush.keyhelp import keys_text
+        from flower_sparsepush.run.keyhelp import keys_text
 
         print(
-            "usage: python -m flower_sparsepush.training [key=value ...] [--resume]\n\n"
+            "usage: python -m flower_sparsepush.run.training [key=value ...] [--resume]\n\n"
             "One run of the in-process loop (the reference the Flower path is tested against). Results, checkpoints\n"
             "and status.json (rounds done, elapsed, ETA) go to <out-dir>/<run-name>/. Keys not given keep the\n"
             "default shown; bad keys or values stop the run with one line (docs/config.md).\n\n"

@@ -4,7 +4,7 @@ Every place that runs nodes (the in-process loop, ``sparsepush consensus``, the 
 strategy that plays its nodes' gossip on the server) drives a :class:`Node`; none of them writes the round again.
 
 Round ``t`` of a node (0-based here and everywhere in the core; Flower's ``server_round`` is ``t + 1``, see
-:func:`flower_sparsepush.protocol.core_round`):
+:func:`flower_sparsepush.flower.protocol.core_round`):
 
 1. :meth:`Node.begin` takes back the mass of its own messages the network bounced (before the node next uses those
    edges), then absorbs the messages sent to it, in the order the router delivers them (by sender);
@@ -16,7 +16,7 @@ Round ``t`` of a node (0-based here and everywhere in the core; Flower's ``serve
 built once per round by the ``rule`` callback, so random compressors draw from a ``(seed, node, round)`` generator.
 
 A node's state travels and persists as a flat ``{name: tensor}`` dict (:meth:`Node.state_dict`,
-:func:`state_to_flat`), the one serialisation of :class:`~flower_sparsepush.pushsum.NodeState` used by checkpoints,
+:func:`state_to_flat`), the one serialisation of :class:`~flower_sparsepush.core.pushsum.NodeState` used by checkpoints,
 the node store and Flower records.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flower_sparsepush.pushsum import NodeState, PushSum, Rejection
+from flower_sparsepush.core.pushsum import NodeState, PushSum, Rejection
 
 Frames = Iterable[tuple[int, bytes]]
 

@@ -2,11 +2,11 @@
 help and validation cannot drift. Standard library only: ``make help`` runs it before the venv exists.
 
 - :func:`key_help` / :func:`add_key_options`: the ``--key V`` options of ``sparsepush train`` and ``deploy-local``;
-- :func:`keys_text`: one line per key (``key=default  meaning``) for ``python -m flower_sparsepush.training --help``
+- :func:`keys_text`: one line per key (``key=default  meaning``) for ``python -m flower_sparsepush.run.training --help``
   and ``make help``;
 - :class:`OneLineHelp`: an argparse formatter that keeps each option's help on its own single line.
 
-``python -m flower_sparsepush.keyhelp`` prints :func:`keys_text`.
+``python -m flower_sparsepush.run.keyhelp`` prints :func:`keys_text`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from flower_sparsepush.config import KEYS, Key
+from flower_sparsepush.run.config import KEYS, Key
 
 
 def show_default(value: Any) -> str:

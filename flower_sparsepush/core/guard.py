@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flower_sparsepush.codec import CodecError, decode, max_size
-from flower_sparsepush.router import Router
+from flower_sparsepush.core.codec import CodecError, decode, max_size
+from flower_sparsepush.core.router import Router
 
 # the kinds of refused replies (what the ServerApp records as "kind")
 KINDS = ("unknown node", "unexpected", "schema", "round", "destinations", "size", "message", "sender")

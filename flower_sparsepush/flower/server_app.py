@@ -21,12 +21,19 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from flower_sparsepush.config import preflight, validate
-from flower_sparsepush.linkstate import indexed_message_lookup, scale_pull_interval
-from flower_sparsepush.results import Recorder
-from flower_sparsepush.store import CONTEXT, NodeStore
+from flower_sparsepush.flower.linkstate import indexed_message_lookup, scale_pull_interval
+from flower_sparsepush.flower.store import CONTEXT, NodeStore
+from flower_sparsepush.run.config import preflight, validate
+from flower_sparsepush.run.results import Recorder
+from flower_sparsepush.run.training import (
+    evaluate,
+    get_setup,
+    network_of,
+    read_checkpoint,
+    relay_checks,
+    write_checkpoint,
+)
 from flower_sparsepush.strategies.routing import SCSP, SGP, CountingFedAvg, SparsePush
-from flower_sparsepush.training import evaluate, get_setup, network_of, read_checkpoint, relay_checks, write_checkpoint
 
 ROUND_TIMEOUT_S = 3600.0  # the default of the round-timeout key
 FLOWER_CHECKPOINT = "flower"  # the engine a Flower checkpoint belongs to (the in-process loop writes "inprocess")

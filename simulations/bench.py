@@ -53,8 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flower_sparsepush.processes import descendants
-from flower_sparsepush.progress import Progress
+from flower_sparsepush.run.processes import descendants
+from flower_sparsepush.run.progress import Progress
 
 QUIET_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 REQUIRED_KEYS = (
@@ -202,7 +202,7 @@ def run_worker(spec: dict[str, Any], mem_limit_gib: float, timeout: float) -> di
         out_path = Path(tmp) / "out.json"
         spec = spec | {"out_dir": tmp}
         env = os.environ | QUIET_ENV
-        cmd = [sys.executable, "-m", "flower_sparsepush.bench", "--worker", json.dumps(spec), str(out_path)]
+        cmd = [sys.executable, "-m", "flower_sparsepush.simulations.bench", "--worker", json.dumps(spec), str(out_path)]
         t0 = time.time()
         proc = subprocess.Popen(
             cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -254,7 +254,7 @@ def run_worker(spec: dict[str, Any], mem_limit_gib: float, timeout: float) -> di
 def bench_cfg(
     model: str, nodes: int, rounds: int, local_steps: int, dataset: str, out_dir: str, extra: dict | None = None
 ) -> dict[str, Any]:
-    from flower_sparsepush.config import validate
+    from flower_sparsepush.run.config import validate
 
     return validate(
         (extra or {})
@@ -301,7 +301,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         spec.get("config"),
     )
     if spec["mode"] == "inprocess":
-        from flower_sparsepush.training import get_setup, run_inprocess
+        from flower_sparsepush.run.training import get_setup, run_inprocess
 
         get_setup(cfg)
         t0 = time.perf_counter()
@@ -312,8 +312,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     from flwr.simulation import run_simulation
 
-    from flower_sparsepush import server_app
-    from flower_sparsepush.client_app import make_client_app
+    from flower_sparsepush.flower import server_app
+    from flower_sparsepush.flower.client_app import make_client_app
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
     starts: list[float] = []
@@ -335,7 +335,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         s.configure_train, s.aggregate_train = configure_train, aggregate_train
         if spec.get("linear"):  # the ServerApp polls for replies at an interval that grows with the node count
-            from flower_sparsepush.linkstate import scale_pull_interval
+            from flower_sparsepush.flower.linkstate import scale_pull_interval
 
             st = s.start
 
@@ -354,7 +354,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
     import contextlib
 
-    from flower_sparsepush.linkstate import indexed_message_lookup
+    from flower_sparsepush.flower.linkstate import indexed_message_lookup
 
     # scale runs: Flower's link state finds each node's messages through an index (linkstate.py), not a scan
     lookup = indexed_message_lookup() if spec.get("linear") else contextlib.nullcontext()
@@ -506,10 +506,10 @@ def trained_difference(dim_model: str = "resnet20", steps: int = 10, dataset: st
     import torch
     import torch.nn.functional as F
 
-    from flower_sparsepush import models
+    from flower_sparsepush.learn import models
 
     try:
-        from flower_sparsepush.data import load_dataset
+        from flower_sparsepush.learn.data import load_dataset
 
         ds = load_dataset(dataset)
         x, y = ds.x_train[: 32 * steps].float(), ds.y_train[: 32 * steps]
@@ -531,8 +531,8 @@ def trained_difference(dim_model: str = "resnet20", steps: int = 10, dataset: st
 
 def wire_ratio(v, spec: str) -> dict[str, float]:
     """Bits of one real encoded message of ``v`` under compressor ``spec`` vs its entropy bound."""
-    from flower_sparsepush import codec
-    from flower_sparsepush.compression import make_compressor
+    from flower_sparsepush.core import codec
+    from flower_sparsepush.core.compression import make_compressor
 
     c = make_compressor(spec)(v)
     data = codec.encode(codec.Message(0, 0, 0.5, 0.5, c))
@@ -573,8 +573,8 @@ def section_codec(dims: dict[str, int], repeat: dict[str, int], log, fractions=F
     """torch.topk alone vs selection (TopK compressor), encode, decode, add_to_ on Gaussian vectors."""
     import torch
 
-    from flower_sparsepush import codec
-    from flower_sparsepush.compression import TopK
+    from flower_sparsepush.core import codec
+    from flower_sparsepush.core.compression import TopK
 
     out = {}
     for label, d in dims.items():
@@ -627,7 +627,7 @@ def _old_topk(v, k: int):
     """The compressor's selection before linear-time top-k: torch.topk on |v|, sorted positions, their values."""
     import torch
 
-    from flower_sparsepush.compression import sorted_indices
+    from flower_sparsepush.core.compression import sorted_indices
 
     idx = sorted_indices(torch.topk(v.abs(), k, sorted=False).indices.numpy(), len(v))
     return idx, v.numpy()[idx].copy()
@@ -639,7 +639,7 @@ def section_topk(dims: dict[str, int], repeat: dict[str, int], log, fractions=FR
     import numpy as np
     import torch
 
-    from flower_sparsepush.compression import TopK
+    from flower_sparsepush.core.compression import TopK
 
     out = {}
     for label, d in dims.items():
@@ -688,7 +688,7 @@ def section_store(dims: dict[str, int], repeat: int, log) -> dict[str, Any]:
     import torch
     from flwr.app import Array, ArrayRecord
 
-    from flower_sparsepush.store import NodeStore, checksum, default_root
+    from flower_sparsepush.flower.store import NodeStore, checksum, default_root
 
     out = {}
     root = Path(tempfile.mkdtemp(prefix="bench-store-", dir=_mkdir(default_root())))
@@ -748,7 +748,8 @@ def section_data(models_: tuple[str, ...], dataset: str, batches: int, log) -> d
     import torch
     import torch.nn.functional as F
 
-    from flower_sparsepush import data, training
+    from flower_sparsepush.learn import data
+    from flower_sparsepush.run import training
 
     out = {}
     for model in models_:
@@ -836,14 +837,14 @@ def section_deploy(out_dir: str, log, rounds: int = 6, nodes: int = 4) -> dict[s
     subprocess) and through ``deploy-local`` with node workers (`sparsepush node`); s/round after round 1."""
     import tempfile
 
-    from flower_sparsepush.config import validate
-    from flower_sparsepush.deploy import DEPLOY_DEFAULTS, SUPERNODE_POLL, deploy_run, pid_alive
+    from flower_sparsepush.deploy.local import DEPLOY_DEFAULTS, SUPERNODE_POLL, deploy_run, pid_alive
+    from flower_sparsepush.run.config import validate
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     base = dict(DEPLOY_DEFAULTS) | {"num-nodes": nodes, "num-rounds": rounds}
     out: dict[str, Any] = {"config": base, "rounds": rounds, "nodes": nodes, "supernode_poll_s": SUPERNODE_POLL}
     sim_cfg = validate(base | {"out-dir": str(tmp / "sim"), "run-name": "sim"})
-    code = "import json,sys; from flower_sparsepush.launch import simulate; simulate(json.loads(sys.argv[1]))"
+    code = "import json,sys; from flower_sparsepush.flower.launch import simulate; simulate(json.loads(sys.argv[1]))"
     t0 = time.time()
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps(sim_cfg)], capture_output=True, text=True, timeout=1800

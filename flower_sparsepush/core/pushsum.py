@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from flower_sparsepush.codec import FORMS, CodecError, Message, decode, encode
-from flower_sparsepush.compression import Identity, compress_with_feedback
+from flower_sparsepush.core.codec import FORMS, CodecError, Message, decode, encode
+from flower_sparsepush.core.compression import Identity, compress_with_feedback
 
 
 @dataclass

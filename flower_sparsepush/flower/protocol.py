@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from flower_sparsepush.guard import BadReply
+from flower_sparsepush.core.guard import BadReply
 
 _FRAME = struct.Struct("<II")
 Frames = list[tuple[int, bytes]]

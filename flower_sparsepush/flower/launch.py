@@ -7,7 +7,7 @@
   and always stops the SuperLink (its whole process group) at the end, also on errors and Ctrl-C.
 - :func:`simulate` (used by the tests): ``flwr.simulation.run_simulation`` with apps built around an explicit run
   config (deprecated in Flower 1.42 but works; no SuperLink, no subprocesses), with the link state's per-node
-  message index of :mod:`flower_sparsepush.linkstate` (a round stays linear in the node count).
+  message index of :mod:`flower_sparsepush.flower.linkstate` (a round stays linear in the node count).
 
 The run config is validated before anything starts, so a bad value never reaches Ray.
 """
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flower_sparsepush.config import KEYS, ConfigError, preflight, validate
-from flower_sparsepush.processes import (
+from flower_sparsepush.run.config import KEYS, ConfigError, preflight, validate
+from flower_sparsepush.run.processes import (
     descendants,
     free_port,
     port_open,
@@ -65,10 +65,10 @@ def simulate(raw_cfg: dict[str, Any], verbose: bool = False, client_mods: list |
 
     from flwr.simulation import run_simulation
 
-    from flower_sparsepush.client_app import make_client_app
-    from flower_sparsepush.linkstate import indexed_message_lookup
-    from flower_sparsepush.results import run_dir
-    from flower_sparsepush.server_app import make_server_app
+    from flower_sparsepush.flower.client_app import make_client_app
+    from flower_sparsepush.flower.linkstate import indexed_message_lookup
+    from flower_sparsepush.flower.server_app import make_server_app
+    from flower_sparsepush.run.results import run_dir
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -164,7 +164,7 @@ class SuperLink:
             "--federation-config",
             f"num-supernodes={cfg['num-nodes']} client-resources-num-cpus=1",
         ]
-        from flower_sparsepush.progress import follow_run
+        from flower_sparsepush.run.progress import follow_run
 
         env = os.environ | {"FLWR_HOME": self.home, "SPARSEPUSH_COMMAND": os.environ.get("SPARSEPUSH_COMMAND", "")}
         follower = follow_run(cfg)  # the ServerApp's rounds, shown on this terminal
@@ -191,7 +191,7 @@ class SuperLink:
 
 def flwr_run(raw_cfg: dict[str, Any]) -> Path:
     """Validate, start a private SuperLink, ``flwr run`` the app, stop the SuperLink; returns the results folder."""
-    from flower_sparsepush.results import run_dir
+    from flower_sparsepush.run.results import run_dir
 
     cfg = validate(raw_cfg)
     cfg["out-dir"] = str(Path(cfg["out-dir"]).resolve())
@@ -207,8 +207,8 @@ def check_data(cfg: dict[str, Any]) -> str | None:
     """None when the run's dataset can be found, else one message: what was looked for, what was found, the fix."""
     if cfg["dataset"] == "synthetic":
         return None
-    from flower_sparsepush import data
-    from flower_sparsepush.config import hf_dataset
+    from flower_sparsepush.learn import data
+    from flower_sparsepush.run.config import hf_dataset
 
     try:
         if data.is_hf(cfg["dataset"]):
@@ -337,7 +337,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``train`` and ``demo`` to the ``sparsepush`` CLI (argparse sub-parsers)."""
-    from flower_sparsepush.keyhelp import add_key_options
+    from flower_sparsepush.run.keyhelp import add_key_options
 
     p = subparsers.add_parser(
         "train",
