@@ -79,5 +79,5 @@ help:
 	@echo "  PYTHON=python3.11      the interpreter setup builds $(VENV) with (setup, demo, test, ...); now $(PYTHON)"
 	@echo "  SPARSEPUSH_DATA=DIR    (environment) folder(s) with the datasets, separated by ':' (data, demo, test)"
 	@echo ""
-	@echo "run-config keys of sparsepush train / deploy-local (--key V) and python -m flower_sparsepush.run.training (key=V):"
+	@echo "run-config keys of sparsepush train / deploy-local (--key V) and python -m flower_sparsepush.run.inprocess (key=V):"
 	@$$( [ -x $(PY) ] && echo $(PY) || echo $(PYTHON) ) -m flower_sparsepush.run.keyhelp

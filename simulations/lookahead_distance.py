@@ -48,7 +48,7 @@ def distances(states: list[NodeState], cs: tuple[float, ...] = CS) -> dict[str, 
 def measure(row: str, rounds: list[int], seed: int = 0) -> list[dict[str, Any]]:
     from flower_sparsepush.simulations.claims import plan, run_config
 
-    from flower_sparsepush.run.training import run_inprocess
+    from flower_sparsepush.run.inprocess import run_inprocess
 
     specs = [p for p in plan(["fashion_mnist"], False, (seed,)) if p["id"].endswith(f"/iid/{row}/s{seed}")]
     if not specs:

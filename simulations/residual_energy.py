@@ -75,7 +75,8 @@ def lowrank_energy(v: torch.Tensor, shapes: list[tuple[int, ...]], rank: int) ->
 def measure(rounds: list[int], seed: int = 0) -> list[dict[str, Any]]:
     from flower_sparsepush.simulations.claims import plan, run_config
 
-    from flower_sparsepush.run.training import get_setup, run_inprocess
+    from flower_sparsepush.run.inprocess import run_inprocess
+    from flower_sparsepush.run.setup import get_setup
 
     spec = next(
         p for p in plan(["fashion_mnist"], False, (seed,)) if p["id"].endswith("/iid/sp-h4-merge/s" + str(seed))

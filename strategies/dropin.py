@@ -50,7 +50,7 @@ from flower_sparsepush.core.pushsum import NodeState
 from flower_sparsepush.core.router import Network, Router
 from flower_sparsepush.core.topology import Graph, GraphError, make_graph
 from flower_sparsepush.flower import protocol
-from flower_sparsepush.run.training import round_rule
+from flower_sparsepush.run.setup import make_rule as round_rule
 
 from .base import EvalReport, PushSumStrategy, Report, eval_report, wait_and_register
 

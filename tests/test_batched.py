@@ -4,18 +4,12 @@ import pytest
 import torch
 
 from flower_sparsepush.learn.batched import BatchedSGD
-from flower_sparsepush.run import training
+from flower_sparsepush.learn.evaluate import consensus_metrics, evaluate, evaluate_many
+from flower_sparsepush.run import inprocess
 from flower_sparsepush.run.config import validate
-from flower_sparsepush.run.training import (
-    consensus_metrics,
-    evaluate,
-    evaluate_many,
-    get_setup,
-    init_state,
-    run_inprocess,
-    train,
-    train_batched,
-)
+from flower_sparsepush.run.inprocess import run_inprocess
+from flower_sparsepush.run.node_train import init_state, train, train_batched
+from flower_sparsepush.run.setup import get_setup
 
 
 def _cfg(**kw):
@@ -87,7 +81,7 @@ def test_inprocess_loop_batched_equals_node_by_node(monkeypatch, merges):
     cfg = _cfg(**{"final-merge": True, "num-rounds": 8} | merges)
     plain = run_inprocess(cfg, eval_every=4)
     setup = get_setup(cfg)
-    monkeypatch.setattr(training, "make_engine", lambda s: BatchedSGD(s.model, torch.device("cpu")))
+    monkeypatch.setattr(inprocess, "make_engine", lambda s: BatchedSGD(s.model, torch.device("cpu")))
     batched = run_inprocess(cfg, eval_every=4)
     assert plain.bits_sent == batched.bits_sent
     for sa, sb in zip(plain.states, batched.states):

@@ -13,9 +13,9 @@ from flower_sparsepush.run.config import KEYS, ConfigError, validate
 
 def test_defaults_complete_and_typed():
     cfg = validate({})
-    assert set(cfg) == set(KEYS)
-    assert cfg["strategy"] == "sparse-push" and isinstance(cfg["gamma"], float) and isinstance(cfg["num-nodes"], int)
-    assert validate({"gamma": "0.5", "num-nodes": "8", "nesterov": "false"})["nesterov"] is False
+    assert set(cfg.as_dict()) == set(KEYS)
+    assert cfg.strategy == "sparse-push" and isinstance(cfg.gamma, float) and isinstance(cfg.num_nodes, int)
+    assert validate({"gamma": "0.5", "num-nodes": "8", "nesterov": "false"}).nesterov is False
 
 
 @pytest.mark.parametrize(
@@ -95,8 +95,8 @@ def test_reliability_keys_validated(raw, words):
 
 def test_reliability_keys_typed():
     cfg = validate({"drop": "0.3", "churn": 0.2, "down-span": "5", "bounce": "false", "checkpoint-every": 2})
-    assert cfg["drop"] == 0.3 and cfg["down-span"] == 5 and cfg["bounce"] is False and cfg["checkpoint-every"] == 2
-    assert validate({})["exclude-after"] == 0 and validate({"exclude-after": "3"})["exclude-after"] == 3
+    assert cfg.drop == 0.3 and cfg.down_span == 5 and cfg.bounce is False and cfg.checkpoint_every == 2
+    assert validate({}).exclude_after == 0 and validate({"exclude-after": "3"}).exclude_after == 3
 
 
 SYN = {"dataset": "synthetic", "model": "mlp", "num-nodes": 4}

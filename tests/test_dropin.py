@@ -26,7 +26,9 @@ from flwr.serverapp import Grid, ServerApp
 from flower_sparsepush.core.router import Network
 from flower_sparsepush.flower.launch import BACKEND_CONFIG, QUIET_ENV
 from flower_sparsepush.run.config import validate
-from flower_sparsepush.run.training import get_setup, local_sgd, run_inprocess
+from flower_sparsepush.run.inprocess import run_inprocess
+from flower_sparsepush.run.node_train import local_sgd
+from flower_sparsepush.run.setup import get_setup
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pytorch-dropin"
 CFG = {
@@ -109,16 +111,16 @@ def dropin_run():
             fraction_evaluate=0.0,
             num_nodes=4,
             node_order="partition-id",
-            graph=cfg["graph"],
-            compressor=cfg["compressor"],
-            gamma=cfg["gamma"],
-            form=cfg["form"],
-            seed=cfg["seed"],
+            graph=cfg.graph,
+            compressor=cfg.compressor,
+            gamma=cfg.gamma,
+            form=cfg.form,
+            seed=cfg.seed,
         )
         holder["strategy"] = strategy
-        holder["result"] = strategy.start(grid, _split(setup.x0, _layout(cfg)), num_rounds=cfg["num-rounds"])
+        holder["result"] = strategy.start(grid, _split(setup.x0, _layout(cfg)), num_rounds=cfg.num_rounds)
 
-    _run(server, make_sgd_client_app(cfg), cfg["num-nodes"])
+    _run(server, make_sgd_client_app(cfg), cfg.num_nodes)
     assert "result" in holder, "the drop-in ServerApp did not finish"
     return cfg, holder["strategy"], holder["result"]
 
@@ -137,14 +139,14 @@ def test_dropin_equals_native(dropin_run):
     assert strategy.peer_bits_sent == ref.bits_sent
     assert strategy.peer_bits_received == ref.bits_received
     # Flower moved dense float32 models both ways: 3 rounds x 4 bytes x params, per node
-    dense = 8 * 4 * x0.size * cfg["num-rounds"]
+    dense = 8 * 4 * x0.size * cfg.num_rounds
     assert strategy.flower_bits_down == [dense] * 4 and strategy.flower_bits_up == [dense] * 4
     assert sum(strategy.peer_bits_sent) < sum(strategy.flower_bits_up) / 4
     # the Result holds the consensus model mean_i z_i
     zbar = torch.stack([z.double() for z in got]).mean(0).float().numpy()
     flat = np.concatenate([result.arrays[k].numpy().reshape(-1) for k in result.arrays])
     np.testing.assert_allclose(flat, zbar, atol=1e-6)
-    metrics = result.train_metrics_clientapp[cfg["num-rounds"]]
+    metrics = result.train_metrics_clientapp[cfg.num_rounds]
     assert metrics["peer_bits_sent_per_node"] == pytest.approx(np.mean(ref.bits_sent))
     assert "train_loss" in metrics
 
@@ -153,12 +155,12 @@ def test_mass_conserved_on_server_states(dropin_run):
     cfg, strategy, _ = dropin_run
     m = strategy.mass()
     assert m["y_in_transit"] > 0  # the last round's messages wait in the router
-    assert m["y_total"] == pytest.approx(cfg["num-nodes"], abs=1e-9)
+    assert m["y_total"] == pytest.approx(cfg.num_nodes, abs=1e-9)
     # deliver what is in transit: the nodes then hold all the mass, sum_i y_i = n
     for i, node in enumerate(strategy.nodes):
         inbox, bounced = strategy.router.collect(i)
-        assert not bounced and not node.begin(cfg["num-rounds"], inbox)
-    assert sum(s.y for s in strategy.states) == pytest.approx(cfg["num-nodes"], abs=1e-9)
+        assert not bounced and not node.begin(cfg.num_rounds, inbox)
+    assert sum(s.y for s in strategy.states) == pytest.approx(cfg.num_nodes, abs=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -254,11 +256,11 @@ def test_example_app_one_line_and_runs(tmp_path, monkeypatch):
 def test_dropin_reports_its_consensus_as_the_native_routers_do(dropin_run):
     """The typed report: the same EvalReport (consensus model, distance, mass) the native ServerApp reads."""
     cfg, strategy, _ = dropin_run
-    ev = strategy.consensus(cfg["num-rounds"])  # (an earlier test delivered what was in transit: the states moved)
+    ev = strategy.consensus(cfg.num_rounds)  # (an earlier test delivered what was in transit: the states moved)
     zs = np.stack([z.double().numpy() for z in strategy.node_vectors()])
     np.testing.assert_allclose(ev.zbar, zs.mean(0), atol=1e-6)
     assert ev.consensus_distance == pytest.approx(float(((zs - zs.mean(0)) ** 2).sum(1).mean()), rel=1e-9)
-    assert ev.consensus_distance > 0 and ev.num_evaluated == cfg["num-nodes"]
-    assert ev.y_nodes + ev.y_mailboxes == pytest.approx(cfg["num-nodes"], abs=1e-9)
+    assert ev.consensus_distance > 0 and ev.num_evaluated == cfg.num_nodes
+    assert ev.y_nodes + ev.y_mailboxes == pytest.approx(cfg.num_nodes, abs=1e-9)
     rep = strategy.report()
     assert rep.bits_sent == strategy.peer_bits_sent and rep.bits_received == strategy.peer_bits_received

@@ -1,5 +1,5 @@
 """Every entry point answers --help (exit 0) with its keys or flags and their defaults, one line each, generated from
-config.KEYS: ``sparsepush <sub>``, ``python -m flower_sparsepush.run.training`` and ``make help``."""
+config.KEYS: ``sparsepush <sub>``, ``python -m flower_sparsepush.run.inprocess`` and ``make help``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from flower_sparsepush.cli import build_parser, main
 from flower_sparsepush.deploy.local import DEPLOY_DEFAULTS
 from flower_sparsepush.run import config
-from flower_sparsepush.run.config import KEYS, validate
+from flower_sparsepush.run.config import KEYS, field_name, validate
 from flower_sparsepush.run.keyhelp import keys_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,23 +63,26 @@ def test_run_config_help_names_every_key_with_the_default_that_validates(capsys,
         assert len(lines) == 1, key
         shown = _typed(lines[0].rsplit("; default ", 1)[1])
         # the default the help shows, typed back in, is what the run gets without the key
-        want = validate({})[key] if key not in ours else validate(dict(ours))[key]
-        assert validate({**ours, key: shown})[key] == want, (key, shown)
+        want = getattr(validate({}) if key not in ours else validate(dict(ours)), field_name(key))
+        assert getattr(validate({**ours, key: shown}), field_name(key)) == want, (key, shown)
 
 
 def test_training_module_help(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "flower_sparsepush.run.training", "--help"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "flower_sparsepush.run.inprocess", "--help"], capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0].startswith("usage: python -m flower_sparsepush.run.training")
+    assert lines[0].startswith("usage: python -m flower_sparsepush.run.inprocess")
     for key in KEYS:
         (line,) = [ln for ln in lines if ln.strip().startswith(f"{key}=")]
         shown = _typed(line.split()[0].split("=", 1)[1])
         assert validate({key: shown})[key] == validate({})[key], key
     bad = subprocess.run(
-        [sys.executable, "-m", "flower_sparsepush.run.training", "--bogus"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "flower_sparsepush.run.inprocess", "--bogus"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode == 2 and "see --help" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -10,7 +10,7 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-from flower_sparsepush import data  # noqa: E402
+from flower_sparsepush.learn import data  # noqa: E402
 from flower_sparsepush.learn.data import DataNotFoundError  # noqa: E402
 from flower_sparsepush.learn.models import SmallCNN  # noqa: E402
 from flower_sparsepush.run.config import ConfigError, model_size, preflight, validate  # noqa: E402

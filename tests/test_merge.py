@@ -11,7 +11,9 @@ from flower_sparsepush.core.codec import HEADER
 from flower_sparsepush.core.merge import correct_bias, correct_drift, merge, merge_bits, merge_mass
 from flower_sparsepush.core.pushsum import NodeState
 from flower_sparsepush.run.config import ConfigError, preflight, validate
-from flower_sparsepush.run.training import get_setup, merge_due, run_inprocess
+from flower_sparsepush.run.inprocess import run_inprocess
+from flower_sparsepush.run.schedule import merge_due
+from flower_sparsepush.run.setup import get_setup
 
 SEGMENTS = [40, 7, 153]  # three tensors of very different scales below
 D = sum(SEGMENTS)
@@ -215,7 +217,7 @@ def test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run(tmp_
 
     with pytest.raises(Crash):
         run_inprocess(cfg, eval_every=1, log=crash_at_7)
-    b = run_inprocess(validate(cfg | {"resume": True}), eval_every=1)
+    b = run_inprocess(cfg.replace(resume=True), eval_every=1)
     assert b.start_round == 4
     assert b.history == a.history and b.bits_sent == a.bits_sent
     for s, t in zip(a.states, b.states):

@@ -107,7 +107,7 @@ def test_format_status_and_follower(tmp_path, clock):
 
 
 def test_inprocess_run_writes_rounds_status(tmp_path):
-    from flower_sparsepush.run.training import train_inprocess
+    from flower_sparsepush.run.inprocess import train_inprocess
 
     cfg = {
         "dataset": "synthetic",

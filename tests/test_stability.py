@@ -9,7 +9,7 @@ gamma 0.5 the same run drifts apart and the worst node's accuracy falls.
 from functools import cache
 
 from flower_sparsepush.run.config import validate
-from flower_sparsepush.run.training import run_inprocess
+from flower_sparsepush.run.inprocess import run_inprocess
 
 
 @cache  # the stable run serves both tests

@@ -7,17 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from flower_sparsepush.core.merge import merge_bits
 from flower_sparsepush.core.pushsum import NodeState, PushSum
 from flower_sparsepush.run.config import ConfigError, validate
-from flower_sparsepush.run.training import (
-    compressor_at,
-    gamma_at,
-    get_setup,
-    local_sgd,
-    merge_bits,
-    run_inprocess,
-    validation_split,
-)
+from flower_sparsepush.run.inprocess import run_inprocess
+from flower_sparsepush.run.node_train import local_sgd
+from flower_sparsepush.run.schedule import compressor_at, gamma_at
+from flower_sparsepush.run.setup import get_setup, validation_split
 
 
 def _cfg(**kw):
@@ -182,7 +178,7 @@ def test_scsp_is_sparse_push_with_the_final_merge_and_says_so_on_flower():
     from flower_sparsepush.run.config import preflight
 
     cfg = _cfg(strategy="scsp")
-    assert cfg["final-merge"] and not cfg["qgm"] and cfg["final-gossip-rounds"] == 0
-    assert not _cfg(strategy="scsp", **{"final-merge": False})["final-merge"]
+    assert cfg.final_merge and not cfg.qgm and cfg.final_gossip_rounds == 0
+    assert not _cfg(strategy="scsp", **{"final-merge": False}).final_merge
     with pytest.raises(ConfigError, match="final-merge=false on Flower"):
         preflight(cfg, flower=True)

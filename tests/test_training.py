@@ -10,16 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from flower_sparsepush.learn.models import flat_params
+from flower_sparsepush.learn.seeds import generator
 from flower_sparsepush.run.config import validate
-from flower_sparsepush.run.training import (
-    batch_indices,
-    generator,
-    get_setup,
-    local_sgd,
-    lr_at,
-    node_batch,
-    run_inprocess,
-)
+from flower_sparsepush.run.inprocess import run_inprocess
+from flower_sparsepush.run.node_train import batch_indices, local_sgd, node_batch
+from flower_sparsepush.run.schedule import lr_at
+from flower_sparsepush.run.setup import get_setup
 
 BASE = {
     "dataset": "synthetic",
@@ -39,7 +35,7 @@ def test_local_sgd_matches_torch_sgd():
     setup = get_setup(cfg)
     ref = copy.deepcopy(setup.model)
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
-    aug = generator(cfg["seed"], 2, "aug", 5)
+    aug = generator(cfg.seed, 2, "aug", 5)
     for step in range(3):
         xb, yb = node_batch(setup, 2, 5, step, aug)
         opt.zero_grad()
@@ -82,7 +78,7 @@ def test_inprocess_deterministic_and_conserves_mass(extra):
     from flower_sparsepush.core.codec import decode
 
     y_mail = sum(decode(d).y for box in a.mailboxes for d in box)
-    assert sum(s.y for s in a.states) + y_mail == pytest.approx(cfg["num-nodes"], abs=1e-12)
+    assert sum(s.y for s in a.states) + y_mail == pytest.approx(cfg.num_nodes, abs=1e-12)
     assert sum(a.bits_sent) == sum(a.bits_received) + sum(8 * len(d) for box in a.mailboxes for d in box)
     c = run_inprocess(validate(BASE | extra | {"seed": 2}))
     assert not torch.equal(a.states[0].x, c.states[0].x)
@@ -98,7 +94,7 @@ def test_inprocess_learns_and_reaches_consensus():
 
 def test_node_evaluation_subset_covers_every_class_of_a_class_sorted_test_set():
     """Test sets read from image folders come sorted by class; a node's subset must not be the first N samples."""
-    from flower_sparsepush.run.training import eval_subset
+    from flower_sparsepush.learn.evaluate import eval_subset
 
     labels = torch.arange(10).repeat_interleave(1000)  # 10,000 samples sorted by class
     idx = eval_subset(len(labels), 1000)

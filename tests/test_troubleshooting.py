@@ -77,7 +77,7 @@ def test_bad_config_stops_the_run_before_it_starts(tmp_path, capsys, argv, start
 
 def test_bad_key_in_process_entry_point(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "flower_sparsepush.run.training", "gama=0.1", f"out-dir={tmp_path}"],
+        [sys.executable, "-m", "flower_sparsepush.run.inprocess", "gama=0.1", f"out-dir={tmp_path}"],
         capture_output=True,
         text=True,
         timeout=300,

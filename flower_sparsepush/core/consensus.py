@@ -42,13 +42,13 @@ def run_consensus(
     check_strongly_connected(g, rounds=rounds)
     if dim < 1 or rounds < 1:
         raise ValueError(f"dim and rounds must be >= 1, got dim={dim}, rounds={rounds}")
-    algo = PushSum(make_compressor(compressor, seed=seed), gamma, form)
+    rule = PushSum(make_compressor(compressor, seed=seed), gamma, form)
     router = Router(nodes, Network(drop=drop, link_down=link_down, churn=churn, seed=seed), bounce=bounce)
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(nodes, dim, generator=gen, dtype=torch.float64)
     mean0, total0 = x0.mean(0), x0.sum(0)
     outs = lambda i: lambda t: g.out_of(t, i)  # noqa: E731
-    peers = [Node(i, algo.init_state(x0[i]), lambda t: algo, outs(i)) for i in range(nodes)]
+    peers = [Node(i, rule.init_state(x0[i]), lambda t: rule, outs(i)) for i in range(nodes)]
     states = [p.state for p in peers]
 
     def error() -> float:
@@ -77,7 +77,7 @@ def run_consensus(
     result = {
         "nodes": nodes,
         "graph": g.name,
-        "compressor": algo.compressor.spec,
+        "compressor": rule.compressor.spec,
         "gamma": gamma,
         "form": form,
         "dim": dim,

@@ -6,7 +6,7 @@ worker (node_worker.py, next to a SuperNode) call :class:`NodeHandlers`: one imp
 - ``query``: answers its ``partition-id`` (the ServerApp learns node id -> partition id, also of a SuperNode that
   reconnects mid-run).
 - ``train`` (sgp / sparse-push / scsp): loads the node's state, does the node's round
-  (:func:`training.node_round`, the function the in-process loop runs: bounces back, inbox absorbed, local SGD,
+  (:func:`node_round`, the function the in-process loop runs: bounces back, inbox absorbed, local SGD,
   messages out), keeps the state and replies with its messages (protocol.py has the records).
 - ``train`` (fedavg): local SGD steps from the received global model, replies the model and ``num-examples``.
 - ``evaluate``: accuracy/loss of the node's de-biased model z on the test set (its first ``eval-node-samples``
@@ -32,8 +32,10 @@ from flower_sparsepush.core.codec import decode
 from flower_sparsepush.core.node import state_from_flat, state_to_flat
 from flower_sparsepush.flower import protocol
 from flower_sparsepush.flower.store import CONTEXT, NodeStore, Stamp, StoreError
-from flower_sparsepush.run import training
+from flower_sparsepush.learn.evaluate import evaluate
 from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.node_train import init_state, local_sgd, node_round
+from flower_sparsepush.run.setup import get_setup
 
 STAMP = "ps-stamp"  # context.state: the Stamp of the node's stored state
 STATE = "ps-state"  # context.state with node-store=context: the flat state itself
@@ -45,8 +47,8 @@ class NodeHolder:
 
     def __init__(self, context: Context, cfg: dict, node: int, token: str) -> None:
         self.context, self.node, self.token = context, node, token
-        self.in_context = cfg["node-store"] == CONTEXT
-        self.store = None if self.in_context else NodeStore(cfg["node-store"] or None, token)
+        self.in_context = cfg.node_store == CONTEXT
+        self.store = None if self.in_context else NodeStore(cfg.node_store or None, token)
 
     def stamp(self) -> Stamp | None:
         rec = self.context.state.get(STAMP)
@@ -117,7 +119,7 @@ class NodeHandlers:
     """The node's message handlers: ``handlers.handle(kind, content, context) -> reply content``.
 
     ``run_config`` replaces ``context.run_config`` (tests and ``run_simulation``). Keeps the validated config of the
-    latest run; ``training.get_setup`` caches data and model per process, so a long-lived process (the node worker)
+    latest run; ``get_setup`` caches data and model per process, so a long-lived process (the node worker)
     builds them once.
     """
 
@@ -156,7 +158,7 @@ class NodeHandlers:
         """(state, pending outboxes, last finished round) of the node, after a restore when asked."""
         got = holder.restore(restore) if restore >= 0 else holder.load()
         if got is None:
-            return training.init_state(setup), {}, -1
+            return init_state(setup), {}, -1
         done, flat = got
         state_flat, pending = split(flat)
         return state_from_flat(state_flat), pending, done
@@ -167,9 +169,9 @@ class NodeHandlers:
     def train(self, content: RecordDict, context: Context) -> RecordDict:
         self.setup_threads()
         cfg = self.cfg_of(context)
-        setup = training.get_setup(cfg)
+        setup = get_setup(cfg)
         node = self.node_id(context)
-        if cfg["strategy"] == "fedavg":
+        if cfg.strategy == "fedavg":
             return self.fedavg_train(content, context, cfg, setup, node)
         order = protocol.read_train(content)
         holder = NodeHolder(context, cfg, node, order.token or "run")
@@ -183,7 +185,7 @@ class NodeHandlers:
         handed = [(r, f) for r, frames in groups for f in frames]
         keep = [i for i, (r, _) in enumerate(handed) if r > done]
         bounced = [f for r, frames in [*order.redo_bounced, (t, order.bounced)] if r > done for f in frames]
-        res = training.node_round(setup, state, node, t, [handed[i][1] for i in keep], bounced)
+        res = node_round(setup, state, node, t, [handed[i][1] for i in keep], bounced)
         refused = [keep[r.index] for r in res.rejected]
         resent = sorted(pending.items())
         pending[t] = sorted(res.messages.items())
@@ -196,7 +198,7 @@ class NodeHandlers:
         holder = NodeHolder(context, cfg, node, str(content["config"].get("token", "fedavg")))
         got = holder.load()
         mom = got[1]["m"] if got is not None and "m" in got[1] else None
-        z_new, mom, loss = training.local_sgd(setup, z, mom, node, rnd)
+        z_new, mom, loss = local_sgd(setup, z, mom, node, rnd)
         if mom is not None:
             holder.save(rnd, {"m": mom}, snapshot=False)
         metrics = MetricRecord({"num-examples": len(setup.shards[node][1]), "train_loss": loss})
@@ -205,11 +207,11 @@ class NodeHandlers:
     def evaluate(self, content: RecordDict, context: Context) -> RecordDict:
         self.setup_threads()
         cfg = self.cfg_of(context)
-        setup = training.get_setup(cfg)
+        setup = get_setup(cfg)
         conf = content[protocol.CONFIG]
         holder = NodeHolder(context, cfg, self.node_id(context), str(conf.get("token", "run")))
         state, pending, done = self.open_node(holder, setup, int(conf.get("restore", -1)))
         pending = {r: f for r, f in pending.items() if r > int(conf.get("acked", -1))}  # routed ones are in mailboxes
         z = state.z.to(torch.float32)
-        acc, loss = training.evaluate(setup, z, cfg["eval-node-samples"])
+        acc, loss = evaluate(setup, z, cfg.eval_node_samples)
         return protocol.eval_reply_content(z.numpy(), acc, loss, state.y, pending_weight(pending), done)

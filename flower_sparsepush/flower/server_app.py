@@ -23,16 +23,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_sparsepush.flower.linkstate import indexed_message_lookup, scale_pull_interval
 from flower_sparsepush.flower.store import CONTEXT, NodeStore
+from flower_sparsepush.learn.evaluate import evaluate
+from flower_sparsepush.run.checkpoint import read_checkpoint, write_checkpoint
 from flower_sparsepush.run.config import preflight, validate
 from flower_sparsepush.run.results import Recorder
-from flower_sparsepush.run.training import (
-    evaluate,
-    get_setup,
-    network_of,
-    read_checkpoint,
-    relay_checks,
-    write_checkpoint,
-)
+from flower_sparsepush.run.setup import get_setup, network_of, relay_checks
 from flower_sparsepush.strategies.routing import SCSP, SGP, CountingFedAvg, SparsePush
 
 ROUND_TIMEOUT_S = 3600.0  # the default of the round-timeout key
@@ -40,18 +35,18 @@ FLOWER_CHECKPOINT = "flower"  # the engine a Flower checkpoint belongs to (the i
 
 
 def build_strategy(cfg: dict[str, Any], token: str = "run"):
-    n = cfg["num-nodes"]
-    if cfg["strategy"] == "fedavg":
+    n = cfg.num_nodes
+    if cfg.strategy == "fedavg":
         return _registering(CountingFedAvg(n, fraction_train=1.0, min_train_nodes=n), n)
-    cls = {"sgp": SGP, "sparse-push": SparsePush, "scsp": SCSP}[cfg["strategy"]]
+    cls = {"sgp": SGP, "sparse-push": SparsePush, "scsp": SCSP}[cfg.strategy]
     strategy = cls(
         n,
-        eval_every=cfg["eval-every"],
-        sample_seed=cfg["seed"],
+        eval_every=cfg.eval_every,
+        sample_seed=cfg.seed,
         network=network_of(cfg),
-        bounce=cfg["bounce"],
+        bounce=cfg.bounce,
         token=token,
-        checkpoint_every=cfg["checkpoint-every"],
+        checkpoint_every=cfg.checkpoint_every,
         **relay_checks(get_setup(cfg)),  # every reply is checked before anything of it is routed (guard.py)
     )
     return _registering(strategy, n)
@@ -79,10 +74,10 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     setup = get_setup(cfg)
     rec = Recorder(cfg)
-    token = f"{cfg['run-name']}-{uuid.uuid4().hex[:10]}"  # this run's folder in every node's store
-    ck = read_checkpoint(cfg, FLOWER_CHECKPOINT) if cfg["resume"] and cfg["strategy"] != "fedavg" else None
+    token = f"{cfg.run_name}-{uuid.uuid4().hex[:10]}"  # this run's folder in every node's store
+    ck = read_checkpoint(cfg, FLOWER_CHECKPOINT) if cfg.resume and cfg.strategy != "fedavg" else None
     strategy = build_strategy(cfg, token)
-    n, last = cfg["num-nodes"], cfg["num-rounds"] + cfg["final-gossip-rounds"]
+    n, last = cfg.num_nodes, cfg.num_rounds + cfg.final_gossip_rounds
     done0 = 0
     if ck is not None:
         done0 = int(ck["round"])
@@ -98,7 +93,7 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
             extra
             | {
                 "round": rnd,
-                "epoch": round(setup.epoch(min(rnd, cfg["num-rounds"])), 4),
+                "epoch": round(setup.epoch(min(rnd, cfg.num_rounds)), 4),
                 "acc_consensus": acc_c,
                 "acc_node_mean": node_mean,
                 "acc_node_min": node_min,
@@ -113,12 +108,12 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
         # Flower calls this after every round: the one per-round hook of Strategy.start, so progress and
         # checkpoints are kept here
         rnd = server_round + done0 if server_round else 0
-        if server_round == 0 or not (rnd % cfg["eval-every"] == 0 or rnd == last):
+        if server_round == 0 or not (rnd % cfg.eval_every == 0 or rnd == last):
             if server_round:
                 rec.progress.update(rnd, rec.progress.note)
                 checkpoint(rnd)
             return None
-        if cfg["strategy"] == "fedavg":
+        if cfg.strategy == "fedavg":
             z = torch.from_numpy(np.array(arrays["z"].numpy()))
             acc, loss = evaluate(setup, z, 0)
             r = row(rnd, acc, loss, acc, acc, 0.0)
@@ -151,18 +146,18 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
         return MetricRecord({k: float(v) for k, v in r.items()})
 
     def checkpoint(rnd: int) -> None:
-        every = cfg["checkpoint-every"]
-        if every and rnd % every == 0 and cfg["strategy"] != "fedavg":
+        every = cfg.checkpoint_every
+        if every and rnd % every == 0 and cfg.strategy != "fedavg":
             save_flower_checkpoint(cfg, rnd, strategy, rec.rows)
 
-    scale_pull_interval(grid, cfg["num-nodes"])  # reply polling O(N) per round, not O(N^2) (linkstate.py)
+    scale_pull_interval(grid, cfg.num_nodes)  # reply polling O(N) per round, not O(N^2) (linkstate.py)
     strategy.start(
         grid,
         ArrayRecord({"z": Array(setup.x0.numpy())}),
         num_rounds=last - done0,
-        timeout=cfg["round-timeout"],
+        timeout=cfg.round_timeout,
         evaluate_fn=evaluate_fn,
-        **({"train_config": ConfigRecord({"token": token})} if cfg["strategy"] == "fedavg" else {}),
+        **({"train_config": ConfigRecord({"token": token})} if cfg.strategy == "fedavg" else {}),
     )
     rep = strategy.report()
     extra: dict[str, Any] = {
@@ -173,7 +168,7 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
         "num_params": int(setup.x0.numel()),
         "resumed_from_round": done0,
     }
-    if cfg["strategy"] != "fedavg":
+    if cfg.strategy != "fedavg":
         ev = rep.last_eval
         extra["mass"] = {
             "y_nodes": ev.y_nodes,
@@ -202,11 +197,11 @@ def run_server(grid: Grid, raw_cfg: dict[str, Any]) -> dict[str, Any]:
                 "reconnected_nodes",
             )
         }
-        if cfg["save-nodes"]:
+        if cfg.save_nodes:
             np.savez(rec.dir / "nodes.npz", **{f"z{p}": z for p, z in sorted(ev.z_nodes.items())})
-    if not cfg["checkpoint-every"] and cfg["node-store"] != CONTEXT:
+    if not cfg.checkpoint_every and cfg.node_store != CONTEXT:
         # the nodes' files of a finished run that keeps no checkpoints (where this process can see them)
-        shutil.rmtree(NodeStore(cfg["node-store"] or None, token).dir, ignore_errors=True)
+        shutil.rmtree(NodeStore(cfg.node_store or None, token).dir, ignore_errors=True)
     return rec.finish(extra)
 
 

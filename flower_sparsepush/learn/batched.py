@@ -3,20 +3,20 @@
 The in-process loop spends most of its time in many small forward/backward passes (one per node per local step,
 batch 32). :class:`BatchedSGD` runs the same step for every node at once: the nodes' flat parameter vectors are
 stacked into one ``(nodes, d)`` tensor and ``vmap(grad(loss))`` computes every node's gradient on its own batch in
-one call. The update is the same arithmetic as :func:`training.local_sgd` (weight decay, momentum or Nesterov,
-quasi-global momentum), so the two agree to float32 rounding on the CPU; ``tests/test_batched.py`` proves it. Batches
-and augmentation come from the same stateless generators (``training.node_batch``), so a node draws the same samples
+one call. The update is :func:`learn.sgd.sgd_steps`, the code the per-node path runs too, so the two agree to float32 rounding on the CPU; ``tests/test_batched.py`` proves it. Batches
+and augmentation come from the same stateless generators (``run.node_train.node_batch``), so a node draws the same samples
 in either path.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
+
+from flower_sparsepush.learn.sgd import SGDParams, sgd_steps
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,53 +70,31 @@ class BatchedSGD:
         z: torch.Tensor,
         momentum: torch.Tensor | None,
         batches: list[tuple[torch.Tensor, torch.Tensor]],
-        hp: dict[str, Any],
+        hp: SGDParams,
         drift: torch.Tensor | None = None,
         grad_sum: torch.Tensor | None = None,
         offset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """``len(batches)`` SGD steps of every node from ``z`` (``(nodes, d)``); returns (z, momentum, mean losses).
-
-        ``batches[k]`` holds step k's inputs ``(nodes, b, ...)`` and labels ``(nodes, b)``. ``hp``: lr, momentum,
-        weight-decay, nesterov, qgm; ``drift`` (``(nodes, d)``) is subtracted from the gradients; ``grad_sum``
-        (``(nodes, d)``, on the CPU) gains ``lr * (g + weight_decay * z)`` per step in place; with ``offset``
-        (``(nodes, d)``) the gradients are taken at ``z + offset`` (gradient-lookahead). The arithmetic is
-        :func:`training.local_sgd`'s, node by node.
-        """
+        """``len(batches)`` SGD steps of every node from ``z`` (``(nodes, d)``, :func:`learn.sgd.sgd_steps`);
+        returns (z, momentum, mean losses). ``batches[k]`` holds step k's inputs ``(nodes, b, ...)`` and labels
+        ``(nodes, b)``; ``drift``, ``grad_sum`` (on the CPU, updated in place) and ``offset`` are ``(nodes, d)``."""
         acc = None if grad_sum is None else grad_sum.to(self.device, torch.float32)
         drift = None if drift is None else drift.to(self.device, torch.float32)
         offset = None if offset is None else offset.to(self.device, torch.float32)
-        lr, mu, wd = hp["lr"], hp["momentum"], hp["weight-decay"]
         z = z.to(self.device, torch.float32).clone()
         buf = None
-        if mu:
+        if hp.momentum:
             buf = torch.zeros_like(z) if momentum is None else momentum.to(self.device, torch.float32).clone()
-        losses = torch.zeros(z.shape[0], device=self.device)
-        for xb, yb in batches:
-            at = z if offset is None else z + offset
-            g, loss = self.gradients(at, xb.to(self.device), yb.to(self.device))
-            if acc is not None:
-                acc.add_(g.add(z, alpha=wd), alpha=lr)
-            if drift is not None:
-                g = g - drift
-            losses += loss.detach()
-            sgd_step_(z, g, buf, lr, mu, wd, hp["nesterov"], hp["qgm"])
+
+        def gradient(point: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            xb, yb = batches[step]
+            g, loss = self.gradients(point, xb.to(self.device), yb.to(self.device))
+            return g, loss.detach()
+
+        losses = sgd_steps(z, buf, len(batches), gradient, hp, drift, acc, offset)
         if acc is not None and acc is not grad_sum:
             grad_sum.copy_(acc.cpu())
-        return z, buf, losses / max(1, len(batches))
-
-
-def sgd_step_(z, g, buf, lr: float, mu: float, wd: float, nesterov: bool, qgm: bool) -> None:
-    """One SGD step on ``z`` in place, torch.optim.SGD's arithmetic (weight decay, momentum ``buf`` updated in place,
-    Nesterov); with ``qgm`` the buffer is the quasi-global momentum, read but not updated. Shapes broadcast, so the
-    same function serves one node (``d``) and all nodes at once (``(nodes, d)``)."""
-    if wd:
-        g = g.add(z, alpha=wd)
-    if buf is not None and qgm:
-        d = g.add(buf, alpha=mu)
-    elif buf is not None:
-        buf.mul_(mu).add_(g)
-        d = g.add(buf, alpha=mu) if nesterov else buf
-    else:
-        d = g
-    z.sub_(d, alpha=lr)
+        total = torch.zeros(z.shape[0], device=self.device)
+        for loss in losses:
+            total += loss
+        return z, buf, total / max(1, len(batches))

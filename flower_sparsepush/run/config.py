@@ -1,7 +1,9 @@
 """Run-config keys of the Flower app: defaults, types, ranges, and one validation entry point.
 
-``validate(cfg)`` returns a complete, typed copy (defaults filled in) or raises one :class:`ConfigError` that names
-the key, the bad value and what is allowed. Unknown keys are rejected with the closest valid name. Graph and
+``validate(cfg)`` returns a :class:`RunConfig` (frozen, typed, defaults filled in; one field per key of
+:data:`KEYS`, ``num-nodes`` read as ``cfg.num_nodes``) or raises one :class:`ConfigError` that names the key, the
+bad value and what is allowed. Outside this module a run's settings are read from that object only; plain dicts of
+kebab-case keys exist at the edges where records arrive (Flower's run config, the command line, JSON files). Unknown keys are rejected with the closest valid name. Graph and
 compressor specs are checked by building them with the core's own parsers (``make_graph``, ``make_compressor``).
 The ServerApp validates before it sends a single message; ``sparsepush train`` validates before the SuperLink
 (and Ray) start.
@@ -10,7 +12,7 @@ The ServerApp validates before it sends a single message; ``sparsepush train`` v
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 STRATEGIES = ("fedavg", "sgp", "sparse-push", "scsp")
@@ -203,6 +205,37 @@ KEYS: dict[str, Key] = {
 }
 
 
+def field_name(key: str) -> str:
+    """The :class:`RunConfig` field of a run-config key (``num-nodes`` -> ``num_nodes``)."""
+    return key.replace("-", "_")
+
+
+class _RunConfigMethods:
+    def as_dict(self) -> dict[str, Any]:
+        """The kebab-case dict of every key, as Flower's run config, ``config.json`` and checkpoints hold it."""
+        return {key: getattr(self, field_name(key)) for key in KEYS}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A validated copy with some fields changed (field names: ``cfg.replace(num_rounds=3)``)."""
+        unknown = [k for k in changes if field_name(k.replace("_", "-")) != k or k.replace("_", "-") not in KEYS]
+        if unknown:
+            raise ConfigError(f"RunConfig.replace: unknown field {unknown[0]!r} (fields are the keys with '_' for '-')")
+        return validate(self.as_dict() | {k.replace("_", "-"): v for k, v in changes.items()})
+
+
+RunConfig = make_dataclass(
+    "RunConfig",
+    [(field_name(key), spec.type, field(default=spec.default)) for key, spec in KEYS.items()],
+    bases=(_RunConfigMethods,),
+    frozen=True,
+)
+RunConfig.__module__ = __name__
+RunConfig.__doc__ = "One run's settings, validated and read-only: one field per run-config key.\n\n" + "\n".join(
+    f"- ``{field_name(key)}`` ({spec.type.__name__}, default {spec.default!r}): {spec.help}"
+    for key, spec in KEYS.items()
+)
+
+
 def _closest(name: str) -> str:
     m = difflib.get_close_matches(name, list(KEYS), n=1, cutoff=0.5)
     return f"; did you mean {m[0]!r}?" if m else ""
@@ -268,8 +301,11 @@ def parse_lr_schedule(spec: str) -> tuple[str, list[float]]:
     )
 
 
-def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
-    """A complete, typed copy of ``cfg`` (defaults filled in); raises :class:`ConfigError` on the first problem."""
+def validate(cfg: dict[str, Any] | RunConfig | None) -> RunConfig:
+    """The :class:`RunConfig` of ``cfg`` (a dict of run-config keys; defaults filled in); raises :class:`ConfigError`
+    on the first problem. A :class:`RunConfig` is returned as it is."""
+    if isinstance(cfg, RunConfig):
+        return cfg
     from flower_sparsepush.core.compression import CompressionError, make_compressor
     from flower_sparsepush.core.topology import GraphError, make_graph
 
@@ -423,7 +459,7 @@ def validate(cfg: dict[str, Any] | None) -> dict[str, Any]:
         out["run-name"] = f"{out['strategy']}-{out['graph']}-{out['compressor']}-s{out['seed']}".replace(":", "")
     if "/" in out["run-name"] or out["run-name"] in (".", ".."):
         raise ConfigError(f"run-config run-name={out['run-name']!r}: must be a plain folder name")
-    return out
+    return RunConfig(**{field_name(k): v for k, v in out.items()})
 
 
 # shape of one example and class count of each dataset, to size the model before any data is loaded
@@ -436,37 +472,37 @@ DATA_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
 _SELECTORS = ("topk", "topk-layer", "randk")
 
 
-def total_rounds(cfg: dict[str, Any]) -> int:
+def total_rounds(cfg: RunConfig) -> int:
     """Training rounds plus the final gossip-only rounds (what the graph must connect over)."""
-    return cfg["num-rounds"] + (0 if cfg["strategy"] == "fedavg" else cfg["final-gossip-rounds"])
+    return cfg.num_rounds + (0 if cfg.strategy == "fedavg" else cfg.final_gossip_rounds)
 
 
-def hf_dataset(cfg: dict[str, Any]):
+def hf_dataset(cfg: RunConfig):
     """The ``dataset=hf:...`` data of a validated config (``data.load_hf_dataset``; errors as :class:`ConfigError`)."""
     from flower_sparsepush.learn import data
 
     try:
-        return data.load_hf_dataset(cfg["dataset"], cfg["image-column"], cfg["label-column"])
+        return data.load_hf_dataset(cfg.dataset, cfg.image_column, cfg.label_column)
     except ValueError as err:  # DataNotFoundError included
-        raise ConfigError(f"run-config dataset={cfg['dataset']!r}: {err}") from None
+        raise ConfigError(f"run-config dataset={cfg.dataset!r}: {err}") from None
 
 
-def model_size(cfg: dict[str, Any]) -> tuple[int, list[int]]:
+def model_size(cfg: RunConfig) -> tuple[int, list[int]]:
     """(number of parameters, per-tensor sizes) of the run's model, built without loading the dataset."""
     from flower_sparsepush.learn.models import build_model, segment_sizes
 
-    if cfg["dataset"] in DATA_SHAPES:
-        shape, classes = DATA_SHAPES[cfg["dataset"]]
+    if cfg.dataset in DATA_SHAPES:
+        shape, classes = DATA_SHAPES[cfg.dataset]
     else:  # hf:...: the shapes are in the data (loaded once per process, kept for the run)
         ds = hf_dataset(cfg)
         shape, classes = ds.input_shape, ds.num_classes
     in_ch = shape[0] if len(shape) == 3 else 1
-    model = build_model(cfg["model"], classes, in_ch, cfg["norm"], input_shape=shape, seed=cfg["seed"])
+    model = build_model(cfg.model, classes, in_ch, cfg.norm, input_shape=shape, seed=cfg.seed)
     sizes = segment_sizes(model)
     return sum(sizes), sizes
 
 
-def preflight(cfg: dict[str, Any], flower: bool = False) -> None:
+def preflight(cfg: RunConfig, flower: bool = False) -> None:
     """The checks of a validated config that need more than its values; raises one :class:`ConfigError`.
 
     - the graph is jointly strongly connected over its window, for the rounds of this run
@@ -484,60 +520,58 @@ def preflight(cfg: dict[str, Any], flower: bool = False) -> None:
 
     from flower_sparsepush.core.topology import GraphError, check_strongly_connected, make_graph
 
-    if flower and cfg["final-merge"]:
+    if flower and cfg.final_merge:
         raise ConfigError(
-            f"run-config final-merge={cfg['final-merge']!r}: the final merge is implemented for the in-process loop "
-            "only (python -m flower_sparsepush.run.training ...); strategy scsp turns it on: set final-merge=false on "
+            f"run-config final-merge={cfg.final_merge!r}: the final merge is implemented for the in-process loop "
+            "only (python -m flower_sparsepush.run.inprocess ...); strategy scsp turns it on: set final-merge=false on "
             "Flower, final-gossip-rounds=N emulates the merge by gossip"
         )
-    if flower and cfg["merge-every"]:
+    if flower and cfg.merge_every:
         raise ConfigError(
-            f"run-config merge-every={cfg['merge-every']}: periodic merges are implemented for the in-process loop "
-            "only (python -m flower_sparsepush.run.training ...); set merge-every=0 on Flower"
+            f"run-config merge-every={cfg.merge_every}: periodic merges are implemented for the in-process loop "
+            "only (python -m flower_sparsepush.run.inprocess ...); set merge-every=0 on Flower"
         )
-    if flower and cfg["node-store"] == "context" and (cfg["checkpoint-every"] or cfg["resume"]):
-        key = "checkpoint-every" if cfg["checkpoint-every"] else "resume"
+    if flower and cfg.node_store == "context" and (cfg.checkpoint_every or cfg.resume):
+        key = "checkpoint-every" if cfg.checkpoint_every else "resume"
         raise ConfigError(
-            f"run-config {key}={cfg[key]!r} with node-store=context: Flower's context.state does not outlive a run, "
+            f"run-config {key}={getattr(cfg, field_name(key))!r} with node-store=context: Flower's context.state does not outlive a run, "
             "so the nodes cannot keep checkpoints there; set node-store to a folder (docs/node-store.md)"
         )
-    if cfg["device"].startswith("cuda"):
+    if cfg.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(f"run-config device={cfg['device']!r}: torch sees no GPU here; use device=cpu or auto")
-    if cfg["strategy"] != "fedavg":
+            raise ConfigError(f"run-config device={cfg.device!r}: torch sees no GPU here; use device=cpu or auto")
+    if cfg.strategy != "fedavg":
         try:
-            check_strongly_connected(make_graph(cfg["graph"], cfg["num-nodes"], cfg["seed"]), rounds=total_rounds(cfg))
+            check_strongly_connected(make_graph(cfg.graph, cfg.num_nodes, cfg.seed), rounds=total_rounds(cfg))
         except GraphError as err:
-            raise ConfigError(f"run-config graph={cfg['graph']!r}: {err}") from None
-    if cfg["dataset"] == "synthetic" and cfg["model"] in ("cnn", "resnet20", "vgg11"):
-        raise ConfigError(
-            f"run-config model={cfg['model']!r}: the synthetic dataset has flat features; use mlp or logreg"
-        )
+            raise ConfigError(f"run-config graph={cfg.graph!r}: {err}") from None
+    if cfg.dataset == "synthetic" and cfg.model in ("cnn", "resnet20", "vgg11"):
+        raise ConfigError(f"run-config model={cfg.model!r}: the synthetic dataset has flat features; use mlp or logreg")
     d, _ = model_size(cfg)
-    if cfg["strategy"] != "sgp":
-        for part in cfg["compressor"].split("+"):
+    if cfg.strategy != "sgp":
+        for part in cfg.compressor.split("+"):
             name, _, arg = part.partition(":")
             if name in _SELECTORS and arg and float(arg) >= 1 and float(arg) > d:
                 raise ConfigError(
-                    f"run-config compressor={cfg['compressor']!r}: {name} keeps {int(float(arg))} entries "
-                    f"but the {cfg['model']} model on {cfg['dataset']} has only d={d} parameters "
+                    f"run-config compressor={cfg.compressor!r}: {name} keeps {int(float(arg))} entries "
+                    f"but the {cfg.model} model on {cfg.dataset} has only d={d} parameters "
                     "(k must be in (0, d])"
                 )
-    if cfg["dataset"] != "synthetic":
+    if cfg.dataset != "synthetic":
         from flower_sparsepush.learn import data
 
         try:
-            hf_dataset(cfg) if data.is_hf(cfg["dataset"]) else data.find_data(cfg["dataset"], cfg["data-dir"] or None)
+            hf_dataset(cfg) if data.is_hf(cfg.dataset) else data.find_data(cfg.dataset, cfg.data_dir or None)
         except (data.DataNotFoundError, FileNotFoundError) as err:
-            raise ConfigError(f"run-config dataset={cfg['dataset']!r}: {err}") from None
-    out = Path(cfg["out-dir"]) / cfg["run-name"]
+            raise ConfigError(f"run-config dataset={cfg.dataset!r}: {err}") from None
+    out = Path(cfg.out_dir) / cfg.run_name
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(
-            f"run-config out-dir={cfg['out-dir']!r}: cannot write results to {out} "
+            f"run-config out-dir={cfg.out_dir!r}: cannot write results to {out} "
             f"({probe} is {'not a folder' if not probe.is_dir() else 'not writable'})"
         )

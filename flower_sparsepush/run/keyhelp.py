@@ -2,7 +2,7 @@
 help and validation cannot drift. Standard library only: ``make help`` runs it before the venv exists.
 
 - :func:`key_help` / :func:`add_key_options`: the ``--key V`` options of ``sparsepush train`` and ``deploy-local``;
-- :func:`keys_text`: one line per key (``key=default  meaning``) for ``python -m flower_sparsepush.run.training --help``
+- :func:`keys_text`: one line per key (``key=default  meaning``) for ``python -m flower_sparsepush.run.inprocess --help``
   and ``make help``;
 - :class:`OneLineHelp`: an argparse formatter that keeps each option's help on its own single line.
 

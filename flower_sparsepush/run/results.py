@@ -31,7 +31,7 @@ METRIC_FIELDS = (
 
 
 def run_dir(cfg: dict[str, Any]) -> Path:
-    return Path(cfg["out-dir"]) / cfg["run-name"]
+    return Path(cfg.out_dir) / cfg.run_name
 
 
 def command_line() -> str:
@@ -48,13 +48,13 @@ class Recorder:
         self.t0 = time.time()
         self.rows: list[dict[str, Any]] = []
         self.echo = echo
-        (self.dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (self.dir / "config.json").write_text(json.dumps(cfg.as_dict(), indent=2, sort_keys=True) + "\n")
         (self.dir / "metrics.jsonl").write_text("")
         from flower_sparsepush.run.config import total_rounds
         from flower_sparsepush.run.progress import STATUS_FILE, Progress
 
         self.progress = Progress(
-            total_rounds(cfg), self.dir / STATUS_FILE, f"[{cfg['run-name']}]", unit="rounds", min_interval=10.0
+            total_rounds(cfg), self.dir / STATUS_FILE, f"[{cfg.run_name}]", unit="rounds", min_interval=10.0
         )
 
     def log(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +68,7 @@ class Recorder:
             f.write(json.dumps(row) + "\n")
         if self.echo:
             self.echo(
-                f"[{self.cfg['strategy']}] round {row['round']:>5}/{self.cfg['num-rounds']} epoch {row['epoch']:6.2f} "
+                f"[{self.cfg.strategy}] round {row['round']:>5}/{self.cfg.num_rounds} epoch {row['epoch']:6.2f} "
                 f"acc {row['acc_consensus']:.4f} (nodes mean {row['acc_node_mean']:.4f} min {row['acc_node_min']:.4f}) "
                 f"loss {row['loss']:.4f} dist {row['consensus_distance']:.3g} "
                 f"sent {row['bits_sent_per_node'] / 8e6:.3f} MB/node  {row['wall_s']:.1f}s",
@@ -80,8 +80,8 @@ class Recorder:
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         last = self.rows[-1] if self.rows else {}
         summary = {
-            "run_name": self.cfg["run-name"],
-            "strategy": self.cfg["strategy"],
+            "run_name": self.cfg.run_name,
+            "strategy": self.cfg.strategy,
             "command": command_line(),
             "final": last,
             "best_acc_consensus": max((r["acc_consensus"] for r in self.rows), default=None),
@@ -91,7 +91,7 @@ class Recorder:
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.progress.close()
         if self.rows:
-            plot(self.rows, self.dir / "accuracy.png", self.cfg["run-name"])
+            plot(self.rows, self.dir / "accuracy.png", self.cfg.run_name)
         return summary
 
 

@@ -1,0 +1,127 @@
+"""Checkpoints of a run: ``<out-dir>/<run-name>/checkpoint.pt``, a ``torch.save`` of plain types (tensors, numbers,
+bytes, lists, dicts) that loads with ``weights_only=True``. The in-process loop keeps every node's state there; on
+Flower the ServerApp keeps the strategy's and each node keeps its own copy in the node store."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from flower_sparsepush.core.node import state_from_flat, state_to_flat
+from flower_sparsepush.core.pushsum import NodeState
+from flower_sparsepush.core.router import Router
+from flower_sparsepush.run.config import ConfigError, RunConfig
+from flower_sparsepush.run.results import run_dir
+
+# checkpoint.pt: torch.save of plain types (tensors, numbers, bytes, lists, dicts); loads with weights_only=True
+# 2: node states in the flat form of node.state_to_flat; 3: on Flower, the nodes' copies are safetensors files of the
+# node store (store.py), where version 2 left torch.save files that this code does not read
+CHECKPOINT_VERSION = 3
+
+
+_NOT_IDENTITY = (
+    "resume",
+    "checkpoint-every",
+    "out-dir",
+    "round-timeout",
+    "eval-every",
+    "eval-node-samples",
+    "save-nodes",
+)
+
+
+def checkpoint_identity(cfg: RunConfig) -> dict[str, Any]:
+    """The config keys a checkpoint must agree on to be resumed (not the output or evaluation settings)."""
+    return {k: v for k, v in cfg.as_dict().items() if k not in _NOT_IDENTITY}
+
+
+def checkpoint_path(cfg: RunConfig):
+    return run_dir(cfg) / "checkpoint.pt"
+
+
+def write_checkpoint(cfg: RunConfig, engine: str, rnd: int, body: dict[str, Any]) -> None:
+    """``<out-dir>/<run-name>/checkpoint.pt`` after round ``rnd`` of ``engine`` (``inprocess`` or ``flower``):
+    ``body`` plus the version, engine, round and the config it belongs to. Written to a temporary file and renamed,
+    so an interrupted write leaves the previous checkpoint intact."""
+    path = checkpoint_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ck = {"version": CHECKPOINT_VERSION, "engine": engine, "round": rnd, "config": checkpoint_identity(cfg)} | body
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ck, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(cfg: RunConfig, engine: str) -> dict[str, Any] | None:
+    """The run's checkpoint written by ``engine``, or None if there is none; refuses (ConfigError) one of another
+    engine, version or run."""
+    path = checkpoint_path(cfg)
+    if not path.exists():
+        return None
+    ck = torch.load(path, weights_only=True)
+    if ck.get("engine", "inprocess") != engine:
+        raise ConfigError(
+            f"{path} was written by the {ck.get('engine')} engine; resume it there or use another run-name"
+        )
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(
+            f"{path}: checkpoint version {ck.get('version')!r}, this code reads {CHECKPOINT_VERSION}; start the run "
+            f"again without resume (or use another run-name), or resume it with the version that wrote it"
+        )
+    mine = checkpoint_identity(cfg)
+    diff = sorted(k for k in set(mine) | set(ck["config"]) if mine.get(k) != ck["config"].get(k))
+    if diff:
+        k = diff[0]
+        raise ConfigError(
+            f"run-config resume: {path} belongs to another run ({k}={ck['config'].get(k)!r} there, "
+            f"{mine.get(k)!r} now); use another run-name or the same settings"
+        )
+    return ck
+
+
+def save_checkpoint(
+    cfg: RunConfig,
+    rnd: int,
+    states: list[NodeState],
+    router: Router,
+    sent: list[int],
+    history: list[dict[str, float]],
+    merge_base: torch.Tensor | None = None,
+    owner_err: torch.Tensor | None = None,
+) -> None:
+    """Everything the in-process loop needs to continue after round ``rnd`` (RNGs are pure functions of (seed,
+    node, round)); ``merge_base`` is the last merge's model (None before the first merge), ``owner_err`` the chunk
+    owners' merge error feedback (merge-feedback)."""
+    body = {
+        "states": [state_to_flat(s) for s in states],
+        "router": router.state_dict(),
+        "bits_sent": list(sent),
+        "history": [dict(h) for h in history],
+    }
+    if merge_base is not None:
+        body["merge_base"] = merge_base
+    if owner_err is not None:
+        body["merge_owner_err"] = owner_err
+    write_checkpoint(cfg, "inprocess", rnd, body)
+
+
+def load_checkpoint(
+    cfg: RunConfig, router: Router
+) -> tuple[int, list[NodeState], list[int], list[dict], torch.Tensor | None, torch.Tensor | None] | None:
+    """(round, states, bits sent, history, merge base or None, owners' merge error or None) from the run's
+    checkpoint, restoring ``router``; None if there is none."""
+    ck = read_checkpoint(cfg, "inprocess")
+    if ck is None:
+        return None
+    router.load_state_dict(ck["router"])
+    states = [state_from_flat(d) for d in ck["states"]]
+    hist = [dict(h) for h in ck["history"]]
+    return (
+        int(ck["round"]),
+        states,
+        [int(b) for b in ck["bits_sent"]],
+        hist,
+        ck.get("merge_base"),
+        ck.get("merge_owner_err"),
+    )
