@@ -43,18 +43,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from flower_sparsepush.core.codec import FORMS
-from flower_sparsepush.core.compression import CompressionError, Identity, make_compressor
+from flower_sparsepush.core.compression import Identity
 from flower_sparsepush.core.node import Node
 from flower_sparsepush.core.pushsum import NodeState
 from flower_sparsepush.core.router import Network, Router
 from flower_sparsepush.core.topology import Graph, GraphError, make_graph
 from flower_sparsepush.flower import protocol
-from flower_sparsepush.run.setup import make_rule as round_rule
+from flower_sparsepush.run.setup import make_rule
 
 from .base import EvalReport, PushSumStrategy, Report, eval_report, wait_and_register
+from .dropin_checks import check_callables, check_gossip, check_sampling
 
-NODE_ORDERS = ("node-id", "partition-id")
 MetricsAggr = Callable[[list[RecordDict], str], MetricRecord]
 NodesEval = Callable[[int, list[ArrayRecord]], MetricRecord | None]
 
@@ -142,68 +141,18 @@ class DecentralizedFedAvg(PushSumStrategy):
         evaluate_nodes_fn: NodesEval | None = None,
         register_timeout: float = 120.0,
     ) -> None:
-        def number(name: str, v: Any) -> float:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-                raise ValueError(f"{name} must be a number, got {v!r}")
-            return float(v)
-
-        def count(name: str, v: Any, low: int) -> int:
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-            return v
-
-        if not 0 < number("fraction_train", fraction_train) <= 1:
-            raise ValueError(f"fraction_train must be in (0, 1] (every round trains), got {fraction_train!r}")
-        if not 0 <= number("fraction_evaluate", fraction_evaluate) <= 1:
-            raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate!r}")
-        count("min_train_nodes", min_train_nodes, 1)
-        count("min_evaluate_nodes", min_evaluate_nodes, 0)
-        count("min_available_nodes", min_available_nodes, 2)
-        if num_nodes is not None:
-            count("num_nodes", num_nodes, 2)
-        for name, v in (
-            ("weighted_by_key", weighted_by_key),
-            ("arrayrecord_key", arrayrecord_key),
-            ("configrecord_key", configrecord_key),
-        ):
-            if not isinstance(v, str) or not v:
-                raise ValueError(f"{name} must be a non-empty string, got {v!r}")
-        if arrayrecord_key == configrecord_key:
-            raise ValueError(f"arrayrecord_key and configrecord_key must differ, both are {arrayrecord_key!r}")
-        if not 0 < number("gamma", gamma) <= 1:
-            raise ValueError(f"gamma (consensus step size) must be in (0, 1], got {gamma!r}")
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        count("seed", seed, 0)
-        if node_order not in NODE_ORDERS:
-            raise ValueError(f"node_order must be one of {NODE_ORDERS}, got {node_order!r}")
-        if isinstance(graph, str):
-            try:  # catch a bad name now, not after the nodes connected (the size is checked again at start)
-                make_graph(graph, max(num_nodes or min_available_nodes, 2), seed)
-            except GraphError as err:
-                raise ValueError(f"graph {graph!r}: {err}") from None
-        elif not isinstance(graph, Graph):
-            raise ValueError(f"graph must be a graph name (e.g. 'exponential') or a topology.Graph, got {graph!r}")
-        elif num_nodes is not None and graph.n != num_nodes:
-            raise ValueError(f"graph has {graph.n} nodes but num_nodes={num_nodes}")
+        keys = (weighted_by_key, arrayrecord_key, configrecord_key)
+        check_sampling(
+            fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, num_nodes, keys
+        )
+        check_gossip(graph, compressor, gamma, form, seed, num_nodes, min_available_nodes, node_order, network)
+        check_callables(
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+            evaluate_nodes_fn=evaluate_nodes_fn,
+        )
         if compressor is None:
             compressor = Identity()
-        if isinstance(compressor, str):
-            try:
-                make_compressor(compressor, segments=[1], seed=0)
-            except CompressionError as err:
-                raise ValueError(f"compressor {compressor!r}: {err}") from None
-        elif not callable(compressor):
-            raise ValueError(f"compressor must be a spec such as 'topk:0.1' or a compressor object, got {compressor!r}")
-        if network is not None and (not isinstance(network, Network) or network.churn):
-            raise ValueError("network must be a router.Network without churn (idle nodes: use fraction_train)")
-        for name, fn in (
-            ("train_metrics_aggr_fn", train_metrics_aggr_fn),
-            ("evaluate_metrics_aggr_fn", evaluate_metrics_aggr_fn),
-            ("evaluate_nodes_fn", evaluate_nodes_fn),
-        ):
-            if fn is not None and not callable(fn):
-                raise ValueError(f"{name} must be callable, got {fn!r}")
 
         super().__init__(num_nodes or 0, seed, register_timeout)
         self.fraction_train = float(fraction_train)
@@ -421,8 +370,8 @@ class DecentralizedFedAvg(PushSumStrategy):
     # -- sampling and the push-sum rule --------------------------------------------------------------------------------
 
     def _rule(self, node: int):
-        """Node's push-sum rule of each round (training.round_rule, as the native mode builds it)."""
-        return lambda rnd: round_rule(
+        """Node's push-sum rule of each round (run.setup.make_rule, as the native mode builds it)."""
+        return lambda rnd: make_rule(
             self.compressor, self.segments, self.seed, node, rnd, self.gamma, self.form, self.x0
         )
 

@@ -9,6 +9,7 @@ import pytest
 
 from flower_sparsepush.flower.launch import register, simulate
 from flower_sparsepush.run.config import KEYS, ConfigError, validate
+from flower_sparsepush.run.preflight import preflight
 
 
 def test_defaults_complete_and_typed():
@@ -114,7 +115,6 @@ SYN = {"dataset": "synthetic", "model": "mlp", "num-nodes": 4}
 )
 def test_preflight_rejects(raw, words, tmp_path, monkeypatch):
     from flower_sparsepush.learn import data
-    from flower_sparsepush.run.config import preflight
 
     cfg = validate(SYN | {"out-dir": str(tmp_path)} | raw)
 
@@ -129,7 +129,7 @@ def test_preflight_rejects(raw, words, tmp_path, monkeypatch):
 
 
 def test_preflight_accepts_and_checks_out_dir(tmp_path):
-    from flower_sparsepush.run.config import model_size, preflight
+    from flower_sparsepush.run.preflight import model_size
 
     cfg = validate(SYN | {"out-dir": str(tmp_path / "new" / "deeper"), "compressor": "topk:100"})
     preflight(cfg)  # a folder that does not exist yet is fine (nothing is created)

@@ -10,10 +10,11 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-from flower_sparsepush.learn import data  # noqa: E402
+from flower_sparsepush.learn import data, hf  # noqa: E402
 from flower_sparsepush.learn.data import DataNotFoundError  # noqa: E402
 from flower_sparsepush.learn.models import SmallCNN  # noqa: E402
-from flower_sparsepush.run.config import ConfigError, model_size, preflight, validate  # noqa: E402
+from flower_sparsepush.run.config import ConfigError, validate  # noqa: E402
+from flower_sparsepush.run.preflight import model_size, preflight  # noqa: E402
 
 CLASSES = ["circle", "square", "cross", "line"]
 
@@ -87,7 +88,7 @@ def test_columns_by_type_or_by_key_and_no_test_split(tmp_path):
     assert np.bincount(a.y_test.numpy()).tolist() == [2, 2, 2]
     rows = {tuple(r) for r in a.x_train.numpy().round(6)} | {tuple(r) for r in a.x_test.numpy().round(6)}
     assert len(rows) == 60  # train and test are disjoint and cover every row
-    data._HF_CACHE.clear()
+    hf._HF_CACHE.clear()
     b = data.load_hf_dataset(flat, image_column="measurements", label_column="kinds")
     assert np.array_equal(a.x_test.numpy(), b.x_test.numpy())  # the same test set every time
 

@@ -10,8 +10,9 @@ import torch
 from flower_sparsepush.core.codec import HEADER
 from flower_sparsepush.core.merge import correct_bias, correct_drift, merge, merge_bits, merge_mass
 from flower_sparsepush.core.pushsum import NodeState
-from flower_sparsepush.run.config import ConfigError, preflight, validate
+from flower_sparsepush.run.config import ConfigError, validate
 from flower_sparsepush.run.inprocess import run_inprocess
+from flower_sparsepush.run.preflight import preflight
 from flower_sparsepush.run.schedule import merge_due
 from flower_sparsepush.run.setup import get_setup
 

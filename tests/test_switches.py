@@ -12,6 +12,7 @@ from flower_sparsepush.core.pushsum import NodeState, PushSum
 from flower_sparsepush.run.config import ConfigError, validate
 from flower_sparsepush.run.inprocess import run_inprocess
 from flower_sparsepush.run.node_train import local_sgd
+from flower_sparsepush.run.preflight import preflight
 from flower_sparsepush.run.schedule import compressor_at, gamma_at
 from flower_sparsepush.run.setup import get_setup, validation_split
 
@@ -175,7 +176,6 @@ def test_qgm_stays_finite_with_local_steps_and_a_cosine_schedule_to_zero():
 
 
 def test_scsp_is_sparse_push_with_the_final_merge_and_says_so_on_flower():
-    from flower_sparsepush.run.config import preflight
 
     cfg = _cfg(strategy="scsp")
     assert cfg.final_merge and not cfg.qgm and cfg.final_gossip_rounds == 0

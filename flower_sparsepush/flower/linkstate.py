@@ -14,8 +14,8 @@ node, the ids of its stored, not yet delivered messages (in the order they were 
 ``get_message_ins(node_id, limit)`` looks only at those. A call costs O(messages pending for that node), not O(all
 stored messages); a sweep over N nodes is O(N). Same results: the same messages, in the same order, marked
 delivered the same way; the expiry / federation check (``_check_stored_messages``) runs on each candidate it
-returns, as before. What it no longer does is check (and expire) the *other* nodes' messages on each call: those are
-checked when their own node asks, and by ``get_message_res`` when the ServerApp pulls replies, as before.
+returns, as in Flower's own lookup. What it does not do is check (and expire) the *other* nodes' messages on each call: those are
+checked when their own node asks, and by ``get_message_res`` when the ServerApp pulls replies, as in Flower.
 
 It also replaces the engine's sweep loop: each sweep visits only the nodes that have a pending message (the index
 knows them; Flower's loop asks all N nodes every time, which is O(N^2) per round), every 10 ms instead of Flower's

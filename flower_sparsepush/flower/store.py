@@ -21,7 +21,7 @@ Where the files live: ``<root>/<run token>/``; ``root`` is the run-config key ``
 ``$SPARSEPUSH_NODE_STORE``, else ``~/.cache/flower_sparsepush/node-store``. A simulation's Ray actors share this
 machine's filesystem; in a deployment each SuperNode host keeps its own nodes' files. A Ray cluster of several
 machines needs a shared filesystem at ``root`` (the same node may run on any machine), or ``node-store=context``,
-which keeps the whole state in ``context.state`` as before.
+which keeps the whole state in ``context.state``.
 
 Checkpoints: ``snapshot(round)`` writes the node's current state to ``node-<id>.r<round>.safetensors``; a resumed
 run restores it.

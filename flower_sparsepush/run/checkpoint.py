@@ -15,9 +15,8 @@ from flower_sparsepush.core.router import Router
 from flower_sparsepush.run.config import ConfigError, RunConfig
 from flower_sparsepush.run.results import run_dir
 
-# checkpoint.pt: torch.save of plain types (tensors, numbers, bytes, lists, dicts); loads with weights_only=True
-# 2: node states in the flat form of node.state_to_flat; 3: on Flower, the nodes' copies are safetensors files of the
-# node store (store.py), where version 2 left torch.save files that this code does not read
+# the layout this code writes and reads: node states in the flat form of node.state_to_flat; on Flower the nodes'
+# copies are safetensors files of the node store (store.py)
 CHECKPOINT_VERSION = 3
 
 

@@ -60,7 +60,7 @@ KEYS: dict[str, Key] = {
     "qgm": Key(
         False,
         bool,
-        "quasi-global momentum (Lin et al. 2021): momentum fed by the post-gossip model change (diverged on long cosine schedules: docs/algorithm.md)",
+        "quasi-global momentum (Lin et al. 2021): momentum fed by the post-gossip model change (diverged on long cosine schedules: docs/results.md)",
     ),
     "final-gossip-rounds": Key(
         0, int, "gossip-only rounds (no SGD, compressed, counted) after num-rounds", 0, 1_000_000
@@ -306,14 +306,27 @@ def validate(cfg: dict[str, Any] | RunConfig | None) -> RunConfig:
     on the first problem. A :class:`RunConfig` is returned as it is."""
     if isinstance(cfg, RunConfig):
         return cfg
-    from flower_sparsepush.core.compression import CompressionError, make_compressor
-    from flower_sparsepush.core.topology import GraphError, make_graph
-
     cfg = dict(cfg or {})
     for key in cfg:
         if key not in KEYS:
             raise ConfigError(f"unknown run-config key {key!r}{_closest(key)} (valid keys: {', '.join(KEYS)})")
     out = {k: _coerce(k, spec, cfg[k]) if k in cfg else spec.default for k, spec in KEYS.items()}
+    _check_specs(out)
+    _check_model_and_data(out)
+    _apply_strategy_defaults(out, cfg)
+    _check_merges(out)
+    _check_gossip_switches(out)
+    _check_sparsity(out)
+    _check_device_and_fedavg(out)
+    _name_run(out)
+    return RunConfig(**{field_name(k): v for k, v in out.items()})
+
+
+def _check_specs(out: dict[str, Any]) -> None:
+    """The graph, compressor and lr-schedule specs parse (with the core's own parsers); dataset, its columns and the
+    push-sum form name things that exist."""
+    from flower_sparsepush.core.compression import CompressionError, make_compressor
+    from flower_sparsepush.core.topology import GraphError, make_graph
 
     try:
         make_graph(out["graph"], out["num-nodes"], out["seed"])
@@ -338,6 +351,9 @@ def validate(cfg: dict[str, Any] | RunConfig | None) -> RunConfig:
     if out["form"] not in FORMS:
         raise ConfigError(f"run-config form={out['form']!r}: allowed values are {', '.join(FORMS)}")
 
+
+def _check_model_and_data(out: dict[str, Any]) -> None:
+    """The norm and partition specs."""
     norm = out["norm"]
     kind, _, arg = norm.partition(":")
     ok = norm in ("group", "layer", "none") or (kind == "group" and arg.isdigit() and int(arg) >= 1)
@@ -361,6 +377,10 @@ def validate(cfg: dict[str, Any] | RunConfig | None) -> RunConfig:
         raise ConfigError(
             f"run-config partition={part!r}: allowed are iid, skew:S (0<=S<=1), dirichlet:A (A>0), classes:K (K>=1)"
         )
+
+
+def _apply_strategy_defaults(out: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """What a strategy fixes: sgp is uncompressed push-sum with gamma 1 (an explicit contradiction is an error); scsp turns final-merge on unless ``cfg`` sets it."""
     if out["strategy"] == "sgp":
         # SGP is uncompressed push-sum with gamma 1; a contradicting explicit value is an error, not a silent change
         for key, want in (("compressor", "none"), ("gamma", 1.0)):
@@ -370,6 +390,10 @@ def validate(cfg: dict[str, Any] | RunConfig | None) -> RunConfig:
     if out["strategy"] == "scsp":
         # SCSP = Sparse-Push + one exact global merge at the end (docs/algorithm.md: what the claims measured)
         out["final-merge"] = out["final-merge"] if "final-merge" in cfg else True
+
+
+def _check_merges(out: dict[str, Any]) -> None:
+    """merge-bits, merge-feedback and drift-correction only where there is a merge they act on."""
     if not (out["merge-bits"] == 32 or 1 <= out["merge-bits"] <= 8):
         raise ConfigError(
             f"run-config merge-bits={out['merge-bits']}: use 32 (exact float32 merge) or 1..8 (quantized merge)"
@@ -394,6 +418,10 @@ def validate(cfg: dict[str, Any] | RunConfig | None) -> RunConfig:
             f"run-config drift-correction={out['drift-correction']}: the drift is measured at periodic merges; set "
             "merge-every=M > 0"
         )
+
+
+def _check_gossip_switches(out: dict[str, Any]) -> None:
+    """gradient-lookahead needs the ref form; the gossip-only switches are refused for fedavg."""
     if out["gradient-lookahead"] and out["form"] != "ref":
         raise ConfigError(
             f"run-config gradient-lookahead={out['gradient-lookahead']}: it reads the de-biased copies of the ref "
@@ -413,6 +441,10 @@ def validate(cfg: dict[str, Any] | RunConfig | None) -> RunConfig:
     if out["strategy"] == "fedavg" and any(out[k] for k in gossip_only):
         bad = next(k for k in gossip_only if out[k])
         raise ConfigError(f"run-config {bad}={out[bad]!r}: this belongs to the gossip strategies, not fedavg")
+
+
+def _check_sparsity(out: dict[str, Any]) -> None:
+    """sparsity-warmup and sparsity-schedule: one of them, with a compressor that keeps a fraction."""
     if out["sparsity-warmup"] and out["sparsity-schedule"] != "constant":
         raise ConfigError(
             f"run-config sparsity-schedule={out['sparsity-schedule']}: set either it or sparsity-warmup, not both "
@@ -439,6 +471,10 @@ def validate(cfg: dict[str, Any] | RunConfig | None) -> RunConfig:
                 f"run-config sparsity-warmup-start={out['sparsity-warmup-start']}: must be larger than the "
                 f"compressor's kept fraction {target:g} (the warm-up ramps down from it)"
             )
+
+
+def _check_device_and_fedavg(out: dict[str, Any]) -> None:
+    """The device name; lossy links, churn, checkpoints and exclude-after are gossip settings, not fedavg's."""
     dev = out["device"]
     if not (dev in ("cpu", "auto", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"run-config device={dev!r}: allowed are cpu, auto, cuda, cuda:N")
@@ -455,123 +491,16 @@ def validate(cfg: dict[str, Any] | RunConfig | None) -> RunConfig:
             f"run-config exclude-after={out['exclude-after']}: the repeat-offender policy belongs to the gossip "
             "strategies (sgp, sparse-push, scsp), whose replies the ServerApp checks; fedavg is Flower's own FedAvg"
         )
+
+
+def _name_run(out: dict[str, Any]) -> None:
+    """The default run-name, and one that is a plain folder name."""
     if not out["run-name"]:
         out["run-name"] = f"{out['strategy']}-{out['graph']}-{out['compressor']}-s{out['seed']}".replace(":", "")
     if "/" in out["run-name"] or out["run-name"] in (".", ".."):
         raise ConfigError(f"run-config run-name={out['run-name']!r}: must be a plain folder name")
-    return RunConfig(**{field_name(k): v for k, v in out.items()})
-
-
-# shape of one example and class count of each dataset, to size the model before any data is loaded
-DATA_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
-    "fashion_mnist": ((1, 28, 28), 10),
-    "mnist": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-    "synthetic": ((32,), 10),  # training.load_data: make_synthetic(shape=(32,), num_classes=10)
-}
-_SELECTORS = ("topk", "topk-layer", "randk")
 
 
 def total_rounds(cfg: RunConfig) -> int:
     """Training rounds plus the final gossip-only rounds (what the graph must connect over)."""
     return cfg.num_rounds + (0 if cfg.strategy == "fedavg" else cfg.final_gossip_rounds)
-
-
-def hf_dataset(cfg: RunConfig):
-    """The ``dataset=hf:...`` data of a validated config (``data.load_hf_dataset``; errors as :class:`ConfigError`)."""
-    from flower_sparsepush.learn import data
-
-    try:
-        return data.load_hf_dataset(cfg.dataset, cfg.image_column, cfg.label_column)
-    except ValueError as err:  # DataNotFoundError included
-        raise ConfigError(f"run-config dataset={cfg.dataset!r}: {err}") from None
-
-
-def model_size(cfg: RunConfig) -> tuple[int, list[int]]:
-    """(number of parameters, per-tensor sizes) of the run's model, built without loading the dataset."""
-    from flower_sparsepush.learn.models import build_model, segment_sizes
-
-    if cfg.dataset in DATA_SHAPES:
-        shape, classes = DATA_SHAPES[cfg.dataset]
-    else:  # hf:...: the shapes are in the data (loaded once per process, kept for the run)
-        ds = hf_dataset(cfg)
-        shape, classes = ds.input_shape, ds.num_classes
-    in_ch = shape[0] if len(shape) == 3 else 1
-    model = build_model(cfg.model, classes, in_ch, cfg.norm, input_shape=shape, seed=cfg.seed)
-    sizes = segment_sizes(model)
-    return sum(sizes), sizes
-
-
-def preflight(cfg: RunConfig, flower: bool = False) -> None:
-    """The checks of a validated config that need more than its values; raises one :class:`ConfigError`.
-
-    - the graph is jointly strongly connected over its window, for the rounds of this run
-      (``topology.check_strongly_connected``);
-    - the model fits the data (conv models need image datasets) and a top-k / random-k *count* is at most the number
-      of parameters ``d`` (a fraction is always within (0, d]);
-    - the dataset's files are present (``data.find_data``); a ``hf:`` dataset loads, with its columns;
-    - the results folder ``<out-dir>/<run-name>`` can be created or written (nothing is created here);
-    - with ``flower``: no ``final-merge`` or ``merge-every`` (in-process only), and no checkpoints with ``node-store=context``.
-
-    ``sparsepush train``, :func:`launch.simulate` and the ServerApp call it before Ray starts / before any message.
-    """
-    import os
-    from pathlib import Path
-
-    from flower_sparsepush.core.topology import GraphError, check_strongly_connected, make_graph
-
-    if flower and cfg.final_merge:
-        raise ConfigError(
-            f"run-config final-merge={cfg.final_merge!r}: the final merge is implemented for the in-process loop "
-            "only (python -m flower_sparsepush.run.inprocess ...); strategy scsp turns it on: set final-merge=false on "
-            "Flower, final-gossip-rounds=N emulates the merge by gossip"
-        )
-    if flower and cfg.merge_every:
-        raise ConfigError(
-            f"run-config merge-every={cfg.merge_every}: periodic merges are implemented for the in-process loop "
-            "only (python -m flower_sparsepush.run.inprocess ...); set merge-every=0 on Flower"
-        )
-    if flower and cfg.node_store == "context" and (cfg.checkpoint_every or cfg.resume):
-        key = "checkpoint-every" if cfg.checkpoint_every else "resume"
-        raise ConfigError(
-            f"run-config {key}={getattr(cfg, field_name(key))!r} with node-store=context: Flower's context.state does not outlive a run, "
-            "so the nodes cannot keep checkpoints there; set node-store to a folder (docs/node-store.md)"
-        )
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"run-config device={cfg.device!r}: torch sees no GPU here; use device=cpu or auto")
-    if cfg.strategy != "fedavg":
-        try:
-            check_strongly_connected(make_graph(cfg.graph, cfg.num_nodes, cfg.seed), rounds=total_rounds(cfg))
-        except GraphError as err:
-            raise ConfigError(f"run-config graph={cfg.graph!r}: {err}") from None
-    if cfg.dataset == "synthetic" and cfg.model in ("cnn", "resnet20", "vgg11"):
-        raise ConfigError(f"run-config model={cfg.model!r}: the synthetic dataset has flat features; use mlp or logreg")
-    d, _ = model_size(cfg)
-    if cfg.strategy != "sgp":
-        for part in cfg.compressor.split("+"):
-            name, _, arg = part.partition(":")
-            if name in _SELECTORS and arg and float(arg) >= 1 and float(arg) > d:
-                raise ConfigError(
-                    f"run-config compressor={cfg.compressor!r}: {name} keeps {int(float(arg))} entries "
-                    f"but the {cfg.model} model on {cfg.dataset} has only d={d} parameters "
-                    "(k must be in (0, d])"
-                )
-    if cfg.dataset != "synthetic":
-        from flower_sparsepush.learn import data
-
-        try:
-            hf_dataset(cfg) if data.is_hf(cfg.dataset) else data.find_data(cfg.dataset, cfg.data_dir or None)
-        except (data.DataNotFoundError, FileNotFoundError) as err:
-            raise ConfigError(f"run-config dataset={cfg.dataset!r}: {err}") from None
-    out = Path(cfg.out_dir) / cfg.run_name
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"run-config out-dir={cfg.out_dir!r}: cannot write results to {out} "
-            f"({probe} is {'not a folder' if not probe.is_dir() else 'not writable'})"
-        )

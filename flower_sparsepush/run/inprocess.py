@@ -17,8 +17,9 @@ from flower_sparsepush.core.pushsum import NodeState
 from flower_sparsepush.core.router import Router
 from flower_sparsepush.learn.evaluate import consensus_metrics
 from flower_sparsepush.run.checkpoint import load_checkpoint, save_checkpoint
-from flower_sparsepush.run.config import ConfigError, RunConfig, preflight, validate
+from flower_sparsepush.run.config import ConfigError, RunConfig, validate
 from flower_sparsepush.run.node_train import init_state, local_sgd, make_node, node_round, train_batched
+from flower_sparsepush.run.preflight import preflight
 from flower_sparsepush.run.results import Recorder
 from flower_sparsepush.run.schedule import lr_at, merge_due
 from flower_sparsepush.run.setup import Setup, get_setup, make_router, relay_checks
@@ -290,3 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"results: {summary['run_name']}  final acc {summary['final'].get('acc_consensus')}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

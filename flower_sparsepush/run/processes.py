@@ -1,11 +1,16 @@
-"""Helpers for the processes this project starts (SuperLink, SuperNodes, benchmark workers): free ports and
-process trees, so that everything started is stopped by PID."""
+"""Helpers for the processes this project starts (SuperLink, SuperNodes, ``flwr run``, benchmark workers): free
+ports, command lines, and process trees, so that everything started is stopped by PID."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import sys
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -13,6 +18,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port``."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for_port(port: int, deadline: float, check: Callable[[], None] | None = None) -> bool:
+    """Wait until something listens on 127.0.0.1:``port``; False once ``deadline`` (a ``time.time()``) has passed.
+    ``check()`` runs between tries and raises to give up early (the process that should open the port exited)."""
+    while not port_open(port):
+        if check is not None:
+            check()
+        if time.time() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def descendants(pid: int) -> list[int]:
@@ -33,10 +56,22 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def port_open(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:``port``."""
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def signal_pids(pids: Iterable[int], sig: int) -> None:
+    """Send ``sig`` to each PID in turn, passing over those already gone."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def venv_exe(name: str) -> str:
@@ -66,3 +101,18 @@ def superlink_command(port: int, simulation: bool) -> list[str]:
 def superlink_connection(name: str, port: int) -> str:
     """The ``$FLWR_HOME/config.toml`` entry that points ``flwr run . NAME`` at the local SuperLink."""
     return f'[superlink.{name}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+
+
+def toml_value(v: Any) -> str:
+    """``v`` as a TOML value for ``flwr run --run-config``: true/false, a number, or a quoted string."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def flwr_run_command(project: Path, federation: str, run_config: dict[str, Any], *extra: str) -> list[str]:
+    """``flwr run PROJECT FEDERATION --stream --run-config "key=value ..." EXTRA...`` (values as TOML)."""
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+    return [venv_exe("flwr"), "run", str(project), federation, "--stream", "--run-config", overrides, *extra]
