@@ -54,22 +54,8 @@ def run_consensus(
     def error() -> float:
         return max(float((s.z - mean0).norm() / mean0.norm()) for s in states)
 
-    bits = entropy = 0.0
-    trace = []
     start = time.perf_counter()
-    for t in range(rounds):
-        online = [i for i in range(nodes) if router.network.online(t, i)]
-        for i in online:
-            inbox, bounced = router.collect(i)
-            peers[i].begin(t, inbox, bounced)
-        for i in online:
-            msgs = peers[i].finish(t)
-            router.post(i, t, msgs)
-            for data in msgs.values():
-                bits += 8 * len(data)
-                entropy += message_entropy_bits(data)
-        if trace_every and (t + 1) % trace_every == 0:
-            trace.append({"round": t + 1, "consensus_error": error()})
+    bits, entropy, trace = _gossip(peers, router, rounds, trace_every, error)
     for i in range(nodes):  # deliver what is still in flight
         peers[i].begin(rounds, *router.collect(i))
     wall = time.perf_counter() - start
@@ -98,3 +84,24 @@ def run_consensus(
     if trace:
         result["trace"] = trace
     return result
+
+
+def _gossip(peers: list[Node], router: Router, rounds: int, trace_every: int, error) -> tuple[float, float, list]:
+    """``rounds`` gossip rounds: every online node absorbs its mailbox, then sends; returns (bits sent, their
+    entropy bound in bits, the consensus-error trace every ``trace_every`` rounds)."""
+    bits = entropy = 0.0
+    trace = []
+    for t in range(rounds):
+        online = [i for i in range(len(peers)) if router.network.online(t, i)]
+        for i in online:
+            inbox, bounced = router.collect(i)
+            peers[i].begin(t, inbox, bounced)
+        for i in online:
+            msgs = peers[i].finish(t)
+            router.post(i, t, msgs)
+            for data in msgs.values():
+                bits += 8 * len(data)
+                entropy += message_entropy_bits(data)
+        if trace_every and (t + 1) % trace_every == 0:
+            trace.append({"round": t + 1, "consensus_error": error()})
+    return bits, entropy, trace
