@@ -1,4 +1,5 @@
-"""Tests for flower_sparsepush.learn.data: loaders on tiny files written here, partitions, batches."""
+"""Tests for flower_sparsepush.learn.data and the modules behind it: loaders on tiny files written here, partitions,
+batches."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flower_sparsepush.learn import data
+from flower_sparsepush.learn import cifar, data, locate
 from flower_sparsepush.learn.data import DataNotFoundError
 
 # --------------------------------------------------------------------------- helpers
@@ -218,9 +219,16 @@ def test_image_folder_tarball_and_cache(tmp_path, monkeypatch):
     cache = list((tmp_path / "cache").glob("*.npz"))
     assert len(cache) == 1
     # second load comes from the cache, even if PIL would fail now
-    monkeypatch.setattr(data, "_decode", lambda b: (_ for _ in ()).throw(AssertionError("decoded")))
+    monkeypatch.setattr(cifar, "_decode", lambda b: (_ for _ in ()).throw(AssertionError("decoded")))
     ds2 = data.load_cifar10(tar)
     assert torch.equal(ds2.x_train, ds.x_train) and torch.equal(ds2.y_test, ds.y_test)
+
+
+def test_loaders_find_cifar_through_data_find_data(tmp_path, monkeypatch):
+    """load_dataset and load_cifar10 locate the files with data.find_data, so replacing it there redirects them."""
+    _, y = _write_cifar_pickle(tmp_path / "elsewhere")
+    monkeypatch.setattr(data, "find_data", lambda name, path=None: tmp_path / "elsewhere")
+    assert np.array_equal(data.load_dataset("cifar10", tmp_path / "ignored").y_train.numpy(), y)
 
 
 def test_image_folder_jpeg_tree_label(tmp_path):
@@ -236,8 +244,8 @@ def test_image_folder_jpeg_tree_label(tmp_path):
 
 
 def test_missing_data_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
-    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(locate, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setattr(locate, "_REPO_ROOT", tmp_path / "repo")
     monkeypatch.setattr(data, "search_dirs", _only_tmp(tmp_path, data.search_dirs))
     with pytest.raises(DataNotFoundError) as err:
         data.load_dataset("fashion_mnist", tmp_path / "empty")
@@ -268,9 +276,9 @@ def test_env_var_search(tmp_path, monkeypatch):
 
 
 def test_real_fashion_mnist():
-    if not data._is_idx_folder(data.DEBIAN_FASHION_MNIST):
+    if not locate.is_idx_folder(locate.DEBIAN_FASHION_MNIST):
         pytest.skip("Debian Fashion-MNIST not installed (sudo apt-get install -y dataset-fashion-mnist)")
-    ds = data.load_idx_dataset(data.DEBIAN_FASHION_MNIST, "fashion_mnist")
+    ds = data.load_idx_dataset(locate.DEBIAN_FASHION_MNIST, "fashion_mnist")
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert torch.equal(torch.bincount(ds.y_train), torch.full((10,), 6000))
     assert torch.equal(torch.bincount(ds.y_test), torch.full((10,), 1000))
