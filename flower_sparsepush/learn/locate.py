@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _FIX_COMMANDS: dict[str, str] = {
     "fashion_mnist": "sudo apt-get install -y dataset-fashion-mnist",
