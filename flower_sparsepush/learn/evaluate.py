@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flower_sparsepush.learn.data import normalize
 from flower_sparsepush.learn.models import load_flat_params_
+from flower_sparsepush.learn.transforms import normalize
 
 Setup = Any  # run.setup.Setup, read by duck typing: learn/ does not import run/
 

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from flower_sparsepush.core.node import Node, RoundOut
 from flower_sparsepush.core.pushsum import NodeState, PushSum
-from flower_sparsepush.learn.data import normalize, random_crop_flip
 from flower_sparsepush.learn.evaluate import load_flat
 from flower_sparsepush.learn.seeds import generator
 from flower_sparsepush.learn.sgd import SGDParams, sgd_steps
+from flower_sparsepush.learn.transforms import normalize, random_crop_flip
 from flower_sparsepush.run.schedule import lr_at
 from flower_sparsepush.run.setup import Setup
 
