@@ -5,7 +5,7 @@ import argparse
 import json
 
 import pytest
-from flower_sparsepush.simulations import claims
+from flower_sparsepush.simulations import claims, claims_plan, claims_report
 
 from flower_sparsepush.learn import data
 
@@ -65,20 +65,68 @@ def test_the_validation_split_chooses_and_the_goal_reads_the_test_accuracy_of_th
         runs.append(_run("a", "466x", seed, 0.915, 0.90, 2.0))  # better on test, worse on validation
         runs.append(_run("b", "466x", seed, 0.905, 0.91, 2.0))
         runs.append(_run("c", "466x", seed, 0.99, 0.99, 10.0))  # best, but only 100x: not a candidate
-    rows = claims.aggregate(runs)
+    rows = claims_report.aggregate(runs)
     chosen = [r["name"] for r in rows if r.get("chosen") == "466x"]
     assert chosen == ["b"]
-    goal = next(g for g in claims.goals(rows) if g["goal"].startswith(">= 466x"))
+    goal = next(g for g in claims_report.goals(rows) if g["goal"].startswith(">= 466x"))
     assert goal["row"] == "b" and goal["worst_delta_points"] == pytest.approx(-1.5)
     assert goal["met"] is False and goal["reduction_vs_sgp"] == pytest.approx(500)
     b = next(r for r in rows if r["name"] == "b")
     assert b["seeds"] == [0, 1, 2] and b["acc_consensus_std"] == 0.0
+    md = claims_report.render_md({"command": "c", "rows": rows, "goals": claims_report.goals(rows)})
+    assert "- >= 466x within 1 point(s) of SGP (iid): not met (row b, 500x" in md
+    assert md.endswith("- `sgp`: Sparse-Push, H = 1\n") and "\n\n### Row names\n\nA row's name abbreviates" in md
+
+
+def test_the_legend_says_each_row_name_in_words():
+    for name in claims_plan.ROWS:  # every row reads as its strategy, then its switches
+        assert claims_plan.explain_row(name).startswith(
+            ("SGP, H = ", "FedAvg, H = ", "Sparse-Push, H = ", "SCSP, H = ")
+        )
+    assert claims_plan.explain_row("sp-h4-m8e88") == (
+        "Sparse-Push, H = 4, top-0.75% + 4-bit values, gamma 0.1, 8-bit merges every 88 rounds, a final 8-bit merge"
+    )
+    assert claims_plan.explain_row("sp-h4-klr-fg100") == (
+        "Sparse-Push, H = 4, top-2% + 4-bit values, gamma 0.1, the kept fraction following the lr, "
+        "100 final gossip-only rounds"
+    )
+    assert claims_plan.explain_row("abl-dense-g0.1-la5") == (
+        "Sparse-Push, H = 4, no compression, gamma 0.1, a final exact merge, gradient lookahead 0.5"
+    )
+    assert claims_plan.explain_switches({"strategy": "scsp", "local-steps": 2, "qgm": True}) == (
+        "SCSP, H = 2, quasi-global momentum"
+    )
 
 
 def test_every_row_is_planned_once_and_its_switches_are_a_valid_run_config():
     from flower_sparsepush.run.config import validate
 
-    assert sorted(claims.PRIORITY) == sorted(claims.ROWS)  # a row missing from the run order would never run
-    assert len(set(claims.PRIORITY)) == len(claims.PRIORITY)
+    assert sorted(claims_plan.PRIORITY) == sorted(claims.ROWS)  # a row missing from the run order would never run
+    assert len(set(claims_plan.PRIORITY)) == len(claims_plan.PRIORITY)
     for spec in claims.plan(["fashion_mnist"], quick=False, seeds=(0,)):
         validate(spec["cfg"] | {"num-rounds": 10})  # a bad switch fails here, not hours into a chunk
+
+
+def test_main_journals_each_run_once_and_resumes_without_running_again(tmp_path, monkeypatch):
+    """The run loop with the training stubbed out: every planned run is journaled once, a second call runs nothing,
+    and the table holds the journal's runs."""
+    calls = []
+
+    def fake_run(spec, command, device="cpu"):
+        calls.append(spec["id"])
+        acc = 0.9 if spec["name"] == "sgp" else 0.89
+        return _run(spec["name"], spec["group"], spec["cfg"]["seed"], acc, acc, 100.0, spec["cfg"]["partition"]) | {
+            "id": spec["id"], "switches": spec["switches"], "command": command}  # fmt: skip
+
+    monkeypatch.setattr(claims, "run_row", fake_run)
+    args = argparse.Namespace(quick=True, datasets="fashion_mnist", rows="sgp,sp-h4-merge", seeds="0,1", rerun=False,
+                              jobs=1, device="cpu", max_hours=0.0, evals=0, out=str(tmp_path))  # fmt: skip
+    assert claims.main(args) == 0
+    assert len(calls) == 8  # sgp on 3 partitions and sp-h4-merge on iid, 2 seeds each
+    journal = (tmp_path / "claims_quick_rows.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["id"] for line in journal) == sorted(calls)
+    assert claims.main(args) == 0 and len(calls) == 8  # resumed: nothing runs again
+    md = (tmp_path / "claims_quick.md").read_text()
+    assert "| iid | sp-h4-merge | 466x |" in md and "- `sp-h4-merge`: Sparse-Push, H = 4, top-1.2%" in md
+    with pytest.raises(ValueError, match="unknown claims row"):
+        claims.main(argparse.Namespace(**(vars(args) | {"rows": "nope"})))
