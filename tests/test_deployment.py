@@ -1,7 +1,7 @@
 """Deployment Engine end to end: a SuperLink and 4 SuperNodes on loopback, `flwr run`, then every process gone.
 
 Every SuperNode runs with its node worker (`sparsepush node`, executor mode: the worker runs the SuperNode's tasks,
-no process per message); tests/test_node_worker.py covers relay mode and a killed worker. Slow (Flower start-up and
+no process per message); tests/test_node_worker.py covers link mode and a killed worker. Slow (Flower start-up and
 polling: a few minutes on 2 shared cores); loopback only, ports from the OS.
 """
 
@@ -19,10 +19,12 @@ import pytest
 import torch
 
 from flower_sparsepush.cli import build_parser
-from flower_sparsepush.deploy.local import DeploymentError, LocalDeployment, cmd_deploy_local, deploy_run, pid_alive
+from flower_sparsepush.deploy.local import DeploymentError, LocalDeployment, cmd_deploy_local, deploy_run
 from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.inprocess import run_inprocess
+from flower_sparsepush.run.processes import pid_alive
 from flower_sparsepush.run.results import METRIC_FIELDS, read_metrics
-from flower_sparsepush.run.training import get_setup, run_inprocess
+from flower_sparsepush.run.setup import get_setup
 
 pytestmark = pytest.mark.skipif(
     not Path(sys.executable).with_name("flower-superlink").exists() and not shutil.which("flower-superlink"),
@@ -60,7 +62,7 @@ def test_results_files_as_in_simulation(deployed):
     cfg, out, _ = deployed
     for name in ("config.json", "metrics.jsonl", "summary.json", "accuracy.png", "nodes.npz"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(cfg))
+    assert json.loads((out / "config.json").read_text()) == json.loads(json.dumps(cfg.as_dict()))
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
@@ -113,7 +115,7 @@ def test_cleanup_when_a_supernode_dies(tmp_path):
     with pytest.raises(DeploymentError, match="supernode-1 exited"):
         with dep:
             os.kill(dep.procs["supernode-1"].pid, signal.SIGKILL)
-            dep.run(cfg, timeout=120)
+            dep.run(cfg.as_dict(), timeout=120)
     assert dep.seen_pids and [p for p in dep.seen_pids if pid_alive(p)] == []
 
 
@@ -148,7 +150,7 @@ def test_a_supernode_killed_and_restarted_mid_run_continues_with_its_state(tmp_p
 
     dep = LocalDeployment(2, log_dir=tmp_path / "logs")
     with dep:
-        assert dep.run(cfg, timeout=600, on_poll=restart_after_round_1) == 0
+        assert dep.run(cfg.as_dict(), timeout=600, on_poll=restart_after_round_1) == 0
     assert restarted and [p for p in dep.seen_pids if pid_alive(p)] == []
     summary = json.loads((tmp_path / "re" / "summary.json").read_text())
     assert [e["partition"] for e in summary["reconnected_nodes"]] == [1]

@@ -1,7 +1,9 @@
-"""The node worker (node_worker.py) and the torch-free relay ClientApp (client_app.py, relay.py).
+"""The node worker (node_worker.py) and the torch-free ClientApp that forwards each message to it over the worker link
+(client_app.py, worker_link.py).
 
-The deployment tests (tests/test_deployment.py) run every SuperNode through `sparsepush node`, so each message there
-goes relay -> worker. Here: the relay's imports, a clear error when no worker listens, and a worker killed mid-run.
+The deployment tests (tests/test_deployment.py) run every SuperNode through `sparsepush node` in executor mode. Here:
+the ClientApp's imports, a clear error when no worker listens, a worker answering over the link, and a worker killed
+mid-run in both modes.
 """
 
 from __future__ import annotations
@@ -16,53 +18,47 @@ from pathlib import Path
 
 import pytest
 
-from flower_sparsepush.deploy.local import LocalDeployment, pid_alive
+from flower_sparsepush.deploy.local import LocalDeployment
 from flower_sparsepush.run.config import validate
-from flower_sparsepush.run.processes import descendants
+from flower_sparsepush.run.processes import descendants, pid_alive
 from flower_sparsepush.run.results import read_metrics
 
 HAS_FLOWER = Path(sys.executable).with_name("flower-superlink").exists() or shutil.which("flower-superlink")
 
 
-def test_relay_client_app_imports_no_torch():
+def test_client_app_imports_no_torch():
     code = (
         "import sys, flower_sparsepush.flower.client_app as c; "
         "assert c.app is not None; "
-        "bad = [m for m in ('torch', 'flower_sparsepush.run.training', 'flower_sparsepush.learn.data') if m in sys.modules]; "
+        "bad = [m for m in ('torch', 'flower_sparsepush.run.node_train', 'flower_sparsepush.learn.data') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_old_helpers_still_reachable_from_client_app():
-    from flower_sparsepush.flower import client_app, node_handlers
-
-    assert client_app.split is node_handlers.split and client_app.STAMP == "ps-stamp"
-
-
-def test_relay_without_a_worker_says_so(tmp_path, monkeypatch):
+def test_forward_without_a_worker_says_so(tmp_path, monkeypatch):
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from flower_sparsepush.flower.worker_link import WorkerError, relay
+    from flower_sparsepush.flower.worker_link import WorkerError, forward
 
     monkeypatch.setenv("SPARSEPUSH_NODE_WORKER_WAIT", "0.3")
     ctx = Context(run_id=1, node_id=2, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     content = RecordDict({"q": ConfigRecord({"what": "partition-id"})})
     with pytest.raises(WorkerError, match="no node worker listens"):
-        relay(str(tmp_path / "none.sock"), "query", content, ctx)
+        forward(str(tmp_path / "none.sock"), "query", content, ctx)
 
 
 def test_worker_answers_a_query_and_stops_on_sigterm(tmp_path):
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from flower_sparsepush.flower.worker_link import relay
+    from flower_sparsepush.flower.worker_link import forward
 
     sock = tmp_path / "w.sock"
     proc = subprocess.Popen([sys.executable, "-m", "flower_sparsepush.deploy.node_worker", "--socket", str(sock)])
     try:
         ctx = Context(run_id=1, node_id=2, node_config={"partition-id": 3}, state=RecordDict(), run_config={})
-        reply = relay(str(sock), "query", RecordDict({"q": ConfigRecord({"what": "partition-id"})}), ctx)
+        reply = forward(str(sock), "query", RecordDict({"q": ConfigRecord({"what": "partition-id"})}), ctx)
         assert int(reply["info"]["partition-id"]) == 3
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -71,9 +67,9 @@ def test_worker_answers_a_query_and_stops_on_sigterm(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_FLOWER, reason="flower-superlink is not installed")
-@pytest.mark.parametrize("mode", ["relay", "executor"])
+@pytest.mark.parametrize("mode", ["link", "executor"])
 def test_a_killed_worker_is_started_again_and_the_run_continues(tmp_path, mode):
-    """The worker of node 1 is killed (SIGKILL) after round 1, while idle: `sparsepush node` starts it again (relay
+    """The worker of node 1 is killed (SIGKILL) after round 1, while idle: `sparsepush node` starts it again (link
     mode: the next per-message ClientApp waits for its socket; executor mode: the SuperNode's next task waits to be
     acquired), the node continues from its stored state (mass exact), and no PID is left."""
     cfg = validate(
@@ -114,7 +110,7 @@ def test_a_killed_worker_is_started_again_and_the_run_continues(tmp_path, mode):
 
     dep = LocalDeployment(2, log_dir=tmp_path / "logs", worker_mode=mode)
     with dep:
-        assert dep.run(cfg, timeout=600, on_poll=kill_worker_after_round_1) == 0
+        assert dep.run(cfg.as_dict(), timeout=600, on_poll=kill_worker_after_round_1) == 0
     assert killed and [p for p in dep.seen_pids if pid_alive(p)] == []
     assert "starting it again" in (tmp_path / "logs" / "supernode-1.log").read_text()
     summary = json.loads((tmp_path / "wk" / "summary.json").read_text())
@@ -122,7 +118,7 @@ def test_a_killed_worker_is_started_again_and_the_run_continues(tmp_path, mode):
     rows = read_metrics(tmp_path / "wk" / "metrics.jsonl")
     assert rows[-1]["num_evaluated"] == 2
     worker_log = (tmp_path / "logs" / "supernode-1.log").read_text()
-    assert ("its ClientApp process had started" in worker_log) == (mode == "relay")  # relay mode: one per message
+    assert ("its ClientApp process had started" in worker_log) == (mode == "link")  # link mode: one per message
     assert ("task train:" in worker_log) == (mode == "executor")
     for r in rows:
         if r["num_evaluated"] == 2:

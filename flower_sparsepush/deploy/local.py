@@ -32,15 +32,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flower_sparsepush.flower.launch import PROJECT_DIR, _quiet_env, _toml_value, cfg_from_args, checked_config
+from flower_sparsepush.flower.launch import (
+    PROJECT_DIR,
+    add_run_command,
+    cfg_from_args,
+    checked_config,
+    quiet_env,
+    record_command,
+)
 from flower_sparsepush.run.config import KEYS, validate
 from flower_sparsepush.run.processes import (
     descendants,
+    flwr_run_command,
     free_port,
+    pid_alive,
     port_open,
+    signal_pids,
     superlink_command,
     superlink_connection,
     venv_exe,
+    wait_for_port,
 )
 from flower_sparsepush.run.progress import follow_run
 from flower_sparsepush.run.results import run_dir
@@ -74,15 +85,6 @@ def run_config_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k in declared or k not in KEYS or v != KEYS[k].default}
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 class DeploymentError(RuntimeError):
     """A SuperLink/SuperNode that failed to start or died, a failed ``flwr run``, or a timeout."""
 
@@ -107,7 +109,7 @@ class LocalDeployment:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
         self.num_nodes = num_nodes
         self.workers = workers  # each SuperNode with a long-lived node worker (`sparsepush node`, node_worker.py)
-        self.worker_mode = worker_mode  # `sparsepush node --mode`: executor (no process per message) or relay
+        self.worker_mode = worker_mode  # `sparsepush node --mode`: executor (no process per message) or link
         self.home = tempfile.mkdtemp(prefix="sparsepush-deploy-")
         self.log_dir = Path(log_dir) if log_dir else Path(self.home, "logs")
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -149,28 +151,25 @@ class LocalDeployment:
                 f"127.0.0.1:{self.port} is already in use by another process (a SuperLink left from an earlier run?); "
                 "choose another --port, or --port 0 for a free one"
             )
-        _quiet_env()
+        quiet_env()
         Path(self.home, "config.toml").write_text(superlink_connection(FEDERATION, self.port))
-        link = self._spawn("superlink", superlink_command(self.port, simulation=False))
+        superlink = self._spawn("superlink", superlink_command(self.port, simulation=False))
         end = time.time() + self.start_timeout
-        while not port_open(self.port):
-            if link.poll() is not None:
-                raise DeploymentError(f"flower-superlink exited ({link.returncode}); {self.tail('superlink')}")
-            if time.time() > end:
-                raise DeploymentError(f"flower-superlink did not open port {self.port} in {self.start_timeout:.0f} s")
-            time.sleep(0.2)
+
+        def superlink_alive() -> None:
+            if superlink.poll() is not None:
+                raise DeploymentError(f"flower-superlink exited ({superlink.returncode}); {self.tail('superlink')}")
+
+        if not wait_for_port(self.port, end, superlink_alive):
+            raise DeploymentError(f"flower-superlink did not open port {self.port} in {self.start_timeout:.0f} s")
         for i in range(self.num_nodes):
             self.node_ports.append(self._spawn_supernode(i))
         # each SuperNode opens its runtime port once it is up; the ServerApp itself waits for all to register
         for i, port in enumerate(self.node_ports):
-            while not port_open(port):
-                self.check_alive()
-                if time.time() > end:
-                    raise DeploymentError(
-                        f"supernode-{i} did not open port {port} in {self.start_timeout:.0f} s; "
-                        f"{self.tail(f'supernode-{i}')}"
-                    )
-                time.sleep(0.2)
+            if not wait_for_port(port, end, self.check_alive):
+                raise DeploymentError(
+                    f"supernode-{i} did not open port {port} in {self.start_timeout:.0f} s; {self.tail(f'supernode-{i}')}"
+                )
         return self
 
     def _spawn_supernode(self, i: int) -> int:
@@ -178,63 +177,37 @@ class LocalDeployment:
         port = free_port()
         while port == self.port or port in self.node_ports:
             port = free_port()
-        if self.workers:  # `sparsepush node`: the SuperNode and its node worker, stopped together
-            cmd = [
-                sys.executable,
-                "-m",
-                "flower_sparsepush.cli",
-                "node",
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{self.port}",
-                "--port",
-                str(port),
-                "--partition-id",
-                str(i),
-                "--num-partitions",
-                str(self.num_nodes),
-                "--socket",
-                str(Path(self.home, f"worker-{i}.sock")),
-                "--supernode-poll",
-                str(SUPERNODE_POLL),
-                "--mode",
-                self.worker_mode,
-            ]
-        else:
-            cmd = [
-                venv_exe("flower-supernode"),
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{self.port}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--node-config",
-                f"partition-id={i} num-partitions={self.num_nodes}",
-            ]
+        cmd = self._node_command(i, port) if self.workers else self._supernode_command(i, port)
         self._spawn(f"supernode-{i}", cmd)
         return port
+
+    def _node_command(self, i: int, port: int) -> list[str]:
+        """``sparsepush node``: SuperNode ``i`` and its node worker, stopped together."""
+        socket = str(Path(self.home, f"worker-{i}.sock"))
+        cmd = [sys.executable, "-m", "flower_sparsepush.cli", "node", "--insecure"]
+        cmd += ["--superlink", f"127.0.0.1:{self.port}", "--port", str(port)]
+        cmd += ["--partition-id", str(i), "--num-partitions", str(self.num_nodes)]
+        return cmd + ["--socket", socket, "--supernode-poll", str(SUPERNODE_POLL), "--mode", self.worker_mode]
+
+    def _supernode_command(self, i: int, port: int) -> list[str]:
+        """A plain ``flower-supernode`` for partition ``i``: every message in a fresh ClientApp process."""
+        cmd = [venv_exe("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}"]
+        cmd += ["--host", "127.0.0.1", "--port", str(port)]
+        return cmd + ["--node-config", f"partition-id={i} num-partitions={self.num_nodes}"]
 
     def restart_supernode(self, i: int) -> None:
         """Kill SuperNode ``i`` (SIGKILL, its whole process tree, as a crash would) and start it again with the same
         partition. It reconnects with a new node id; its nodes' state is in the node store (docs/node-store.md)."""
         name = f"supernode-{i}"
         old = self.procs[name]
-        self.seen_pids.update(descendants(old.pid))
-        for pid in [old.pid, *descendants(old.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        tree = [old.pid, *descendants(old.pid)]
+        self.seen_pids.update(tree)
+        signal_pids(tree, signal.SIGKILL)
         old.wait(timeout=10)
         self.procs.pop(name)
         self.node_ports[i] = port = self._spawn_supernode(i)
-        end = time.time() + self.start_timeout
-        while not port_open(port):
-            if time.time() > end:
-                raise DeploymentError(f"{name} did not come back on port {port}; {self.tail(name)}")
-            time.sleep(0.2)
+        if not wait_for_port(port, time.time() + self.start_timeout):
+            raise DeploymentError(f"{name} did not come back on port {port}; {self.tail(name)}")
 
     def __enter__(self) -> LocalDeployment:
         try:
@@ -270,11 +243,7 @@ class LocalDeployment:
                 os.killpg(proc.pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
-        for pid in self.alive_pids():  # SuperExec & co. start their own sessions: by PID
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        signal_pids(self.alive_pids(), signal.SIGTERM)  # SuperExec & co. start their own sessions: by PID
         end = time.time() + grace
         while time.time() < end:
             for proc in self.procs.values():
@@ -283,11 +252,7 @@ class LocalDeployment:
             if not self.alive_pids():
                 break
             time.sleep(0.2)
-        for pid in self.alive_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_pids(self.alive_pids(), signal.SIGKILL)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=5)
@@ -317,8 +282,7 @@ class LocalDeployment:
         stopped and :class:`DeploymentError` is raised (the caller's ``stop()`` then ends the rest). ``on_poll(self,
         rounds_done)`` is called every half second before the checks (tests restart a SuperNode from it).
         """
-        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config_overrides(cfg).items())
-        cmd = [venv_exe("flwr"), "run", str(PROJECT_DIR), FEDERATION, "--stream", "--run-config", overrides]
+        cmd = flwr_run_command(PROJECT_DIR, FEDERATION, run_config_overrides(cfg))
         env = self._env() | {"SPARSEPUSH_COMMAND": os.environ.get("SPARSEPUSH_COMMAND", "")}
         proc = subprocess.Popen(
             cmd,
@@ -372,14 +336,14 @@ def deploy_run(
     when the run fails; every process is stopped in either case.
     """
     cfg = validate(raw_cfg)
-    cfg["out-dir"] = str(Path(cfg["out-dir"]).resolve())
+    cfg = cfg.replace(out_dir=str(Path(cfg.out_dir).resolve()))
     out = run_dir(cfg)
     stale = out / "summary.json"
     if stale.exists():
         stale.unlink()  # so that a failed run is never mistaken for a finished one
-    dep = LocalDeployment(cfg["num-nodes"], log_dir=log_dir, port=port, workers=workers, worker_mode=worker_mode)
+    dep = LocalDeployment(cfg.num_nodes, log_dir=log_dir, port=port, workers=workers, worker_mode=worker_mode)
     with dep:
-        rc = dep.run(cfg, timeout=timeout, stream_to=stream_to)
+        rc = dep.run(cfg.as_dict(), timeout=timeout, stream_to=stream_to)
     if rc != 0 or not (out / "summary.json").exists():
         raise DeploymentError(
             f"flwr run failed (exit {rc}); no summary.json in {out}. Logs: {dep.log_dir}\n{dep.tail('superlink', 30)}"
@@ -391,7 +355,7 @@ def deploy_run(
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    os.environ["SPARSEPUSH_COMMAND"] = shlex.join(["sparsepush", *sys.argv[1:]])
+    record_command()
     raw = dict(DEPLOY_DEFAULTS)
     raw.update(cfg_from_args(args))
     raw["num-nodes"], raw["num-rounds"] = args.nodes, args.rounds
@@ -420,14 +384,16 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``deploy-local`` to the ``sparsepush`` CLI."""
-    from flower_sparsepush.run.keyhelp import add_key_options
-
-    p = subparsers.add_parser(
+    p = add_run_command(
+        subparsers,
         "deploy-local",
+        cmd_deploy_local,
         help="a SuperLink and N SuperNodes on 127.0.0.1 (Flower Deployment Engine), one `flwr run`, then stop all",
         usage="%(prog)s [-h] [--nodes N] [--rounds R] [--port P] [--log-dir DIR] [--timeout S] [--KEY V ...]",
         description="The same apps on Flower's Deployment Engine on loopback; every started process is stopped by "
         "PID at the end. Run-config keys are options (--key value); the defaults shown are deploy-local's.",
+        defaults=DEPLOY_DEFAULTS,
+        skip=("num-nodes", "num-rounds"),
     )
     p.add_argument(
         "--nodes",
@@ -451,10 +417,8 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--worker-mode",
-        choices=("executor", "relay"),
+        choices=("executor", "link"),
         default="executor",
-        help="executor: each worker runs its SuperNode's tasks (no process per message); relay: a torch-free "
-        "ClientApp process per message relays to the worker",
+        help="executor: each worker runs its SuperNode's tasks (no process per message); link: a torch-free "
+        "ClientApp process per message forwards it to the worker over the worker link",
     )
-    add_key_options(p, defaults=DEPLOY_DEFAULTS, skip=("num-nodes", "num-rounds"))
-    p.set_defaults(func=cmd_deploy_local)

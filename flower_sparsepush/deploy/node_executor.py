@@ -6,7 +6,7 @@ task (importing flwr each time: about 1-2 s of CPU per message). Here the long-l
 itself and runs each the way ``flwr-clientapp`` does (``flwr/supernode/runtime/run_clientapp.py``: pull the message
 and Context, call the ClientApp, push the reply, then the Context and status; a heartbeat meanwhile), with the
 Flower 1.42 functions ``flwr-clientapp`` uses, calling this project's ClientApp
-(``client_app.make_client_app(relay_ok=False)``: the same handlers) in this process.
+(``client_app.make_client_app(use_worker=False)``: the same handlers) in this process.
 
 Differences from Flower's per-message process, to know about: the ClientApp is this installed package's, not loaded
 from the run's FAB (the same code when the SuperNode does not install runtime dependencies, as everywhere in this
@@ -58,67 +58,75 @@ def pull_input(task):
     return message, context
 
 
-def serve_tasks(runtime_address: str, stop: threading.Event, poll: float = 0.02, log: Callable = print) -> None:
-    """Acquire and run ClientApp tasks of the SuperNode at ``runtime_address`` until ``stop`` is set."""
+def runtime_client(runtime_address: str, component: str, *interceptors):
+    """A client of the SuperNode's runtime API at ``runtime_address``, as Flower's ``component`` reaches it."""
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    return RuntimeHttpClient.from_server_address(
+        server_address=runtime_address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name=component), *interceptors],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+
+
+def run_task(app, runtime_address: str, token: str, log: Callable = print) -> None:
+    """Run the acquired task ``token`` through ``app`` as ``flwr-clientapp`` does: pull its message and Context,
+    call the app, push the reply (an error reply when the app raised), then the Context and status; a heartbeat
+    meanwhile. Logs how long each part took."""
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+    t0 = time.perf_counter()
+    task = runtime_client(runtime_address, "flwr-clientapp", RuntimeTokenHttpInterceptor(token))
+    beat = HeartbeatSender(make_task_heartbeat_fn_http(task))
+    beat.start()
+    message = context = reply = None
+    status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+    try:
+        message, context = pull_input(task)
+        t1 = time.perf_counter()
+        reply = app(message=message, context=context)
+        t2 = time.perf_counter()
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as ex:  # noqa: BLE001 - reported to the ServerApp as an error reply, as flwr-clientapp does
+        details = f"{type(ex)}:<'{ex}'>"
+        log(f"task failed: {details}")
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        t1 = t2 = time.perf_counter()
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(task, reply, context)
+            push_task_output(client=task, context=context, sub_status=status, details=details)
+        finally:
+            if beat.is_running:
+                beat.stop()
+            task.close()
+    kind = message.metadata.message_type if message is not None else "?"
+    log(
+        f"task {kind}: pull {1e3 * (t1 - t0):.0f} ms, app {1e3 * (t2 - t1):.0f} ms, "
+        f"push {1e3 * (time.perf_counter() - t2):.0f} ms"
+    )
+
+
+def serve_tasks(runtime_address: str, stop: threading.Event, poll: float = 0.02, log: Callable = print) -> None:
+    """Acquire and run ClientApp tasks of the SuperNode at ``runtime_address`` until ``stop`` is set."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     from flower_sparsepush.flower.client_app import make_client_app
 
-    app = make_client_app(relay_ok=False)
-
-    def client(component: str, *extra) -> RuntimeHttpClient:
-        return RuntimeHttpClient.from_server_address(
-            server_address=runtime_address,
-            insecure=True,
-            root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name=component), *extra],
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
-
-    def run_task(token: str) -> None:
-        t0 = time.perf_counter()
-        task = client("flwr-clientapp", RuntimeTokenHttpInterceptor(token))
-        beat = HeartbeatSender(make_task_heartbeat_fn_http(task))
-        beat.start()
-        message = context = reply = None
-        status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
-        try:
-            message, context = pull_input(task)
-            t1 = time.perf_counter()
-            reply = app(message=message, context=context)
-            t2 = time.perf_counter()
-            status, details = SubStatus.COMPLETED, ""
-        except Exception as ex:  # noqa: BLE001 - reported to the ServerApp as an error reply, as flwr-clientapp does
-            details = f"{type(ex)}:<'{ex}'>"
-            log(f"task failed: {details}")
-            if message is not None:
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
-            t1 = t2 = time.perf_counter()
-        finally:
-            try:
-                if reply is not None and context is not None:
-                    push_message(task, reply, context)
-                push_task_output(client=task, context=context, sub_status=status, details=details)
-            finally:
-                if beat.is_running:
-                    beat.stop()
-                task.close()
-        kind = message.metadata.message_type if message is not None else "?"
-        log(
-            f"task {kind}: pull {1e3 * (t1 - t0):.0f} ms, app {1e3 * (t2 - t1):.0f} ms, "
-            f"push {1e3 * (time.perf_counter() - t2):.0f} ms"
-        )
-
-    acquirer = client("SuperExec")
+    app = make_client_app(use_worker=False)
+    acquirer = runtime_client(runtime_address, "SuperExec")
     try:
         while not stop.is_set():
             try:
@@ -130,7 +138,7 @@ def serve_tasks(runtime_address: str, stop: threading.Event, poll: float = 0.02,
                 stop.wait(0.5)
                 continue
             if res.HasField("task") and res.token:
-                run_task(res.token)
+                run_task(app, runtime_address, res.token, log)
             else:
                 stop.wait(poll)
     finally:

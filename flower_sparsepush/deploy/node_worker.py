@@ -10,9 +10,10 @@ message to the next. Two modes:
 - executor (``python -m flower_sparsepush.deploy.node_worker --runtime-api HOST:PORT``): the SuperNode runs with
   ``--isolation process`` and the worker acquires its tasks on its runtime API and runs them in this process
   (node_executor.py): no process per message.
-- relay (``python -m flower_sparsepush.deploy.node_worker --socket PATH``): Flower's SuperExec starts a ClientApp process
-  per message, a thin torch-free relay (client_app.py + relay.py) that forwards the message to this worker over a
-  Unix domain socket (in a folder only this user can enter; removed on exit), one message at a time.
+- link (``python -m flower_sparsepush.deploy.node_worker --socket PATH``): Flower's SuperExec starts a ClientApp
+  process per message, a thin torch-free one (client_app.py) that forwards the message to this worker over the worker
+  link (worker_link.py: a Unix domain socket in a folder only this user can enter, removed on exit), one message at a
+  time.
 
 ``sparsepush node --superlink HOST:PORT --partition-id P --num-partitions N [--insecure] [--mode M] [-- ARGS]``
 starts the worker and ``flower-supernode`` together; a worker that dies is started again, a SuperNode that exits
@@ -52,8 +53,8 @@ def _log(text: str) -> None:
 # --------------------------------------------------------------------------- the worker
 
 
-def serve(path: str) -> None:
-    """Serve messages on the Unix socket ``path`` until SIGTERM/SIGINT."""
+def serve_link(path: str) -> None:
+    """Serve the messages forwarded over the worker link, the Unix socket ``path``, until SIGTERM/SIGINT."""
     t0 = time.perf_counter()
     from flower_sparsepush.flower.node_handlers import NodeHandlers  # torch, flwr, the training code: once
 
@@ -76,7 +77,7 @@ def serve(path: str) -> None:
                 reply = h.handle(kind, content, context)
                 t3 = time.perf_counter()
                 out = worker_link.encode_reply(reply, context.state)
-            except Exception as err:  # noqa: BLE001 - the relay raises it in the ClientApp, as the handler would
+            except Exception as err:  # noqa: BLE001 - forward() raises it in the ClientApp, as the handler would
                 _log(traceback.format_exc())
                 worker_link.send_parts(sock, worker_link.encode_reply(None, None, f"{err.__class__.__name__}: {err}"))
                 return
@@ -179,7 +180,7 @@ class NodeHost:
         cmd = supernode_command(self.args)
         if self.args.mode == "executor":  # the worker acquires the tasks: no SuperExec, no process per message
             cmd += ["--isolation", "process"]
-        else:  # Flower's SuperExec starts a relay ClientApp per message
+        else:  # Flower's SuperExec starts a ClientApp per message, which forwards it over the worker link
             env[worker_link.ENV] = self.socket
             env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL)
         if self.args.supernode_poll:  # Flower's hard-coded 3 s idle wait, capped (supernode_poll.py)
@@ -281,10 +282,11 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's runtime API port (one per SuperNode)")
     p.add_argument(
         "--mode",
-        choices=("executor", "relay"),
+        choices=("executor", "link"),
         default="executor",
         help="executor: the worker runs the SuperNode's tasks itself (SuperNode --isolation process, no process per "
-        "message); relay: Flower's SuperExec starts a torch-free ClientApp per message that relays to the worker",
+        "message); link: Flower's SuperExec starts a torch-free ClientApp per message that forwards it to the worker "
+        "over the worker link",
     )
     p.add_argument(
         "--supernode-poll",
@@ -301,14 +303,14 @@ def register(subparsers) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="the node worker alone (sparsepush node starts it)")
     how = parser.add_mutually_exclusive_group(required=True)
-    how.add_argument("--socket", help="relay mode: the Unix socket path to listen on")
+    how.add_argument("--socket", help="link mode: the worker link's Unix socket path to listen on")
     how.add_argument("--runtime-api", help="executor mode: the SuperNode's runtime API address, HOST:PORT")
     args = parser.parse_args(argv)
     try:
         if args.runtime_api:
             serve_executor(args.runtime_api)
         else:
-            serve(args.socket)
+            serve_link(args.socket)
     except SystemExit as stop:
         return int(stop.code or 0) if isinstance(stop.code, int) else 0
     return 0

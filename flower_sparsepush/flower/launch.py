@@ -26,17 +26,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flower_sparsepush.run.config import KEYS, ConfigError, preflight, validate
+from flower_sparsepush.run.config import KEYS, ConfigError, RunConfig, validate
+from flower_sparsepush.run.preflight import hf_dataset, preflight
 from flower_sparsepush.run.processes import (
     descendants,
+    flwr_run_command,
     free_port,
-    port_open,
+    signal_pids,
     superlink_command,
     superlink_connection,
-    venv_exe,
+    wait_for_port,
 )
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 QUIET_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 BACKEND_CONFIG = {
     "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -44,7 +46,9 @@ BACKEND_CONFIG = {
 }
 
 
-def _quiet_env() -> None:
+def quiet_env() -> None:
+    """Ray and Flower quiet (no telemetry, no log dedup), and this venv's bin/ on PATH for the processes Flower
+    starts by name."""
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     bindir = str(Path(sys.executable).parent)  # flower-superlink starts flower-superexec by name
@@ -60,7 +64,7 @@ def simulate(raw_cfg: dict[str, Any], verbose: bool = False, client_mods: list |
     ``client_mods`` are Flower mods around every ClientApp message (tests use one to make a node misbehave)."""
     cfg = validate(raw_cfg)
     preflight(cfg, flower=True)  # graph, data, model size, out-dir: before Ray starts
-    _quiet_env()
+    quiet_env()
     import logging
 
     from flwr.simulation import run_simulation
@@ -74,9 +78,9 @@ def simulate(raw_cfg: dict[str, Any], verbose: bool = False, client_mods: list |
         logging.getLogger("flwr").setLevel(logging.WARNING)
     with indexed_message_lookup():  # a node's messages found through an index, not a scan (linkstate.py)
         run_simulation(
-            make_server_app(cfg),
-            make_client_app(cfg, mods=client_mods),
-            num_supernodes=cfg["num-nodes"],
+            make_server_app(cfg.as_dict()),
+            make_client_app(cfg.as_dict(), mods=client_mods),
+            num_supernodes=cfg.num_nodes,
             backend_config=BACKEND_CONFIG,
             verbose_logging=False,
         )
@@ -89,14 +93,6 @@ def simulate(raw_cfg: dict[str, Any], verbose: bool = False, client_mods: list |
 # --------------------------------------------------------------------------- flwr run path
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
-
-
 class SuperLink:
     """A private ``flower-superlink`` (simulation, subprocess isolation, offline) and a FLWR_HOME pointing at it."""
 
@@ -107,7 +103,7 @@ class SuperLink:
         self.log_path = log_path or Path(self.home) / "superlink.log"
 
     def __enter__(self) -> SuperLink:
-        _quiet_env()
+        quiet_env()
         Path(self.home, "config.toml").write_text(superlink_connection("sparsepush", self.port))
         cmd = superlink_command(self.port, simulation=True)
         env = os.environ | {"FLWR_HOME": self.home}
@@ -115,14 +111,14 @@ class SuperLink:
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.home
         )
-        end = time.time() + 60
-        while time.time() < end:
+
+        def exited() -> None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited ({self.proc.returncode}); log: {self.log_path}")
-            if port_open(self.port):
-                return self
-            time.sleep(0.2)
-        raise RuntimeError(f"flower-superlink did not open port {self.port} in 60 s; log: {self.log_path}")
+
+        if not wait_for_port(self.port, time.time() + 60, exited):
+            raise RuntimeError(f"flower-superlink did not open port {self.port} in 60 s; log: {self.log_path}")
+        return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -140,34 +136,20 @@ class SuperLink:
                 except ProcessLookupError:
                     pass
                 self.proc.wait(timeout=5)
-        for pid in kids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        signal_pids(kids, signal.SIGTERM)
         self.proc = None
         if getattr(self, "_log", None):
             self._log.close()
             self._log = None
 
-    def run(self, cfg: dict[str, Any], timeout: float | None = None) -> int:
+    def run(self, cfg: RunConfig, timeout: float | None = None) -> int:
         """``flwr run . sparsepush --stream`` with ``cfg`` as run-config overrides; returns its exit code."""
-        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
-        cmd = [
-            venv_exe("flwr"),
-            "run",
-            str(PROJECT_DIR),
-            "sparsepush",
-            "--stream",
-            "--run-config",
-            overrides,
-            "--federation-config",
-            f"num-supernodes={cfg['num-nodes']} client-resources-num-cpus=1",
-        ]
+        federation = f"num-supernodes={cfg.num_nodes} client-resources-num-cpus=1"
+        cmd = flwr_run_command(PROJECT_DIR, "sparsepush", cfg.as_dict(), "--federation-config", federation)
         from flower_sparsepush.run.progress import follow_run
 
         env = os.environ | {"FLWR_HOME": self.home, "SPARSEPUSH_COMMAND": os.environ.get("SPARSEPUSH_COMMAND", "")}
-        follower = follow_run(cfg)  # the ServerApp's rounds, shown on this terminal
+        follower = follow_run(cfg.as_dict())  # the ServerApp's rounds, shown on this terminal
         proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_DIR, start_new_session=True)
         end = None if timeout is None else time.time() + timeout
         try:
@@ -194,35 +176,53 @@ def flwr_run(raw_cfg: dict[str, Any]) -> Path:
     from flower_sparsepush.run.results import run_dir
 
     cfg = validate(raw_cfg)
-    cfg["out-dir"] = str(Path(cfg["out-dir"]).resolve())
-    with SuperLink() as link:
-        rc = link.run(cfg)
+    cfg = cfg.replace(out_dir=str(Path(cfg.out_dir).resolve()))
+    with SuperLink() as superlink:
+        rc = superlink.run(cfg)
     out = run_dir(cfg)
     if rc != 0 or not (out / "summary.json").exists():
         raise RuntimeError(f"flwr run failed (exit {rc}); no results in {out}")
     return out
 
 
-def check_data(cfg: dict[str, Any]) -> str | None:
+def check_data(cfg: RunConfig) -> str | None:
     """None when the run's dataset can be found, else one message: what was looked for, what was found, the fix."""
-    if cfg["dataset"] == "synthetic":
+    if cfg.dataset == "synthetic":
         return None
     from flower_sparsepush.learn import data
-    from flower_sparsepush.run.config import hf_dataset
 
     try:
-        if data.is_hf(cfg["dataset"]):
+        if data.is_hf(cfg.dataset):
             hf_dataset(cfg)  # loads it (kept for the run in this process): columns and shapes are checked too
         else:
-            data.find_data(cfg["dataset"], cfg["data-dir"] or None)
+            data.find_data(cfg.dataset, cfg.data_dir or None)
     except ConfigError as err:
         return str(err)
     except (data.DataNotFoundError, FileNotFoundError, ValueError) as err:
-        return f"run-config dataset={cfg['dataset']!r}: {err}"
+        return f"run-config dataset={cfg.dataset!r}: {err}"
     return None
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def record_command() -> None:
+    """Put this command line in ``$SPARSEPUSH_COMMAND``: the results' config.json records it (results.py)."""
+    os.environ["SPARSEPUSH_COMMAND"] = shlex.join(["sparsepush", *sys.argv[1:]])
+
+
+def add_run_command(
+    subparsers, name: str, func, help: str, usage: str, description: str, defaults=None, skip: tuple[str, ...] = ()
+) -> argparse.ArgumentParser:
+    """Add the sub-command ``name`` (running ``func``) whose options are the run-config keys, ``--key V`` each, in a
+    group of their own; ``defaults``: the command's own defaults, shown in the help. Returns the parser, for the
+    command's own options."""
+    from flower_sparsepush.run.keyhelp import add_key_options
+
+    p = subparsers.add_parser(name, help=help, usage=usage, description=description)
+    add_key_options(p, defaults=defaults, skip=skip)
+    p.set_defaults(func=func)
+    return p
 
 
 def cfg_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -230,7 +230,7 @@ def cfg_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k.replace("-", "_")) for k in KEYS if getattr(args, k.replace("-", "_"), None) is not None}
 
 
-def checked_config(raw: dict[str, Any], flower_preflight: bool = False) -> dict[str, Any] | None:
+def checked_config(raw: dict[str, Any], flower_preflight: bool = False) -> RunConfig | None:
     """The validated config, or None after printing the one error line (bad key or value, data missing, and with
     ``flower_preflight`` the pre-start checks of :func:`config.preflight`)."""
     try:
@@ -247,7 +247,7 @@ def checked_config(raw: dict[str, Any], flower_preflight: bool = False) -> dict[
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    os.environ["SPARSEPUSH_COMMAND"] = shlex.join(["sparsepush", *sys.argv[1:]])
+    record_command()
     cfg = checked_config(cfg_from_args(args), flower_preflight=True)
     if cfg is None:
         return 2
@@ -274,7 +274,7 @@ DEMO_RUNS = (("sparse-push", {"compressor": "topk:0.01+q:4", "gamma": 0.1}), ("s
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    os.environ["SPARSEPUSH_COMMAND"] = shlex.join(["sparsepush", *sys.argv[1:]])
+    record_command()
     base = DEMO | {"out-dir": str(Path(args.out_dir, "demo").resolve()), "num-rounds": args.rounds, "seed": args.seed}
     if args.data_dir:
         base["data-dir"] = args.data_dir
@@ -284,24 +284,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     rows = []
     t0 = time.time()
-    link = SuperLink() if args.engine == "flwr-run" else None
+    superlink = SuperLink() if args.engine == "flwr-run" else None
     try:
-        if link:
-            link.__enter__()
+        if superlink:
+            superlink.__enter__()
         for strategy, extra in DEMO_RUNS:
             cfg = validate(base | extra | {"strategy": strategy, "run-name": strategy})
             print(f"== demo: {strategy} ({time.time() - t0:.0f}s elapsed)", flush=True)
-            if link:
-                rc = link.run(cfg)
+            if superlink:
+                rc = superlink.run(cfg)
                 if rc != 0:
                     raise RuntimeError(f"flwr run for {strategy} failed with exit code {rc}")
             else:
                 simulate(cfg)
-            summ = json.loads((Path(cfg["out-dir"]) / strategy / "summary.json").read_text())
+            summ = json.loads((Path(cfg.out_dir) / strategy / "summary.json").read_text())
             rows.append(
                 {
                     "strategy": strategy,
-                    "compressor": cfg["compressor"] if strategy != "fedavg" else "dense",
+                    "compressor": cfg.compressor if strategy != "fedavg" else "dense",
                     "accuracy": summ["final"]["acc_consensus"],
                     "acc_node_mean": summ["final"]["acc_node_mean"],
                     "bits_per_node": summ["bits_sent_per_node"],
@@ -309,8 +309,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 }
             )
     finally:
-        if link:
-            link.stop()
+        if superlink:
+            superlink.stop()
     sgp_bits = next(r["bits_per_node"] for r in rows if r["strategy"] == "sgp")
     lines = [
         "| strategy | compressor | consensus acc | node mean acc | Mbit sent per node | reduction vs SGP | wall s |",
@@ -337,23 +337,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``train`` and ``demo`` to the ``sparsepush`` CLI (argparse sub-parsers)."""
-    from flower_sparsepush.run.keyhelp import add_key_options
-
-    p = subparsers.add_parser(
+    p = add_run_command(
+        subparsers,
         "train",
+        cmd_train,
         help="one training run through Flower (flwr run against a private SuperLink)",
         usage="%(prog)s [-h] [--engine {flwr-run,simulation}] [--KEY V ...]",
         description="One training run through Flower. Every run-config key is an option (--key value); keys not "
         "given keep the default shown. Results: <out-dir>/<run-name>/ (status.json shows the rounds done).",
     )
-    add_key_options(p)
     p.add_argument(
         "--engine",
         choices=("flwr-run", "simulation"),
         default="flwr-run",
         help="flwr-run: private SuperLink + `flwr run` (default); simulation: flwr.simulation.run_simulation",
     )
-    p.set_defaults(func=cmd_train)
 
     d = subparsers.add_parser("demo", help="Sparse-Push vs SGP vs FedAvg on Fashion-MNIST, 16 nodes (a few minutes)")
     d.add_argument("--out-dir", default="runs", help="results go to <out-dir>/demo/")

@@ -1,10 +1,11 @@
-"""The local channel between the per-message ClientApp and the node worker (node_worker.py). Imports no torch.
+"""The worker link: the local socket between the per-message ClientApp and the node worker (node_worker.py). Imports
+no torch.
 
 Flower 1.42 starts a fresh ``flwr-clientapp`` process for every message on a SuperNode. When a node worker is
 configured (``$SPARSEPUSH_NODE_WORKER`` or node-config key ``node-worker``: the path of a Unix domain socket), that
-process only relays: it sends the message type, the message content and the context (run config, node config,
-``context.state``) to the worker, which holds the node's data and model and runs the same handlers as the in-process
-ClientApp (node_handlers.py), and gets back the reply content and the new ``context.state``.
+process only forwards (:func:`forward`): it sends the message type, the message content and the context (run config,
+node config, ``context.state``) to the worker, which holds the node's data and model and runs the same handlers as the
+in-process ClientApp (node_handlers.py), and gets back the reply content and the new ``context.state``.
 
 Wire format, both ways: a sequence of parts, each ``<uint64 length><bytes>``. Request: a JSON header
 (``{"kind": ..., "run_config": ... or null}``), the content (Flower's RecordDict protobuf), the Context (protobuf).
@@ -27,7 +28,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 ENV = "SPARSEPUSH_NODE_WORKER"  # path of the worker's Unix socket, in the SuperNode's environment
 NODE_CONFIG_KEY = "node-worker"  # or in --node-config "... node-worker='/path/sock'"
-WAIT_ENV = "SPARSEPUSH_NODE_WORKER_WAIT"  # seconds the relay waits for a worker that is (re)starting; default 120
+WAIT_ENV = "SPARSEPUSH_NODE_WORKER_WAIT"  # seconds forward() waits for a worker that is (re)starting; default 120
 _LEN = struct.Struct("<Q")
 
 
@@ -111,7 +112,7 @@ def process_age() -> float:
         return float("nan")
 
 
-def relay(path: str, kind: str, content: RecordDict, context: Context, run_config: dict | None = None) -> RecordDict:
+def forward(path: str, kind: str, content: RecordDict, context: Context, run_config: dict | None = None) -> RecordDict:
     """Have the worker at ``path`` handle one message: returns the reply content; ``context.state`` is updated.
     The request tells the worker how long ago this process started (the worker logs it: Flower's per-message cost)."""
     wait = float(os.environ.get(WAIT_ENV, "120"))
