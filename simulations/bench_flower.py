@@ -191,7 +191,7 @@ def section_deploy(out_dir: str, log, rounds: int = 6, nodes: int = 4) -> dict[s
     code = "import json,sys; from flower_sparsepush.flower.launch import simulate; simulate(json.loads(sys.argv[1]))"
     t0 = time.time()
     proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(sim_cfg)], capture_output=True, text=True, timeout=1800
+        [sys.executable, "-c", code, json.dumps(sim_cfg.as_dict())], capture_output=True, text=True, timeout=1800
     )
     out["sim_wall_s"] = time.time() - t0
     if proc.returncode != 0:

@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flower_sparsepush.run.config import RunConfig
+
 
 def bench_cfg(
     model: str, nodes: int, rounds: int, local_steps: int, dataset: str, out_dir: str, extra: dict | None = None
-) -> dict[str, Any]:
+) -> RunConfig:
     from flower_sparsepush.run.config import validate
 
     return validate(
@@ -105,7 +107,7 @@ def _timed_strategy(build, starts: list[float], ends: list[float], linear: bool)
             st = s.start
 
             def start(grid, *a, **k):
-                scale_pull_interval(grid, c["num-nodes"])
+                scale_pull_interval(grid, c.num_nodes)
                 return st(grid, *a, **k)
 
             s.start = start
@@ -138,15 +140,15 @@ def _run_flower(spec: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     with lookup:
         run_simulation(
-            server_app.make_server_app(cfg),
-            make_client_app(cfg),
-            num_supernodes=cfg["num-nodes"],
+            server_app.make_server_app(cfg.as_dict()),
+            make_client_app(cfg.as_dict()),
+            num_supernodes=cfg.num_nodes,
             backend_config=backend,
             verbose_logging=False,
         )
     total = time.perf_counter() - t0
-    summary = Path(cfg["out-dir"], cfg["run-name"], "summary.json")
-    if not summary.exists() or len(starts) != cfg["num-rounds"]:
+    summary = Path(cfg.out_dir, cfg.run_name, "summary.json")
+    if not summary.exists() or len(starts) != cfg.num_rounds:
         raise RuntimeError(f"Flower run ended without results ({len(starts)} rounds timed)")
     first = starts[0] - t0 if starts else float("nan")
     return {

@@ -50,8 +50,8 @@ def run_row(spec: dict[str, Any], command: str, device: str = "cpu") -> dict[str
 
     torch.set_num_threads(1)
     cfg = run_config(spec, device)
-    rounds, steps = cfg["num-rounds"], cfg["local-steps"]
-    total = rounds + (cfg["final-gossip-rounds"] if cfg["strategy"] != "fedavg" else 0)
+    rounds, steps = cfg.num_rounds, cfg.local_steps
+    total = rounds + (cfg.final_gossip_rounds if cfg.strategy != "fedavg" else 0)
     every = max(1, total // spec["evals"])
     start = time.perf_counter()
     res = run_inprocess(
@@ -61,10 +61,10 @@ def run_row(spec: dict[str, Any], command: str, device: str = "cpu") -> dict[str
     )
     wall = time.perf_counter() - start
     last = res.history[-1]
-    n = cfg["num-nodes"]
+    n = cfg.num_nodes
     setup = get_setup(cfg)
     flops = forward_flops(setup.model, tuple(setup.ds.input_shape))
-    samples = rounds * steps * cfg["batch-size"]  # per node; the final gossip phase trains nothing
+    samples = rounds * steps * cfg.batch_size  # per node; the final gossip phase trains nothing
     energy = node_energy(sum(res.bits_sent) / n, sum(res.bits_received) / n, samples, flops)
     keep = ("acc_consensus", "acc_node_mean", "acc_node_min", "val_acc_consensus", "val_acc_node_mean")
     return {
@@ -72,21 +72,21 @@ def run_row(spec: dict[str, Any], command: str, device: str = "cpu") -> dict[str
         "name": spec["name"],
         "group": spec["group"],
         "switches": spec["switches"],
-        "dataset": cfg["dataset"],
-        "model": cfg["model"],
-        "partition": cfg["partition"],
-        "strategy": cfg["strategy"],
-        "compressor": "none" if cfg["strategy"] == "fedavg" else cfg["compressor"],
-        "gamma": 1.0 if cfg["strategy"] == "fedavg" else cfg["gamma"],
-        "form": cfg["form"],
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "partition": cfg.partition,
+        "strategy": cfg.strategy,
+        "compressor": "none" if cfg.strategy == "fedavg" else cfg.compressor,
+        "gamma": 1.0 if cfg.strategy == "fedavg" else cfg.gamma,
+        "form": cfg.form,
         "nodes": n,
-        "graph": cfg["graph"],
+        "graph": cfg.graph,
         "epochs": spec["epochs"],
         "rounds": rounds,
         "local_steps": steps,
-        "batch_size": cfg["batch-size"],
-        "val_split": cfg["val-split"],
-        "seed": cfg["seed"],
+        "batch_size": cfg.batch_size,
+        "val_split": cfg.val_split,
+        "seed": cfg.seed,
         "device": device,
         **{k: last[k] for k in last if k in keep or k.startswith("val_") or k.startswith("acc_")},
         "consensus_distance": last["consensus_distance"],

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from flower_sparsepush.run.config import RunConfig
+
 PARTITIONS = ("iid", "skew:0.8", "dirichlet:0.1")
 SKEWED = ("skew:0.8", "dirichlet:0.1")
 SEEDS = (0, 1, 2)
@@ -269,7 +271,7 @@ def plan(datasets: list[str], quick: bool, seeds: tuple[int, ...] = SEEDS) -> li
     return runs
 
 
-def run_config(spec: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+def run_config(spec: dict[str, Any], device: str = "cpu") -> RunConfig:
     """The validated run config of one planned run: its epochs turned into rounds of its local steps."""
     from flower_sparsepush.run.config import validate
     from flower_sparsepush.run.setup import get_setup

@@ -55,13 +55,13 @@ def measure(row: str, rounds: list[int], seed: int = 0) -> list[dict[str, Any]]:
         raise SystemExit(
             f"--row {row!r}: not an IID Fashion-MNIST claims row (the names are in simulations/claims.py ROWS)"
         )
-    cfg = run_config(specs[0]) | {"final-merge": False}
-    if max(rounds) > cfg["num-rounds"]:
-        raise SystemExit(f"--rounds: row {row} trains {cfg['num-rounds']} rounds; measure within 1..that")
+    cfg = run_config(specs[0]).replace(final_merge=False)
+    if max(rounds) > cfg.num_rounds:
+        raise SystemExit(f"--rounds: row {row} trains {cfg.num_rounds} rounds; measure within 1..that")
     out = []
     for r in rounds:
         res = run_inprocess(cfg, num_rounds=r)
-        out.append({"row": row, "seed": seed, "round": r, "of_rounds": cfg["num-rounds"]} | distances(res.states))
+        out.append({"row": row, "seed": seed, "round": r, "of_rounds": cfg.num_rounds} | distances(res.states))
         print(f"round {r}: own {out[-1]['own']:.2f}, " + ", ".join(f"c={c} {d:.2f}" for c, d in out[-1]["at"].items()))
     return out
 

@@ -122,7 +122,7 @@ def _experiment(
 
     runs = Path(procs.temp_dir) / "runs"
     raw = RUN_CFG | (overrides or {})
-    base = validate(raw | {"out-dir": str(runs)})
+    base = validate(raw | {"out-dir": str(runs)}).as_dict()  # the children get it as JSON
     rep["config"] = {k: base[k] for k in raw}
     rep["node_store"] = (
         "context.state"

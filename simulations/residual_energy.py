@@ -82,7 +82,7 @@ def measure(rounds: list[int], seed: int = 0) -> list[dict[str, Any]]:
         p for p in plan(["fashion_mnist"], False, (seed,)) if p["id"].endswith("/iid/sp-h4-merge/s" + str(seed))
     )
     # the row's training rounds; its final merge (which would reset every copy) is left out of the truncated runs
-    cfg = run_config(spec) | {"final-merge": False}
+    cfg = run_config(spec).replace(final_merge=False)
     setup = get_setup(cfg)
     shapes = [tuple(p.shape) for p in setup.model.parameters()]
     out = []
@@ -91,7 +91,7 @@ def measure(rounds: list[int], seed: int = 0) -> list[dict[str, Any]]:
         state = res.states[0]
         j = min(state.refs_out)
         v = (state.z - state.refs_out[j]).double()
-        row: dict[str, Any] = {"round": r, "of_rounds": cfg["num-rounds"], "edge": [0, j], "norm": float(v.norm())}
+        row: dict[str, Any] = {"round": r, "of_rounds": cfg.num_rounds, "edge": [0, j], "norm": float(v.norm())}
         row["topk"] = [
             {"fraction": f, "values": math.ceil(f * v.numel()), "energy": topk_energy(v, f),
              "gaussian": gaussian_topk_energy(f)}
