@@ -70,8 +70,8 @@ GRID_POLL_ENV = "SPARSEPUSH_GRID_POLL"  # seconds between reply pulls on the Dep
 
 class PollingGrid:
     """A Grid whose ``send_and_receive`` pulls replies every ``poll`` seconds. Flower 1.42's HttpGrid (the
-    ServerApp's grid on the Deployment Engine) sleeps a fixed 3 s between pulls, so every message batch took a
-    multiple of 3 s; everything else is the wrapped grid's."""
+    ServerApp's grid on the Deployment Engine) sleeps a fixed 3 s between pulls, which makes every message batch
+    take a multiple of 3 s; everything else is the wrapped grid's."""
 
     def __init__(self, grid: Grid, poll: float) -> None:
         self._grid, self.poll = grid, poll
@@ -125,7 +125,7 @@ def eval_report(
     y_mailboxes: float,
 ) -> EvalReport:
     """The consensus measurements of one evaluation round from every reporting node's de-biased model, weight and
-    accuracy (NaN where the node reports none): the native routers and the drop-in strategy both build theirs here."""
+    accuracy (NaN where the node reports none): the routing and the drop-in strategies both build theirs here."""
     import numpy as np
 
     parts = sorted(z_by_node)

@@ -236,7 +236,7 @@ def test_eval_reply_optional_fields_are_checked():
 
 
 def test_pending_outbox_weight_is_what_the_messages_carry():
-    from flower_sparsepush.flower.client_app import join, pending_weight, split
+    from flower_sparsepush.flower.node_handlers import join, pending_weight, split
 
     _, _, nodes = _nodes()
     out = nodes[0].round(0).messages

@@ -1,4 +1,5 @@
-"""Push-sum invariants: mass conservation, SGP equivalence, exact consensus, safe rejection of bad messages."""
+"""Push-sum invariants: mass conservation, SGP equivalence, exact consensus, safe rejection of bad messages, and
+one class per push-sum form."""
 
 import numpy as np
 import pytest
@@ -6,17 +7,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flower_sparsepush.core.codec import FORMS, Message, decode, encode
 from flower_sparsepush.core.compression import make_compressor
 from flower_sparsepush.core.consensus import run_consensus
 from flower_sparsepush.core.node import Node
-from flower_sparsepush.core.pushsum import NodeState, PushSum
+from flower_sparsepush.core.pushsum import (
+    RULES,
+    DebiasedReferencePushSum,
+    ErrorFeedbackPushSum,
+    NodeState,
+    PushSum,
+)
 from flower_sparsepush.core.topology import make_graph
 
 
-def gossip_round(algo: PushSum, states: list[NodeState], out_lists: list[list[int]], rnd: int) -> None:
+def gossip_round(rule: PushSum, states: list[NodeState], out_lists: list[list[int]], rnd: int) -> None:
     """One synchronous round (every node sends, then every node absorbs what was sent to it), through the node
     API with a zero-delay network: the matrix form x <- P x of SGP."""
-    nodes = [Node(i, s, lambda t: algo, lambda t, i=i: out_lists[i]) for i, s in enumerate(states)]
+    nodes = [Node(i, s, lambda t: rule, lambda t, i=i: out_lists[i]) for i, s in enumerate(states)]
     inbox: list[list[tuple[int, bytes]]] = [[] for _ in states]
     for node in nodes:
         for j, data in node.finish(rnd).items():
@@ -28,9 +36,9 @@ def gossip_round(algo: PushSum, states: list[NodeState], out_lists: list[list[in
 GRAPHS = ["ring", "exponential", "exponential-multi:2", "random-out:2", "complete", "undirected-ring", "torus"]
 
 
-def _states(algo, n, d, seed):
+def _states(rule, n, d, seed):
     x0 = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return x0, [algo.init_state(x0[i]) for i in range(n)]
+    return x0, [rule.init_state(x0[i]) for i in range(n)]
 
 
 @settings(max_examples=60, deadline=None)
@@ -51,11 +59,11 @@ def test_mass_is_conserved_for_every_graph_and_compressor(graph, n, d, selection
     spec = "none" if selection == "none" else f"{selection}:{amount:.4f}"
     if bits:
         spec = f"q:{bits}" if selection == "none" else f"{spec}+q:{bits}"
-    algo = PushSum(make_compressor(spec, seed=seed), gamma, form)
-    x0, states = _states(algo, n, d, seed)
+    rule = PushSum(make_compressor(spec, seed=seed), gamma, form)
+    x0, states = _states(rule, n, d, seed)
     g = make_graph(graph, n, seed)
     for t in range(5):
-        gossip_round(algo, states, g.out_neighbours(t), t)
+        gossip_round(rule, states, g.out_neighbours(t), t)
         total = sum(s.x for s in states)
         assert torch.allclose(total, x0.sum(0), rtol=1e-9, atol=1e-9 * float(x0.abs().sum()))
         assert sum(s.y for s in states) == pytest.approx(n, rel=1e-9)
@@ -66,12 +74,12 @@ def test_mass_is_conserved_for_every_graph_and_compressor(graph, n, d, selection
 @pytest.mark.parametrize("graph", ["exponential", "random-out:3", "ring"])
 def test_identity_compression_with_gamma_one_is_sgp(form, graph):
     n, d = 10, 40
-    algo = PushSum(make_compressor("none"), 1.0, form)
-    x0, states = _states(algo, n, d, 1)
+    rule = PushSum(make_compressor("none"), 1.0, form)
+    x0, states = _states(rule, n, d, 1)
     g = make_graph(graph, n, seed=2)
     x, y = x0.numpy().copy(), np.ones(n)
     for t in range(12):
-        gossip_round(algo, states, g.out_neighbours(t), t)
+        gossip_round(rule, states, g.out_neighbours(t), t)
         p = g.mixing_matrix(t).toarray()  # SGP: x <- P x, y <- P y
         x, y = p @ x, p @ y
         got = torch.stack([s.z for s in states]).numpy()
@@ -97,11 +105,11 @@ def test_reference_form_reaches_the_exact_average(nodes, graph, compressor, roun
 
 
 def test_random_graph_weights_really_differ_so_debiasing_matters():
-    algo = PushSum(make_compressor("topk:0.05"), 0.05, "ref")
-    _, states = _states(algo, 16, 50, 0)
+    rule = PushSum(make_compressor("topk:0.05"), 0.05, "ref")
+    _, states = _states(rule, 16, 50, 0)
     g = make_graph("random-out:2", 16, seed=0)
     for t in range(20):
-        gossip_round(algo, states, g.out_neighbours(t), t)
+        gossip_round(rule, states, g.out_neighbours(t), t)
     ys = [s.y for s in states]
     assert max(ys) / min(ys) > 1.2
 
@@ -124,35 +132,35 @@ def test_numerator_references_lag_where_weights_keep_changing():
 
 
 def test_sender_debits_exactly_what_it_sends():
-    algo = PushSum(make_compressor("topk:0.1+q:4"), 0.3, "ref")
-    _, (a, b, c) = _states(algo, 3, 30, 4)
+    rule = PushSum(make_compressor("topk:0.1+q:4"), 0.3, "ref")
+    _, (a, b, c) = _states(rule, 3, 30, 4)
     before = a.x.clone(), a.y
-    msgs = algo.send(a, 0, [1, 2], rnd=0)
+    msgs = rule.send(a, 0, [1, 2], rnd=0)
     for j, node in ((1, b), (2, c)):
         x_b, y_b = node.x.clone(), node.y
-        assert algo.receive(node, [(0, msgs[j])]) == []
+        assert rule.receive(node, [(0, msgs[j])]) == []
         before = (before[0] - (node.x - x_b), before[1] - (node.y - y_b))
     assert torch.allclose(before[0], a.x, atol=1e-12) and before[1] == pytest.approx(a.y)
 
 
 def test_rejected_messages_never_change_the_state():
-    algo = PushSum(make_compressor("topk:0.1"), 0.5, "ref")
-    _, (a, b) = _states(algo, 2, 30, 5)
-    good = algo.send(a, 0, [1], 0)[1]
+    rule = PushSum(make_compressor("topk:0.1"), 0.5, "ref")
+    _, (a, b) = _states(rule, 2, 30, 5)
+    good = rule.send(a, 0, [1], 0)[1]
     snapshot = (b.x.clone(), b.y, dict(b.refs_in))
     bad = [good[:-3], b"SP" + b"\0" * 60, good[:2] + bytes([7]) + good[3:]]
     ef_msg = PushSum(make_compressor("topk:0.1"), 0.5, "ef").send(
-        algo.init_state(torch.zeros(30, dtype=torch.float64)), 5, [1], 0
+        rule.init_state(torch.zeros(30, dtype=torch.float64)), 5, [1], 0
     )[1]
     wrong_dim = PushSum(make_compressor("topk:0.1"), 0.5, "ref").send(
-        algo.init_state(torch.ones(31, dtype=torch.float64)), 6, [1], 0
+        rule.init_state(torch.ones(31, dtype=torch.float64)), 6, [1], 0
     )[1]
     batch = [(10 + k, m) for k, m in enumerate(bad)] + [(5, ef_msg), (6, wrong_dim)]  # one sender each
-    reasons = [r.reason for r in algo.receive(b, batch)]
+    reasons = [r.reason for r in rule.receive(b, batch)]
     assert len(reasons) == 5 and any("'ef' form" in r for r in reasons) and any("model has 30" in r for r in reasons)
     assert not any("follows" in r for r in reasons)
     assert torch.equal(b.x, snapshot[0]) and b.y == snapshot[1] and b.refs_in == snapshot[2]
-    assert algo.receive(b, [(0, good)]) == [] and not torch.equal(b.x, snapshot[0])
+    assert rule.receive(b, [(0, good)]) == [] and not torch.equal(b.x, snapshot[0])
 
 
 def test_local_update_moves_x_by_y_times_the_change_of_z():
@@ -164,6 +172,41 @@ def test_local_update_moves_x_by_y_times_the_change_of_z():
 
 
 @pytest.mark.parametrize("kwargs,msg", [({"gamma": 0}, "gamma"), ({"gamma": 1.5}, "gamma"), ({"form": "x"}, "form")])
-def test_bad_algorithm_settings(kwargs, msg):
+def test_bad_rule_settings(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         PushSum(**kwargs)
+
+
+def test_the_form_name_picks_one_class_per_form():
+    assert tuple(RULES) == FORMS
+    for form, cls in RULES.items():
+        rule = PushSum(make_compressor("topk:0.1"), 0.5, form)
+        assert type(rule) is cls and rule.form == form and rule.gamma == 0.5
+        assert type(cls(make_compressor("topk:0.1"), 0.5)) is cls  # a subclass built directly is the same rule
+        x = torch.randn(20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        assert decode(rule.send(rule.init_state(x), 0, [1], 0)[1]).form == form
+    assert type(PushSum()) is DebiasedReferencePushSum  # the default form
+    with pytest.raises(ValueError, match="'ef' form, got form='ref'"):
+        ErrorFeedbackPushSum(form="ref")
+
+
+def _reencode(data: bytes, **change) -> bytes:
+    m = decode(data)
+    fields = {"sender": m.sender, "round": m.round, "a": m.a, "y": m.y, "payload": m.payload, "form": m.form}
+    return encode(Message(**(fields | change)))
+
+
+def test_forged_sender_is_rejected_and_leaves_edge_references_alone():
+    rule = PushSum(make_compressor("topk:0.2"), 0.5, "ref")
+    x0 = torch.randn(3, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    a, b, c = (rule.init_state(x0[i]) for i in range(3))
+    # a and b both send to c once, so c holds a reference for each edge
+    assert rule.receive(c, [(0, rule.send(a, 0, [2], 0)[2]), (1, rule.send(b, 1, [2], 0)[2])]) == []
+    refs = {k: v.clone() for k, v in c.refs_in.items()}
+    x, y = c.x.clone(), c.y
+    # node 1 writes node 0's id into its message: the relay delivers it as from node 1, the receiver refuses it
+    forged = _reencode(rule.send(b, 1, [2], 1)[2], sender=0)
+    (rej,) = rule.receive(c, [(1, forged)])
+    assert (rej.index, rej.sender) == (0, 1) and "from node 0 but came from node 1" in rej.reason
+    assert torch.equal(c.x, x) and c.y == y and c.refs_in.keys() == refs.keys()
+    assert all(torch.equal(c.refs_in[k], refs[k]) for k in refs)

@@ -1,4 +1,5 @@
-"""Training under lossy links and churn (both paths), stragglers, convergence, determinism, checkpoint and resume."""
+"""Training under lossy links and churn (both paths), stragglers, convergence, determinism, checkpoint and resume,
+and one hostile node among 16 (in-process and through Flower; the relay's checks themselves: test_guard.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from flower_sparsepush.core.codec import Message as CoreMessage
+from flower_sparsepush.core.codec import decode, encode
+from flower_sparsepush.core.compression import Identity
+from flower_sparsepush.core.router import Network
+from flower_sparsepush.flower.protocol import pack_frames, unpack_frames
 from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.inprocess import run_inprocess, train_inprocess
 from flower_sparsepush.run.results import read_metrics
-from flower_sparsepush.run.training import network_of, run_inprocess, train_inprocess
+from flower_sparsepush.run.setup import network_of
 
 torch.set_num_threads(1)
 
@@ -79,7 +87,7 @@ def test_flower_equals_inprocess_under_drop_and_churn(tmp_path):
     assert summary["messages_dropped"] == ref.router.dropped
     assert summary["straggler_events"] == [] and summary["nodes_not_returned"] == []
     # mass: sum of y over nodes + in transit (mailboxes and bounces) = n, in both paths
-    n = cfg["num-nodes"]
+    n = cfg.num_nodes
     assert summary["mass"]["y_nodes"] + summary["mass"]["y_mailboxes"] == pytest.approx(n, abs=1e-9)
     assert summary["mass"]["y_nodes"] == pytest.approx(sum(s.y for s in ref.states), abs=1e-9)
     assert total_mass(ref) == pytest.approx(n, abs=1e-9)
@@ -136,7 +144,7 @@ def test_same_seed_identical_and_resume_equals_uninterrupted(tmp_path):
         run_inprocess(cfg, eval_every=1, log=crash_at_5)
     assert (tmp_path / "b" / "checkpoint.pt").is_file()
     seen = []
-    b = run_inprocess(validate(cfg | {"resume": True}), eval_every=1, log=seen.append)
+    b = run_inprocess(cfg.replace(resume=True), eval_every=1, log=seen.append)
     assert b.start_round == 4
     assert [r["round"] for r in seen] == [1, 2, 3, 4, 5, 6]  # restored rows are replayed to the logger
     assert b.history == a.history
@@ -170,9 +178,9 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
     cfg = validate(RESUME | {"out-dir": str(tmp_path), "run-name": "x", "checkpoint-every": 2, "num-rounds": 2})
     run_inprocess(cfg)
     with pytest.raises(ConfigError, match="belongs to another run.*drop"):
-        run_inprocess(validate(cfg | {"resume": True, "drop": 0.1}))
+        run_inprocess(cfg.replace(resume=True, drop=0.1))
     # no checkpoint yet: resume starts from round 0
-    assert run_inprocess(validate(cfg | {"run-name": "fresh", "resume": True})).start_round == 0
+    assert run_inprocess(cfg.replace(run_name="fresh", resume=True)).start_round == 0
     # a checkpoint of an older format (version 2: torch.save node copies on Flower) is refused with what to do
     path = tmp_path / "x" / "checkpoint.pt"
     ck = torch.load(path, weights_only=True)
@@ -180,7 +188,7 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
     with pytest.raises(
         ConfigError, match="checkpoint version 2, this code reads 3; start the run again without resume"
     ):
-        run_inprocess(validate(cfg | {"resume": True}))
+        run_inprocess(cfg.replace(resume=True))
 
 
 # --------------------------------------------------------------------------- stragglers (strategy unit level)
@@ -205,11 +213,7 @@ def _reply(node_id: int, frames: bytes = b"", error: str | None = None, rnd: int
 
 def test_stragglers_reported_and_run_goes_on(monkeypatch):
     from flower_sparsepush.strategies import routing
-    from flower_sparsepush.strategies.routing import SparsePush
-
-    from flower_sparsepush.core.codec import Message, encode
-    from flower_sparsepush.core.compression import Identity
-    from flower_sparsepush.flower.protocol import pack_frames
+    from flower_sparsepush.strategies.routing import RoutingStrategy
 
     # Flower Messages need a running Flower task; the routing logic does not
     monkeypatch.setattr(
@@ -218,20 +222,194 @@ def test_stragglers_reported_and_run_goes_on(monkeypatch):
         lambda content, dst_node_id, message_type: SimpleNamespace(content=content, dst_node_id=dst_node_id),
     )
 
-    s = SparsePush(3)
+    s = RoutingStrategy(3, algorithm="sparse-push")
     s.node_to_part = {10: 0, 11: 1, 12: 2}
     s.part_to_node = {0: 10, 1: 11, 2: 12}
-    msg = encode(Message(0, 1, 0.5, 0.25, Identity()(torch.ones(4, dtype=torch.float64))))
+    msg = encode(CoreMessage(0, 1, 0.5, 0.25, Identity()(torch.ones(4, dtype=torch.float64))))
     s.router.post(0, 0, {2: msg})  # node 2 has mail waiting
     s.configure_train(2, None, {}, grid=SimpleNamespace(get_node_ids=lambda: [10, 11, 12]))
-    assert set(s.awaiting) == {0, 1, 2}
+    assert set(s.ledger.awaiting) == {0, 1, 2}
     _, metrics = s.aggregate_train(2, [_reply(10, pack_frames([(1, msg)])), _reply(11, error="boom")])
-    assert [(e["node"], e["reason"][:5]) for e in s.stragglers] == [(1, "error"), (2, "no re")]
-    assert s.stragglers[1]["y_held"] == pytest.approx(0.25)  # what it was handed and never acknowledged
-    assert metrics["stragglers"] == 2 and s.nodes_not_returned() == [1, 2]
+    assert [(e["node"], e["reason"][:5]) for e in s.ledger.stragglers] == [(1, "error"), (2, "no re")]
+    assert s.ledger.stragglers[1]["y_held"] == pytest.approx(0.25)  # what it was handed and never acknowledged
+    assert metrics["stragglers"] == 2 and s.ledger.not_returned() == [1, 2]
     s.configure_train(3, None, {}, grid=SimpleNamespace(get_node_ids=lambda: [10, 11, 12]))
     s.aggregate_train(3, [_reply(10, rnd=2), _reply(11, rnd=2)])
-    assert s.nodes_not_returned() == [2]  # node 1 came back, node 2 never did
+    assert s.ledger.not_returned() == [2]  # node 1 came back, node 2 never did
     s.configure_train(4, None, {}, grid=SimpleNamespace(get_node_ids=lambda: [10, 11, 12]))
     with pytest.raises(RuntimeError, match="no node returned"):
         s.aggregate_train(4, [])
+
+
+# --------------------------------------------------------------------------- one hostile node among 16, whole runs
+
+HOSTILE = 5
+IN_TURN = ("sender", "destinations", "round", "schema", "size")  # what it sends wrong in rounds 0, 1, 2, ...
+HOSTILE_RUN = {
+    "dataset": "synthetic",
+    "model": "mlp",
+    "num-nodes": 16,
+    "graph": "exponential",
+    "strategy": "sparse-push",
+    "compressor": "topk:0.1+q:4",
+    "gamma": 0.5,
+    "num-rounds": 8,
+    "local-steps": 2,
+    "batch-size": 16,
+    "lr": 0.1,
+    "seed": 0,
+    "eval-every": 8,
+    "eval-node-samples": 0,
+    "save-nodes": True,
+    "exclude-after": len(IN_TURN),  # refused five times (once of each kind), then excluded
+}
+
+
+def _reencode(data: bytes, **change) -> bytes:
+    m = decode(data)
+    fields = {"sender": m.sender, "round": m.round, "a": m.a, "y": m.y, "payload": m.payload, "form": m.form}
+    return encode(CoreMessage(**(fields | change)))
+
+
+def hostile_frames(frames: list[tuple[int, bytes]], rnd: int, kind: str) -> list[tuple[int, bytes]]:
+    """The frames node HOSTILE sends instead of its honest ones, for the kinds that live in the messages."""
+    n = HOSTILE_RUN["num-nodes"]
+    if kind == "sender":  # impersonates its neighbour
+        return [(d, _reencode(m, sender=(HOSTILE + 1) % n)) for d, m in frames]
+    if kind == "destinations":
+        return [((d + 1) % n, m) for d, m in frames]
+    if kind == "round":
+        return [(d, _reencode(m, round=rnd + 1)) for d, m in frames]
+    if kind == "size":  # its whole model, uncompressed
+        return [(d, _reencode(m, payload=Identity()(torch.ones(decode(m).payload.dim)))) for d, m in frames]
+    return frames
+
+
+def hostile_mod(msg, context, call_next):
+    """Flower client mod: node HOSTILE replies to its train messages with a bad reply of each kind in turn."""
+    reply_msg = call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN or int(context.node_config["partition-id"]) != HOSTILE:
+        return reply_msg
+    out = dict(reply_msg.content["out"])
+    rnd = int(out["round"])
+    kind = IN_TURN[rnd % len(IN_TURN)]
+    if kind == "round":
+        out["round"] = rnd + 1
+    elif kind == "schema":
+        out["frames"] = "one message, please"
+    else:
+        out["frames"] = pack_frames(hostile_frames(unpack_frames(out["frames"]), rnd, kind))
+    content = RecordDict({"out": ConfigRecord(out), "metrics": reply_msg.content["metrics"]})
+    return Message(content, reply_to=msg)
+
+
+@pytest.fixture(scope="module")
+def inprocess_runs():
+    """In-process runs of HOSTILE_RUN: node HOSTILE offline throughout; hostile with the exclusion policy off;
+    hostile and excluded after five refused replies. Returns the three results and the weight handed to the hostile
+    node."""
+    from flower_sparsepush.core.node import RoundOut
+    from flower_sparsepush.run import inprocess, setup
+    from flower_sparsepush.run.config import validate
+    from flower_sparsepush.run.inprocess import run_inprocess
+    from flower_sparsepush.run.node_train import node_round
+
+    handed = {}
+
+    def hostile_round(setup, state, node, rnd, inbox, bounced=()):
+        res = node_round(setup, state, node, rnd, inbox, bounced)
+        if node != HOSTILE:
+            return res
+        handed[rnd] = sum(decode(d).y for _, d in inbox)
+        kind = IN_TURN[rnd % len(IN_TURN)]
+        frames = hostile_frames(sorted(res.messages.items()), rnd, kind)
+        if kind == "schema":
+            frames = [(d, m.hex()) for d, m in frames]  # not bytes
+        return RoundOut(dict(frames), res.loss, res.rejected)
+
+    class WithoutHostile(Network):
+        def online(self, rnd: int, node: int) -> bool:
+            return node != HOSTILE and super().online(rnd, node)
+
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(setup, "network_of", lambda cfg: WithoutHostile(seed=cfg.seed))
+        runs["offline"] = run_inprocess(validate(HOSTILE_RUN))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inprocess, "node_round", hostile_round)
+        runs["hostile"] = run_inprocess(validate(HOSTILE_RUN | {"exclude-after": 0}))
+        handed.clear()
+        runs["excluded"] = run_inprocess(validate(HOSTILE_RUN))
+    return runs, dict(handed)
+
+
+def _honest(states):
+    return [s for i, s in enumerate(states) if i != HOSTILE]
+
+
+def _accuracy(zs) -> float:
+    from flower_sparsepush.learn.evaluate import evaluate
+    from flower_sparsepush.run.config import validate
+    from flower_sparsepush.run.setup import get_setup
+
+    setup = get_setup(validate(HOSTILE_RUN))
+    return float(np.mean([evaluate(setup, torch.as_tensor(z, dtype=torch.float32))[0] for z in zs]))
+
+
+def test_hostile_node_in_process(inprocess_runs):
+    runs, handed = inprocess_runs
+    n_honest = HOSTILE_RUN["num-nodes"] - 1
+    # policy off: every reply of the hostile node is refused, so the honest nodes are exactly where they are when
+    # that node is simply offline (same models, weights and edge references, bit for bit)
+    g = runs["hostile"].guard
+    assert [r["kind"] for r in g.rejected_replies] == [IN_TURN[t % 5] for t in range(HOSTILE_RUN["num-rounds"])]
+    assert {r["node"] for r in g.rejected_replies} == {HOSTILE} and g.excluded == []
+    for a, b in zip(_honest(runs["hostile"].states), _honest(runs["offline"].states)):
+        assert torch.equal(a.x, b.x) and a.y == b.y and a.refs_in.keys() == b.refs_in.keys()
+        assert all(torch.equal(a.refs_in[k], b.refs_in[k]) for k in a.refs_in)
+    # policy on: excluded after its fifth refused reply; what it was handed before is all the honest mass it took
+    ex = runs["excluded"]
+    assert [r["kind"] for r in ex.guard.rejected_replies] == list(IN_TURN)
+    assert ex.guard.excluded == [{"round": 5, "node": HOSTILE, "replies_rejected": 5}]
+    assert sorted(handed) == [0, 1, 2, 3, 4] and sum(handed.values()) > 0
+    held = [d for box in ex.router.mailboxes for _, _, d in box] + [d for box in ex.router.bounced for _, d in box]
+    honest_mass = sum(s.y for s in _honest(ex.states)) + sum(decode(d).y for d in held)
+    assert honest_mass == pytest.approx(n_honest - sum(handed.values()), abs=1e-9)
+    acc_ex, acc_off = (
+        _accuracy([s.z for s in _honest(ex.states)]),
+        _accuracy([s.z for s in _honest(runs["offline"].states)]),
+    )
+    assert acc_off > 0.3  # trained (chance is 0.1)
+    assert abs(acc_ex - acc_off) <= 0.01, (acc_ex, acc_off)
+
+
+def test_hostile_node_through_flower(inprocess_runs, tmp_path):
+    """The same run through Flower, with the hostile node as a ClientApp mod: it finishes, every bad reply is
+    refused and reported with its kind, the node is excluded after five, the honest nodes end where the
+    in-process run puts them, and the honest mass is accounted for exactly by what the summary reports."""
+    import sys
+
+    import ray.cloudpickle
+
+    from flower_sparsepush.flower.launch import simulate
+    from flower_sparsepush.run.config import validate
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
+    out = simulate(validate(HOSTILE_RUN | {"out-dir": str(tmp_path), "run-name": "hostile"}), client_mods=[hostile_mod])
+    summary = json.loads((out / "summary.json").read_text())
+    refused = summary["rejected_replies"]
+    assert [(r["round"], r["node"], r["kind"]) for r in refused] == [(t + 1, HOSTILE, k) for t, k in enumerate(IN_TURN)]
+    assert summary["excluded_nodes"] == [{"round": 5, "node": HOSTILE, "replies_rejected": 5}]
+    assert summary["replies_rejected_by_node"] == {str(HOSTILE): 5} and summary["nodes_not_returned"] == []
+    events = summary["straggler_events"]
+    assert [e["node"] for e in events] == [HOSTILE] * 5
+    runs, handed = inprocess_runs
+    assert [e["y_inbox"] for e in events] == pytest.approx([handed[t] for t in range(5)], abs=1e-12)
+    nodes = np.load(out / "nodes.npz")
+    honest = [i for i in range(HOSTILE_RUN["num-nodes"]) if i != HOSTILE]
+    assert sorted(nodes.files) == sorted(f"z{i}" for i in honest)  # the excluded node is no longer evaluated
+    for i in honest:
+        np.testing.assert_allclose(nodes[f"z{i}"], runs["excluded"].states[i].z.numpy(), atol=1e-5, rtol=0)
+    mass = summary["mass"]
+    honest_y = sum(y for p, y in mass["y_by_node"].items() if int(p) != HOSTILE)
+    assert honest_y + mass["y_mailboxes"] + sum(e["y_inbox"] for e in events) == pytest.approx(len(honest), abs=1e-9)

@@ -68,7 +68,7 @@ class Guard:
 
     ``graph``, ``dim``, ``form`` and ``max_message_bytes`` (bytes, or a function of the round when the compressor
     changes over rounds) switch on the destination, model-size / form and size checks; the ServerApp and the
-    in-process loop pass all of them (``training.relay_checks``).
+    in-process loop pass all of them (``run.setup.relay_checks``).
     """
 
     def __init__(

@@ -90,7 +90,8 @@ class Node:
         bounced: Frames = (),
         train: Callable[[NodeState], float] | None = None,
     ) -> RoundOut:
-        """:meth:`begin`, ``train(state)`` (it moves the model in ``state`` and returns the mean loss), :meth:`finish`."""
+        """:meth:`begin`, ``train(state)`` (it moves the model in ``state`` and returns the mean loss), then
+        :meth:`finish`."""
         rejected = self.begin(rnd, inbox, bounced)
         loss = train(self.state) if train is not None else math.nan
         return RoundOut(self.finish(rnd), loss, rejected)

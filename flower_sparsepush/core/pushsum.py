@@ -4,25 +4,30 @@ Every node i holds a numerator ``x`` (model-shaped, flat) and a scalar weight ``
 evaluates is the de-biased ``z = x / y``. In a gossip round, :meth:`PushSum.send` makes one message per
 out-neighbour and debits from ``x`` and ``y`` exactly the mass those messages carry; :meth:`PushSum.receive`
 credits the mass of received messages. So ``sum_i x_i`` and ``sum_i y_i`` are conserved whatever the compressor
-(docs/algorithm.md has the equations). Two forms share this interface:
+(docs/algorithm.md has the equations).
 
-- ``"ef"`` (the Sparse-Push authors' form): error feedback on the numerator itself. The node compresses
-  ``v = x + e``, keeps the remainder in ``e`` and sends ``a * C(v)`` with ``a = gamma / (d_out + 1)``.
-  With the identity compressor and ``gamma = 1`` this is SGP exactly.
-- ``"ref"`` (this project's default): per-edge references in de-biased space. For each out-edge (i -> j) both ends
-  hold the same copy ``zhat_ij``; the sender sends ``C(z_i - zhat_ij)``, both ends add it to their copy, and the
-  edge moves weight ``a * y_i`` together with numerator ``a * y_i * zhat_ij``. The ratio of moved numerator to
-  moved weight tracks ``z_i``, so the de-biased models reach the exact average also when the weights ``y`` change
-  every round (random directed graphs).
-- ``"ref-x"`` (kept for comparison): the same per-edge references on the numerator ``x`` itself (CHOCO-style
-  difference compression for push-sum); the edge moves ``a * xhat_ij`` and ``a * y_i``. It is exact on graphs
-  whose weights settle, but lags where ``y`` keeps changing (docs/algorithm.md has the measurements).
+:class:`PushSum` keeps that weight bookkeeping and the checks of received messages; what a message carries of the
+numerator is the form's, one subclass per form of ``codec.FORMS``. ``PushSum(compressor, gamma, form)`` returns
+the subclass of ``form``:
+
+- ``"ef"``, :class:`ErrorFeedbackPushSum` (the Sparse-Push authors' form): error feedback on the numerator itself.
+  The node compresses ``v = x + e``, keeps the remainder in ``e`` and sends ``a * C(v)`` with
+  ``a = gamma / (d_out + 1)``. With the identity compressor and ``gamma = 1`` this is SGP exactly.
+- ``"ref"``, :class:`DebiasedReferencePushSum` (this project's default): per-edge references in de-biased space.
+  For each out-edge (i -> j) both ends hold the same copy ``zhat_ij``; the sender sends ``C(z_i - zhat_ij)``, both
+  ends add it to their copy, and the edge moves weight ``a * y_i`` together with numerator ``a * y_i * zhat_ij``.
+  The ratio of moved numerator to moved weight tracks ``z_i``, so the de-biased models reach the exact average
+  also when the weights ``y`` change every round (random directed graphs).
+- ``"ref-x"``, :class:`NumeratorReferencePushSum` (for comparison): the same per-edge references on the numerator
+  ``x`` itself (CHOCO-style difference compression for push-sum); the edge moves ``a * xhat_ij`` and ``a * y_i``.
+  It is exact on graphs whose weights settle, but lags where ``y`` keeps changing (docs/algorithm.md has the
+  measurements).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -63,28 +68,37 @@ class Rejection(NamedTuple):
 class PushSum:
     """The gossip rule shared by all nodes: compressor, consensus step size ``gamma`` and form.
 
-    ``ref_init`` is the value both ends of a new edge start their reference from (the common initial model in
-    training; zeros when None).
+    ``PushSum(compressor, gamma, form, ref_init)`` is the one place a form name picks its class (like
+    ``pathlib.Path``): it returns the subclass of ``form`` (default ``"ref"``). A subclass may also be built
+    directly, without ``form``. ``ref_init`` is the value both ends of a new edge start their reference from (the
+    common initial model in training; zeros when None).
+
+    A subclass says what a message carries of the numerator: :meth:`_send` debits it from ``x`` and returns the
+    encoded messages, :meth:`_absorb` credits a received one, :meth:`_take_back` undoes the debit of a bounced one.
+    This class moves the weight ``y`` and checks every received message before any of it is credited.
     """
 
-    def __init__(self, compressor=None, gamma: float = 1.0, form: str = "ref", ref_init: torch.Tensor | None = None):
-        if form not in FORMS:
-            raise ValueError(f"push-sum form must be one of {FORMS}, got {form!r}")
+    form: ClassVar[str]
+
+    def __new__(cls, compressor=None, gamma: float = 1.0, form: str | None = None, ref_init=None):
+        if cls is PushSum:
+            cls = rule_class("ref" if form is None else form)
+        return super().__new__(cls)
+
+    def __init__(
+        self, compressor=None, gamma: float = 1.0, form: str | None = None, ref_init: torch.Tensor | None = None
+    ):
+        if form is not None and form != self.form:
+            raise ValueError(f"{type(self).__name__} is the {self.form!r} form, got form={form!r}")
         if not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
             raise ValueError(f"gamma (consensus step size) must be in (0, 1], got {gamma!r}")
         self.compressor = compressor or Identity()
         self.gamma = float(gamma)
-        self.form = form
         self.ref_init = ref_init
 
     def init_state(self, x0: torch.Tensor) -> NodeState:
         """A node that starts from model ``x0`` with weight 1."""
         return NodeState(x=x0.detach().clone(), y=1.0)
-
-    def _new_ref(self, like: torch.Tensor) -> torch.Tensor:
-        if self.ref_init is None:
-            return torch.zeros_like(like)
-        return self.ref_init.to(like.dtype).clone()
 
     def send(self, state: NodeState, sender: int, out_neighbours: list[int], rnd: int) -> dict[int, bytes]:
         """Messages for this round's out-neighbours, as encoded bytes; debits the mass they carry from the state."""
@@ -92,25 +106,7 @@ class PushSum:
             return {}
         a = self.gamma / (len(out_neighbours) + 1)
         y_sent = a * state.y
-        out: dict[int, bytes] = {}
-        if self.form == "ef":
-            c, state.error = compress_with_feedback(self.compressor, state.x, state.error)
-            if isinstance(self.compressor, Identity):
-                state.error = None  # nothing is ever left out
-            data = encode(Message(sender, rnd, a, y_sent, c))
-            c.add_to_(state.x, alpha=-a * len(out_neighbours))
-            out = dict.fromkeys(out_neighbours, data)
-        else:
-            z_space = self.form == "ref"
-            target = state.z if z_space else state.x.clone()  # the values at the start of the round
-            for j in out_neighbours:
-                ref = state.refs_out.get(j)
-                if ref is None:
-                    ref = state.refs_out[j] = self._new_ref(target)
-                c = self.compressor(target - ref)
-                c.add_to_(ref)
-                state.x.sub_(ref, alpha=y_sent if z_space else a)
-                out[j] = encode(Message(sender, rnd, a, y_sent, c, form=self.form))
+        out = self._send(state, sender, out_neighbours, rnd, a, y_sent)
         state.y -= y_sent * len(out_neighbours)
         return out
 
@@ -127,27 +123,25 @@ class PushSum:
         refused: set[int] = set()
         for pos, (sender, data) in enumerate(messages):
             try:
-                if sender in refused:
-                    raise CodecError(f"follows a rejected message from node {sender} on the same edge")
-                msg = decode(data, expected_dim=len(state.x))
-                if msg.form != self.form:
-                    raise CodecError(f"message of the {msg.form!r} form sent to a {self.form!r} node")
-                if msg.sender != sender:
-                    raise CodecError(f"message says it is from node {msg.sender} but came from node {sender}")
+                msg = self._accept(state, sender, data, refused)
             except CodecError as err:
                 rejected.append(Rejection(pos, sender, str(err)))
                 refused.add(sender)
                 continue
-            if self.form == "ef":
-                msg.payload.add_to_(state.x, alpha=msg.a)
-            else:
-                ref = state.refs_in.get(sender)
-                if ref is None:
-                    ref = state.refs_in[sender] = self._new_ref(state.x)
-                msg.payload.add_to_(ref)
-                state.x.add_(ref, alpha=msg.y if self.form == "ref" else msg.a)
+            self._absorb(state, sender, msg)
             state.y += msg.y
         return rejected
+
+    def _accept(self, state: NodeState, sender: int, data: bytes, refused: set[int]) -> Message:
+        """The decoded message, or :class:`CodecError` with the reason this node refuses it."""
+        if sender in refused:
+            raise CodecError(f"follows a rejected message from node {sender} on the same edge")
+        msg = decode(data, expected_dim=len(state.x))
+        if msg.form != self.form:
+            raise CodecError(f"message of the {msg.form!r} form sent to a {self.form!r} node")
+        if msg.sender != sender:
+            raise CodecError(f"message says it is from node {msg.sender} but came from node {sender}")
+        return msg
 
     def bounce(self, state: NodeState, dest: int, data: bytes) -> None:
         """Take back a message this node sent to ``dest`` that was never delivered (see router.py).
@@ -157,13 +151,19 @@ class PushSum:
         mass is lost and both ends of the edge keep the same reference (up to floating-point rounding).
         """
         msg = decode(data, expected_dim=len(state.x))
-        if self.form == "ef":
-            msg.payload.add_to_(state.x, alpha=msg.a)
-        else:
-            ref = state.refs_out[dest]
-            state.x.add_(ref, alpha=msg.y if self.form == "ref" else msg.a)
-            msg.payload.add_to_(ref, alpha=-1.0)
+        self._take_back(state, dest, msg)
         state.y += msg.y
+
+    def _send(
+        self, state: NodeState, sender: int, out_neighbours: list[int], rnd: int, a: float, y_sent: float
+    ) -> dict[int, bytes]:
+        raise NotImplementedError
+
+    def _absorb(self, state: NodeState, sender: int, msg: Message) -> None:
+        raise NotImplementedError
+
+    def _take_back(self, state: NodeState, dest: int, msg: Message) -> None:
+        raise NotImplementedError
 
     @staticmethod
     def lookahead_offset(state: NodeState, c: float) -> torch.Tensor | None:
@@ -180,3 +180,107 @@ class PushSum:
     def local_update(state: NodeState, z_new: torch.Tensor) -> None:
         """Apply a local training step that moved the de-biased model to ``z_new``: ``x += y * (z_new - z)``."""
         state.x = state.y * z_new.detach().to(state.x.dtype)
+
+
+class ErrorFeedbackPushSum(PushSum):
+    """Form ``"ef"``: every out-neighbour gets the same ``a * C(x + e)``; the remainder stays in ``e``."""
+
+    form = "ef"
+
+    def _send(self, state, sender, out_neighbours, rnd, a, y_sent):
+        c, state.error = compress_with_feedback(self.compressor, state.x, state.error)
+        if isinstance(self.compressor, Identity):
+            state.error = None  # nothing is ever left out
+        data = encode(Message(sender, rnd, a, y_sent, c, form=self.form))
+        c.add_to_(state.x, alpha=-a * len(out_neighbours))
+        return dict.fromkeys(out_neighbours, data)
+
+    def _absorb(self, state, sender, msg):
+        msg.payload.add_to_(state.x, alpha=msg.a)
+
+    def _take_back(self, state, dest, msg):
+        msg.payload.add_to_(state.x, alpha=msg.a)
+
+
+class _EdgeReferencePushSum(PushSum):
+    """The reference forms: each edge (i -> j) has a copy both ends update with the compressed difference, and the
+    edge moves ``moved(a, y) * reference`` of the numerator. A subclass says what the reference follows
+    (:meth:`_target`) and that factor (:meth:`_moved`)."""
+
+    def _target(self, state: NodeState) -> torch.Tensor:
+        """What the sender's references follow, as it is at the start of the round (a new tensor)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _moved(a: float, y: float) -> float:
+        """The factor of the reference in the numerator an edge moves, for mixing factor ``a`` and weight ``y``."""
+        raise NotImplementedError
+
+    def _new_ref(self, like: torch.Tensor) -> torch.Tensor:
+        if self.ref_init is None:
+            return torch.zeros_like(like)
+        return self.ref_init.to(like.dtype).clone()
+
+    def _send(self, state, sender, out_neighbours, rnd, a, y_sent):
+        target = self._target(state)
+        out: dict[int, bytes] = {}
+        for j in out_neighbours:
+            ref = state.refs_out.get(j)
+            if ref is None:
+                ref = state.refs_out[j] = self._new_ref(target)
+            c = self.compressor(target - ref)
+            c.add_to_(ref)
+            state.x.sub_(ref, alpha=self._moved(a, y_sent))
+            out[j] = encode(Message(sender, rnd, a, y_sent, c, form=self.form))
+        return out
+
+    def _absorb(self, state, sender, msg):
+        ref = state.refs_in.get(sender)
+        if ref is None:
+            ref = state.refs_in[sender] = self._new_ref(state.x)
+        msg.payload.add_to_(ref)
+        state.x.add_(ref, alpha=self._moved(msg.a, msg.y))
+
+    def _take_back(self, state, dest, msg):
+        ref = state.refs_out[dest]
+        state.x.add_(ref, alpha=self._moved(msg.a, msg.y))
+        msg.payload.add_to_(ref, alpha=-1.0)
+
+
+class DebiasedReferencePushSum(_EdgeReferencePushSum):
+    """Form ``"ref"``: references follow the de-biased model ``z``; an edge moves ``y_sent * zhat``."""
+
+    form = "ref"
+
+    def _target(self, state):
+        return state.z
+
+    @staticmethod
+    def _moved(a, y):
+        return y
+
+
+class NumeratorReferencePushSum(_EdgeReferencePushSum):
+    """Form ``"ref-x"``: references follow the numerator ``x``; an edge moves ``a * xhat``."""
+
+    form = "ref-x"
+
+    def _target(self, state):
+        return state.x.clone()
+
+    @staticmethod
+    def _moved(a, y):
+        return a
+
+
+RULES: dict[str, type[PushSum]] = {
+    cls.form: cls for cls in (ErrorFeedbackPushSum, DebiasedReferencePushSum, NumeratorReferencePushSum)
+}
+assert tuple(RULES) == FORMS, "one push-sum class per form of the wire codec, in its order"
+
+
+def rule_class(form: str) -> type[PushSum]:
+    """The push-sum class of a form name (``codec.FORMS``)."""
+    if form not in RULES:
+        raise ValueError(f"push-sum form must be one of {FORMS}, got {form!r}")
+    return RULES[form]
