@@ -11,8 +11,9 @@ import torch
 
 from flower_sparsepush.flower.launch import simulate
 from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.inprocess import run_inprocess
 from flower_sparsepush.run.results import METRIC_FIELDS, read_metrics
-from flower_sparsepush.run.training import get_setup, run_inprocess
+from flower_sparsepush.run.setup import get_setup
 
 TINY = {
     "dataset": "synthetic",
@@ -51,12 +52,12 @@ def test_flower_equals_inprocess(tiny_run):
     cfg, out = tiny_run
     ref = run_inprocess(cfg)
     nodes = np.load(out / "nodes.npz")
-    assert sorted(nodes.files) == [f"z{i}" for i in range(cfg["num-nodes"])]
+    assert sorted(nodes.files) == [f"z{i}" for i in range(cfg.num_nodes)]
     for i, state in enumerate(ref.states):
         np.testing.assert_allclose(nodes[f"z{i}"], state.z.to(torch.float32).numpy(), atol=1e-5, rtol=0)
     # the models trained and differ between nodes (equal untrained models would prove nothing)
     x0 = get_setup(cfg).x0.numpy()
-    assert all(np.abs(nodes[f"z{i}"] - x0).max() > 1e-3 for i in range(cfg["num-nodes"]))
+    assert all(np.abs(nodes[f"z{i}"] - x0).max() > 1e-3 for i in range(cfg.num_nodes))
     assert np.abs(nodes["z0"] - nodes["z1"]).max() > 1e-4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bits_sent_by_node"] == ref.bits_sent
@@ -68,9 +69,9 @@ def test_mass_conserved_through_flower(tiny_run):
     summary = json.loads((out / "summary.json").read_text())
     mass = summary["mass"]
     assert mass["y_mailboxes"] > 0  # the last round's messages are still in the mailboxes
-    assert mass["y_nodes"] + mass["y_mailboxes"] == pytest.approx(cfg["num-nodes"], abs=1e-9)
+    assert mass["y_nodes"] + mass["y_mailboxes"] == pytest.approx(cfg.num_nodes, abs=1e-9)
     for row in read_metrics(out / "metrics.jsonl"):
-        assert row["y_nodes"] + row["y_mailboxes"] == pytest.approx(cfg["num-nodes"], abs=1e-9)
+        assert row["y_nodes"] + row["y_mailboxes"] == pytest.approx(cfg.num_nodes, abs=1e-9)
 
 
 def test_fedavg_through_flower_equals_inprocess(tmp_path):
@@ -79,7 +80,7 @@ def test_fedavg_through_flower_equals_inprocess(tmp_path):
     cfg = validate(TINY | {"strategy": "fedavg", "out-dir": str(tmp_path), "run-name": "fedavg"})
     out = simulate(cfg)
     fl = read_metrics(out / "metrics.jsonl")
-    ref = run_inprocess(validate(cfg | {"run-name": "fedavg-in"}), eval_every=1).history
+    ref = run_inprocess(cfg.replace(run_name="fedavg-in"), eval_every=1).history
     assert [r["round"] for r in fl] == [r["round"] for r in ref] == [1, 2, 3]
     dense = 32 * get_setup(cfg).x0.numel()
     for a, b in zip(fl, ref):
