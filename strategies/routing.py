@@ -28,15 +28,14 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from flower_sparsepush.core.guard import BadReply, Guard, Outbox
+from flower_sparsepush.core.guard import BadReply, Guard, Outbox, ReplyChecks
 from flower_sparsepush.core.ledger import DeliveryLedger
 from flower_sparsepush.core.router import Network, Router
 from flower_sparsepush.flower import protocol
 
-from .base import EvalReport, PushSumStrategy, Report, eval_report, wait_and_register
+from .base import EvalReport, PushSumStrategy, Report, eval_report
 
 # run-config ``strategy`` -> the algorithm's name (RoutingStrategy's docstring says what each is)
 ALGORITHMS = {"sgp": "SGP", "sparse-push": "Sparse-Push", "scsp": "SCSP"}
@@ -85,23 +84,16 @@ class RoutingStrategy(PushSumStrategy):
     bounce : bool (default: True)
         A dropped message is returned to its sender in its next train message, which takes its mass back.
         With False it is lost (the unprotected form: the push-sum weights drift).
-    graph : flower_sparsepush.core.topology.Graph | None (default: None)
-        The run's graph: a reply must address exactly the sender's out-neighbours of its round.
-    dim : int | None (default: None)
-        Model parameters: every message, and every evaluation report, must be of this size.
-    form : str | None (default: None)
-        The push-sum form every message must be of (``codec.FORMS``).
-    max_message_bytes : int | None (default: None)
-        The longest message the run's compressor makes (``guard.message_size_limit``); longer ones are refused.
-    exclude_after : int (default: 0)
-        Stop routing to and from a node after this many refused replies (0: never). Its mass leaves the run.
+    checks : flower_sparsepush.core.guard.ReplyChecks | None (default: None, no checks but the reply's form)
+        What every reply is checked against before anything of it is routed: the graph (a reply addresses exactly
+        the sender's out-neighbours), model size and push-sum form, the longest message the compressor makes, and
+        ``exclude_after`` (stop routing to and from a node after this many refused replies; its mass leaves).
     token : str (default: "run")
         Names the nodes' store folder for this run (store.py); a resumed run keeps it.
     checkpoint_every : int (default: 0)
         Nodes keep a copy of their state every this many rounds (0: never).
 
-    The ServerApp passes graph, dim, form and max_message_bytes from the run config; a check whose value is None is
-    skipped. Every reply is checked before anything of it is routed (``flower_sparsepush.core.guard``).
+    The ServerApp builds ``checks`` from the run config (``run.setup.reply_checks``).
     """
 
     def __init__(
@@ -115,11 +107,7 @@ class RoutingStrategy(PushSumStrategy):
         sample_seed: int = 0,
         network: Network | None = None,
         bounce: bool = True,
-        graph=None,
-        dim: int | None = None,
-        form: str | None = None,
-        max_message_bytes: int | None = None,
-        exclude_after: int = 0,
+        checks: ReplyChecks | None = None,
         token: str = "run",
         checkpoint_every: int = 0,
     ) -> None:
@@ -136,7 +124,7 @@ class RoutingStrategy(PushSumStrategy):
         self.fraction_evaluate = fraction_evaluate
         self.eval_every = eval_every
         self.router = Router(num_nodes, network or Network(), bounce=bounce)
-        self.guard = Guard(self.router, graph, dim, form, max_message_bytes, exclude_after)
+        self.guard = Guard(self.router, checks)
         self.ledger = DeliveryLedger(num_nodes)
         self.token = token
         self.checkpoint_every = checkpoint_every
@@ -449,51 +437,3 @@ class RoutingStrategy(PushSumStrategy):
 def _rng_state(state) -> tuple:
     """random.Random.getstate() after a trip through plain lists (a checkpoint)."""
     return (state[0], tuple(state[1]), state[2])
-
-
-class CountingFedAvg(FedAvg):
-    """Flower's own FedAvg, counting communication as the routing strategy does: dense model bytes each way.
-
-    Each sampled node receives the global model (8 x its array bytes, counted as received) and sends its trained
-    model back (8 x the reply's array bytes, counted as sent). The constructor takes ``num_nodes`` plus FedAvg's
-    own arguments; ``fraction_evaluate`` is forced to 0 (the ServerApp evaluates the global model centrally).
-    """
-
-    def __init__(self, num_nodes: int, **kwargs) -> None:
-        kwargs.setdefault("min_available_nodes", num_nodes)
-        kwargs.setdefault("min_train_nodes", 2)
-        kwargs["fraction_evaluate"] = 0.0
-        super().__init__(**kwargs)
-        self.num_nodes = num_nodes
-        self.bits_sent = [0] * num_nodes
-        self.bits_received = [0] * num_nodes
-        self.node_to_part: dict[int, int] = {}
-        self.register_timeout = 120.0
-
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kw):
-        self.node_to_part = wait_and_register(grid, self.num_nodes, self.register_timeout)
-        return super().start(grid, initial_arrays, num_rounds=num_rounds, **kw)
-
-    def configure_train(self, server_round, arrays, config, grid):
-        msgs = list(super().configure_train(server_round, arrays, config, grid))
-        size = 8 * sum(a.numpy().nbytes for a in arrays.values())
-        for m in msgs:
-            self.bits_received[self.node_to_part[m.metadata.dst_node_id]] += size
-        return msgs
-
-    def aggregate_train(self, server_round, replies):
-        replies = list(replies)
-        for r in replies:
-            if not r.has_error():
-                size = 8 * sum(a.numpy().nbytes for a in r.content["arrays"].values())
-                self.bits_sent[self.node_to_part[r.metadata.src_node_id]] += size
-            else:
-                log(WARNING, "FedAvg round %s: a node failed: %s", server_round, r.error.reason)
-        return super().aggregate_train(server_round, replies)
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return []
-
-    def report(self) -> Report:
-        """The traffic counters, in the report the ServerApp reads from every strategy (no push-sum fields)."""
-        return Report(bits_sent=list(self.bits_sent), bits_received=list(self.bits_received))

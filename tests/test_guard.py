@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from flower_sparsepush.core.codec import Message as Msg
 from flower_sparsepush.core.codec import decode, encode
 from flower_sparsepush.core.compression import Identity, make_compressor
-from flower_sparsepush.core.guard import KINDS, message_size_limit
+from flower_sparsepush.core.guard import KINDS, ReplyChecks, message_size_limit
 from flower_sparsepush.core.pushsum import PushSum
 from flower_sparsepush.core.router import Network
 from flower_sparsepush.core.topology import Graph
@@ -78,11 +78,13 @@ class Scenario:
         self.rule = rule
         self.s = RoutingStrategy(
             n,
-            graph=Graph.static(outs),
-            dim=D,
-            form=rule.form,
-            max_message_bytes=message_size_limit(rule.compressor, D, torch.float64),
-            exclude_after=exclude_after,
+            checks=ReplyChecks(
+                graph=Graph.static(outs),
+                dim=D,
+                form=rule.form,
+                max_message_bytes=message_size_limit(rule.compressor, D, torch.float64),
+                exclude_after=exclude_after,
+            ),
             network=network,
         )
         self.s.node_to_part = {100 + p: p for p in range(n)}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -63,23 +64,34 @@ def message_size_limit(compressor, dim: int, dtype: torch.dtype = torch.float32)
     return max_size(compressor(sample))
 
 
-class Guard:
-    """The relay's checks of node replies (:meth:`check`) and its record of refused replies and excluded nodes.
+@dataclass(frozen=True)
+class ReplyChecks:
+    """What the relay checks every reply against; a check whose value is None is skipped.
 
-    ``graph``, ``dim``, ``form`` and ``max_message_bytes`` (bytes, or a function of the round when the compressor
-    changes over rounds) switch on the destination, model-size / form and size checks; the ServerApp and the
-    in-process loop pass all of them (``run.setup.relay_checks``).
+    - ``graph``: a reply must address exactly the sender's out-neighbours of its round;
+    - ``dim``, ``form``: every message (and every evaluation report) is of this model size and push-sum form;
+    - ``max_message_bytes``: the longest message the run's compressor makes (bytes, or a function of the round when
+      the compressor changes over rounds; :func:`message_size_limit`);
+    - ``exclude_after``: stop routing to and from a node after this many refused replies (0: never).
+
+    The ServerApp and the in-process loop build it from the run (``run.setup.reply_checks``).
     """
 
-    def __init__(
-        self,
-        router: Router,
-        graph=None,
-        dim: int | None = None,
-        form: str | None = None,
-        max_message_bytes: int | Callable[[int], int] | None = None,
-        exclude_after: int = 0,
-    ) -> None:
+    graph: Any = None
+    dim: int | None = None
+    form: str | None = None
+    max_message_bytes: int | Callable[[int], int] | None = None
+    exclude_after: int = 0
+
+
+class Guard:
+    """The relay's checks of node replies (:meth:`check`, against :class:`ReplyChecks`) and its record of refused
+    replies and excluded nodes."""
+
+    def __init__(self, router: Router, checks: ReplyChecks | None = None) -> None:
+        checks = checks or ReplyChecks()
+        graph, dim, form = checks.graph, checks.dim, checks.form
+        max_message_bytes, exclude_after = checks.max_message_bytes, checks.exclude_after
         if not (_is_int(exclude_after) and exclude_after >= 0):
             raise ValueError(f"exclude_after must be a whole number >= 0 (0 = never), got {exclude_after!r}")
         self.router = router

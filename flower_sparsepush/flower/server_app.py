@@ -28,8 +28,9 @@ from flower_sparsepush.run.checkpoint import read_checkpoint, write_checkpoint
 from flower_sparsepush.run.config import RunConfig, validate
 from flower_sparsepush.run.preflight import preflight
 from flower_sparsepush.run.results import Recorder
-from flower_sparsepush.run.setup import get_setup, network_of, relay_checks
-from flower_sparsepush.strategies.routing import CountingFedAvg, RoutingStrategy
+from flower_sparsepush.run.setup import get_setup, network_of, reply_checks
+from flower_sparsepush.strategies.fedavg import CountingFedAvg
+from flower_sparsepush.strategies.routing import RoutingStrategy
 
 ROUND_TIMEOUT_S = 3600.0  # the default of the round-timeout key
 FLOWER_CHECKPOINT = "flower"  # the engine a Flower checkpoint belongs to (the in-process loop writes "inprocess")
@@ -48,7 +49,7 @@ def build_strategy(cfg: RunConfig, token: str = "run"):
         bounce=cfg.bounce,
         token=token,
         checkpoint_every=cfg.checkpoint_every,
-        **relay_checks(get_setup(cfg)),  # every reply is checked before anything of it is routed (guard.py)
+        checks=reply_checks(get_setup(cfg)),  # every reply is checked before anything of it is routed (guard.py)
     )
     return _registering(strategy, n)
 

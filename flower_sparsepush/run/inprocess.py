@@ -22,7 +22,7 @@ from flower_sparsepush.run.node_train import init_state, local_sgd, make_node, n
 from flower_sparsepush.run.preflight import preflight
 from flower_sparsepush.run.results import Recorder
 from flower_sparsepush.run.schedule import lr_at, merge_due
-from flower_sparsepush.run.setup import Setup, get_setup, make_router, relay_checks
+from flower_sparsepush.run.setup import Setup, get_setup, make_router, reply_checks
 
 
 def check_and_post(guard: Guard, node: int, rnd: int, messages: dict[int, bytes]) -> int:
@@ -69,7 +69,7 @@ class _Loop:
         self.setup = setup = get_setup(cfg)
         n = setup.n
         self.router = make_router(cfg)
-        self.guard = Guard(self.router, **relay_checks(setup))  # the ServerApp's checks: a bad outbox is refused here
+        self.guard = Guard(self.router, reply_checks(setup))  # the ServerApp's checks: a bad outbox is refused here
         self.states = [init_state(setup) for _ in range(n)]
         self.sent = [0] * n
         self.history: list[dict[str, float]] = []

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from flower_sparsepush.core.compression import make_compressor
-from flower_sparsepush.core.guard import message_size_limit
+from flower_sparsepush.core.guard import ReplyChecks, message_size_limit
 from flower_sparsepush.core.pushsum import PushSum
 from flower_sparsepush.core.router import Network, Router
 from flower_sparsepush.core.topology import make_graph
@@ -204,14 +204,14 @@ def make_router(cfg: RunConfig) -> Router:
     return Router(cfg.num_nodes, network_of(cfg), bounce=cfg.bounce)
 
 
-def relay_checks(setup: Setup) -> dict[str, Any]:
-    """What the relay checks every reply against (guard.Guard): the graph, the model size and form, the longest
+def reply_checks(setup: Setup) -> ReplyChecks:
+    """What the relay checks every reply of this run against: the graph, the model size and form, the longest
     message the compressor of each round makes, and the repeat-offender policy (``exclude-after``)."""
     dim = int(setup.x0.numel())
-    return {
-        "graph": setup.graph,
-        "dim": dim,
-        "form": setup.cfg.form,
-        "max_message_bytes": lambda rnd: message_size_limit(setup.rule(0, rnd).compressor, dim, setup.x0.dtype),
-        "exclude_after": setup.cfg.exclude_after,
-    }
+    return ReplyChecks(
+        graph=setup.graph,
+        dim=dim,
+        form=setup.cfg.form,
+        max_message_bytes=lambda rnd: message_size_limit(setup.rule(0, rnd).compressor, dim, setup.x0.dtype),
+        exclude_after=setup.cfg.exclude_after,
+    )
