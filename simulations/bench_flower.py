@@ -181,8 +181,9 @@ def _s_per_round(metrics_path: Path) -> float:
 def section_deploy(out_dir: str, log, rounds: int = 6, nodes: int = 4) -> dict[str, Any]:
     """The same small config (deploy-local's: synthetic, mlp, 4 nodes, eval every round) through ``simulate`` (in a
     subprocess) and through ``deploy-local`` with node workers (`sparsepush node`); s/round after round 1."""
-    from flower_sparsepush.deploy.local import DEPLOY_DEFAULTS, SUPERNODE_POLL, deploy_run, pid_alive
+    from flower_sparsepush.deploy.local import DEPLOY_DEFAULTS, SUPERNODE_POLL, deploy_run
     from flower_sparsepush.run.config import validate
+    from flower_sparsepush.run.processes import pid_alive
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     base = dict(DEPLOY_DEFAULTS) | {"num-nodes": nodes, "num-rounds": rounds}

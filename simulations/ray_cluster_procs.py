@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flower_sparsepush.run.processes import descendants, free_port, venv_exe
+from flower_sparsepush.run.processes import descendants, free_port, pid_alive, venv_exe
 
 MARKER = "SPARSEPUSH_RAY_CLUSTER"
 NODE_STORE_ENV = "SPARSEPUSH_NODE_STORE"  # store.ENV: where the nodes' state files go when node-store is ''
@@ -86,15 +86,6 @@ def _environ_has(pid: int, marker: bytes) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    """Running and not a zombie (this machine's PID 1 does not reap orphans, so dead daemons linger as zombies)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def marked_pids(token: str, temp_dir: str | None = None) -> list[int]:
     """Live PIDs whose environment carries ``MARKER=token`` or whose command line names ``temp_dir``, with all their
     descendants (Ray renames its agents and workers, so the command line alone is not enough)."""
@@ -116,7 +107,7 @@ def marked_pids(token: str, temp_dir: str | None = None) -> list[int]:
     for pid in list(found):
         found.update(descendants(pid))
     found.discard(me)
-    return sorted(p for p in found if _alive(p))
+    return sorted(p for p in found if pid_alive(p))
 
 
 def signal_pids(pids, sig=signal.SIGTERM) -> None:
@@ -132,14 +123,14 @@ def stop_pids(pids: list[int], grace: float = 3.0) -> list[int]:
     """SIGTERM, up to ``grace`` seconds, then SIGKILL; returns the PIDs still alive after that (should be none)."""
     signal_pids(pids, signal.SIGTERM)
     end = time.time() + grace
-    while time.time() < end and any(_alive(p) for p in pids):
+    while time.time() < end and any(pid_alive(p) for p in pids):
         time.sleep(0.2)
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if pid_alive(p)]
     signal_pids(left, signal.SIGKILL)
     end = time.time() + 5
-    while time.time() < end and any(_alive(p) for p in left):
+    while time.time() < end and any(pid_alive(p) for p in left):
         time.sleep(0.1)
-    return [p for p in left if _alive(p)]
+    return [p for p in left if pid_alive(p)]
 
 
 class Processes:

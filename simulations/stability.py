@@ -72,6 +72,65 @@ def cell(graph: str, nodes: int, form: str, fraction: float, gamma: float, dim: 
     }
 
 
+def _key(r: dict) -> tuple:
+    return (r["graph"], r["nodes"], r["form"], r["fraction"], r["gamma"])
+
+
+def _run_cells(todo: list[tuple], grid: dict, journal: Path, done: dict, jobs: int) -> None:
+    """Run the cells of ``todo`` (in ``jobs`` processes), journaling each finished one and adding it to ``done``."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futs = [pool.submit(cell, *key, grid["dim"], grid["rounds"]) for key in todo]
+        for k, fut in enumerate(futs):
+            r = fut.result()
+            done[_key(r)] = r
+            with journal.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(
+                f"[{k + 1}/{len(todo)}] {r['graph']} n={r['nodes']} {r['form']} top-{r['fraction']:g} "
+                f"gamma {r['gamma']:g}: final {r['final_error']:.3g} {'stable' if r['stable'] else 'UNSTABLE'}",
+                flush=True,
+            )
+
+
+def _largest_stable(rows: list[dict]) -> dict[str, float]:
+    limits: dict[str, float] = {}
+    for r in rows:
+        key = f"{r['graph']}/{r['nodes']}/{r['form']}/{r['fraction']:g}"
+        if r["stable"]:
+            limits[key] = max(limits.get(key, 0.0), r["gamma"])
+        else:
+            limits.setdefault(key, 0.0)
+    return limits
+
+
+def _report(rows: list[dict], done: dict, limits: dict[str, float], cmd: str) -> str:
+    gammas = sorted({r["gamma"] for r in rows})
+    lines = [
+        f"Regenerate: `{cmd}`. Averaging only, top-k+q:4, d = {rows[0]['dim']}, {rows[0]['rounds']} rounds. "
+        "Cell: final consensus error (max_i ||z_i - mean|| / ||mean||); ! = unstable (climbs back or ends "
+        "above its start).",
+        "",
+    ]
+    for g, n, f in dict.fromkeys((r["graph"], r["nodes"], r["form"]) for r in rows):
+        lines += [
+            f"### {g}, {n} nodes, form {f}",
+            "",
+            "| kept | " + " | ".join(f"gamma {x:g}" for x in gammas) + " | largest stable |",
+            "|---|" + "---|" * (len(gammas) + 1),
+        ]
+        for fr in sorted({r["fraction"] for r in rows}):
+            cells = []
+            for ga in gammas:
+                hit = done.get((g, n, f, fr, ga))
+                cells.append("-" if hit is None else f"{hit['final_error']:.2g}{'' if hit['stable'] else ' !'}")
+            lim = limits.get(f"{g}/{n}/{f}/{fr:g}", 0.0)
+            lines.append(f"| {fr:g} | " + " | ".join(cells) + f" | {lim:g} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="stability", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a tiny grid (seconds)")
@@ -96,69 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     if journal.exists():
         for line in journal.read_text().splitlines():
             r = json.loads(line)
-            done[(r["graph"], r["nodes"], r["form"], r["fraction"], r["gamma"])] = r
-    todo = (
-        []
-        if args.report_only
-        else [
-            (g, n, f, fr, ga)
-            for g, n, f in grid["settings"]
-            for fr in grid["fractions"]
-            for ga in grid["gammas"]
-            if (g, n, f, fr, ga) not in done
-        ]
-    )
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futs = [pool.submit(cell, *key, grid["dim"], grid["rounds"]) for key in todo]
-        for k, fut in enumerate(futs):
-            r = fut.result()
-            done[(r["graph"], r["nodes"], r["form"], r["fraction"], r["gamma"])] = r
-            with journal.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            print(
-                f"[{k + 1}/{len(todo)}] {r['graph']} n={r['nodes']} {r['form']} top-{r['fraction']:g} "
-                f"gamma {r['gamma']:g}: final {r['final_error']:.3g} {'stable' if r['stable'] else 'UNSTABLE'}",
-                flush=True,
-            )
-    rows = sorted(done.values(), key=lambda r: (r["graph"], r["nodes"], r["form"], r["fraction"], r["gamma"]))
+            done[_key(r)] = r
+    cells = [(g, n, f, fr, ga) for g, n, f in grid["settings"] for fr in grid["fractions"] for ga in grid["gammas"]]
+    todo = [] if args.report_only else [c for c in cells if c not in done]
+    _run_cells(todo, grid, journal, done, args.jobs)
+    rows = sorted(done.values(), key=_key)
     for r in rows:  # the rule may have changed since a row was journaled: classify from its trace
         r["stable"] = is_stable(r["trace"], r["start_error"])
-    limits = {}
-    for r in rows:
-        key = f"{r['graph']}/{r['nodes']}/{r['form']}/{r['fraction']:g}"
-        if r["stable"]:
-            limits[key] = max(limits.get(key, 0.0), r["gamma"])
-        else:
-            limits.setdefault(key, 0.0)
+    limits = _largest_stable(rows)
     cmd = f"python -m flower_sparsepush.simulations.stability{' --quick' if args.quick else ''}"
     (out / f"{name}.json").write_text(
         json.dumps({"command": cmd, "largest_stable_gamma": limits, "rows": rows}, indent=1) + "\n"
     )
-    gammas = sorted({r["gamma"] for r in rows})
-    lines = [
-        f"Regenerate: `{cmd}`. Averaging only, top-k+q:4, d = {rows[0]['dim']}, {rows[0]['rounds']} rounds. "
-        "Cell: final consensus error (max_i ||z_i - mean|| / ||mean||); ! = unstable (climbs back or ends "
-        "above its start).",
-        "",
-    ]
-    for g, n, f in dict.fromkeys((r["graph"], r["nodes"], r["form"]) for r in rows):
-        lines += [
-            f"### {g}, {n} nodes, form {f}",
-            "",
-            "| kept | " + " | ".join(f"gamma {x:g}" for x in gammas) + " | largest stable |",
-            "|---|" + "---|" * (len(gammas) + 1),
-        ]
-        for fr in sorted({r["fraction"] for r in rows}):
-            cells = []
-            for ga in gammas:
-                hit = done.get((g, n, f, fr, ga))
-                cells.append("-" if hit is None else f"{hit['final_error']:.2g}{'' if hit['stable'] else ' !'}")
-            lim = limits.get(f"{g}/{n}/{f}/{fr:g}", 0.0)
-            lines.append(f"| {fr:g} | " + " | ".join(cells) + f" | {lim:g} |")
-        lines.append("")
-    (out / f"{name}.md").write_text("\n".join(lines))
+    (out / f"{name}.md").write_text(_report(rows, done, limits, cmd))
     print((out / f"{name}.md").read_text())
     return 0
 

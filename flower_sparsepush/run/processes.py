@@ -57,12 +57,13 @@ def descendants(pid: int) -> list[int]:
 
 
 def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
+    """True while ``pid`` exists and is neither a zombie nor dead (this machine's PID 1 does not reap orphans, so
+    dead daemons linger as zombies)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def signal_pids(pids: Iterable[int], sig: int) -> None:
