@@ -114,6 +114,8 @@ class EvalReport:
     y_pending: float  # weight in outboxes the nodes keep until the relay acknowledges them
     y_mailboxes: float  # weight in messages the relay holds (undelivered, bounced, handed but not absorbed)
     num_evaluated: int
+    val_acc_node_mean: float = float("nan")  # on the validation split (NaN: none held out)
+    val_acc_node_min: float = float("nan")
 
 
 def eval_report(
@@ -123,6 +125,7 @@ def eval_report(
     acc_by_node: dict[int, float],
     y_pending: float,
     y_mailboxes: float,
+    val_acc_by_node: dict[int, float] | None = None,
 ) -> EvalReport:
     """The consensus measurements of one evaluation round from every reporting node's de-biased model, weight and
     accuracy (NaN where the node reports none): the routing and the drop-in strategies both build theirs here."""
@@ -132,6 +135,7 @@ def eval_report(
     zs = np.stack([np.asarray(z_by_node[p], dtype=np.float64) for p in parts])
     zbar = zs.mean(0)
     accs = [acc_by_node.get(p, float("nan")) for p in parts]
+    val_accs = [(val_acc_by_node or {}).get(p, float("nan")) for p in parts]
     return EvalReport(
         round=server_round,
         zbar=zbar.astype(np.float32),
@@ -144,6 +148,8 @@ def eval_report(
         y_pending=float(y_pending),
         y_mailboxes=float(y_mailboxes),
         num_evaluated=len(parts),
+        val_acc_node_mean=float(np.mean(val_accs)),
+        val_acc_node_min=float(np.min(val_accs)),
     )
 
 

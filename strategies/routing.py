@@ -390,6 +390,7 @@ class RoutingStrategy(PushSumStrategy):
             {p: reps[p].acc for p in parts},
             y_pending=sum(reps[p].y_pending for p in parts),
             y_mailboxes=self.router.in_transit_mass() + y_unabsorbed,
+            val_acc_by_node={p: reps[p].val_acc for p in parts},
         )
         ev = self.last_eval
         keys = ("acc_node_mean", "acc_node_min", "consensus_distance", "y_nodes", "y_pending", "y_mailboxes")

@@ -155,6 +155,7 @@ def test_cli_train_exit_2_before_anything_starts(capsys, tmp_path):
         (["--compressor", "topk:100000"], "(0, d]"),
         (["--drop", "1"], "drop"),
         (["--final-merge", "true"], "in-process loop only"),
+        (["--device", "cuda"], "set device=cpu on Flower"),
     ):
         args = parser.parse_args(
             ["train", "--dataset", "synthetic", "--model", "mlp", "--out-dir", str(tmp_path), *argv]

@@ -126,11 +126,19 @@ def test_cleanup_when_flwr_run_fails(tmp_path):
     assert [p for p in dep.seen_pids if pid_alive(p)] == []
 
 
-def test_cli_registered_and_bad_config_starts_nothing(capsys):
+def test_cli_registered_and_bad_config_starts_nothing(capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr(LocalDeployment, "__enter__", lambda self: started.append(self) or self)
     args = build_parser().parse_args(["deploy-local", "--nodes", "4", "--rounds", "2", "--gamma", "5"])
     assert args.func is cmd_deploy_local
     assert args.func(args) == 2
     assert "gamma" in capsys.readouterr().err
+    # what only the pre-start checks see (here: a key the Flower path refuses) also stops it before any process
+    args = build_parser().parse_args(["deploy-local", "--nodes", "4", "--rounds", "2", "--device", "cuda"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "device" in err and err.count("\n") == 1, err
+    assert started == []
 
 
 def test_a_supernode_killed_and_restarted_mid_run_continues_with_its_state(tmp_path):

@@ -36,7 +36,10 @@ CASES = {
     "sparse-push": {"strategy": "sparse-push", "compressor": "topk:0.1+q:4", "gamma": 0.3, "form": "ref"},
     # the gradients read at the node's copies of its in-neighbours (kept in the node state the ClientApp restores)
     "lookahead": {"strategy": "sparse-push", "compressor": "topk:0.1+q:4", "gamma": 0.3, "gradient-lookahead": 0.8},
+    # a validation split held out: the nodes train on the rest and report val_* as the in-process loop does
+    "validation": {"strategy": "sparse-push", "compressor": "topk:0.1+q:4", "gamma": 0.3, "val-split": 0.2},
 }
+VAL_KEYS = ("val_acc_consensus", "val_loss", "val_acc_node_mean", "val_acc_node_min")
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -64,6 +67,22 @@ def test_flower_equals_inprocess(tiny_run):
     assert summary["bits_received_by_node"] == ref.bits_received
 
 
+def test_validation_metrics_through_flower(tiny_run):
+    """With val-split the Flower rows carry the in-process loop's val_* (the claims choose settings by them); without
+    it they carry none."""
+    cfg, out = tiny_run
+    rows = read_metrics(out / "metrics.jsonl")
+    if not cfg.val_split:
+        assert not any(k in row for row in rows for k in VAL_KEYS)
+        return
+    ref = run_inprocess(cfg, eval_every=1).history
+    assert [r["round"] for r in rows] == [r["round"] for r in ref]
+    for a, b in zip(rows, ref):
+        for key in VAL_KEYS:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert 0 < rows[-1]["val_acc_node_min"] <= rows[-1]["val_acc_node_mean"] <= 1
+
+
 def test_mass_conserved_through_flower(tiny_run):
     cfg, out = tiny_run
     summary = json.loads((out / "summary.json").read_text())
@@ -77,7 +96,7 @@ def test_mass_conserved_through_flower(tiny_run):
 def test_fedavg_through_flower_equals_inprocess(tmp_path):
     """FedAvg on the Flower path (CountingFedAvg, the ServerApp's rows and summary) gives the in-process FedAvg's
     accuracy, loss and dense bits every round: the comparison rows of the claims stand on the same code."""
-    cfg = validate(TINY | {"strategy": "fedavg", "out-dir": str(tmp_path), "run-name": "fedavg"})
+    cfg = validate(TINY | {"strategy": "fedavg", "out-dir": str(tmp_path), "run-name": "fedavg", "val-split": 0.2})
     out = simulate(cfg)
     fl = read_metrics(out / "metrics.jsonl")
     ref = run_inprocess(cfg.replace(run_name="fedavg-in"), eval_every=1).history
@@ -87,6 +106,8 @@ def test_fedavg_through_flower_equals_inprocess(tmp_path):
         assert a["acc_consensus"] == pytest.approx(b["acc_consensus"], abs=1e-9)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["bits_sent_per_node"] == b["bits_sent_per_node"] == a["bits_received_per_node"] == dense * a["round"]
+        assert a["val_acc_consensus"] == a["val_acc_node_mean"] == pytest.approx(b["val_acc_consensus"], abs=1e-9)
+        assert a["epoch"] == b["epoch"] and a["bits_received_per_node"] == b["bits_received_per_node"]
     assert json.loads((out / "summary.json").read_text())["final"]["acc_consensus"] == fl[-1]["acc_consensus"]
 
 

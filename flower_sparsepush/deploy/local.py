@@ -359,7 +359,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     raw = dict(DEPLOY_DEFAULTS)
     raw.update(cfg_from_args(args))
     raw["num-nodes"], raw["num-rounds"] = args.nodes, args.rounds
-    cfg = checked_config(raw)
+    cfg = checked_config(raw, flower_preflight=True)  # before any SuperLink or SuperNode starts
     if cfg is None:
         return 2
     t0 = time.time()

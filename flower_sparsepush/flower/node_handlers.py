@@ -214,4 +214,5 @@ class NodeHandlers:
         pending = {r: f for r, f in pending.items() if r > int(conf.get("acked", -1))}  # routed ones are in mailboxes
         z = state.z.to(torch.float32)
         acc, loss = evaluate(setup, z, cfg.eval_node_samples)
-        return protocol.eval_reply_content(z.numpy(), acc, loss, state.y, pending_weight(pending), done)
+        val_acc = None if setup.val is None else evaluate(setup, z, cfg.eval_node_samples, "val")[0]
+        return protocol.eval_reply_content(z.numpy(), acc, loss, state.y, pending_weight(pending), done, val_acc)

@@ -24,8 +24,8 @@ the relay has not acknowledged, grouped by round) and ``metrics`` (MetricRecord:
 ``y``).
 
 Evaluate message: ``config`` (``round``, ``token``, ``restore``, ``acked``); reply ``model`` (ArrayRecord ``z``) and
-``metrics`` (``acc``, ``loss``, ``y``, and optional ``y_pending`` (weight in outboxes not yet acknowledged) and
-``done`` (the last round the node finished)).
+``metrics`` (``acc``, ``loss``, ``y``, and optional ``y_pending`` (weight in outboxes not yet acknowledged),
+``done`` (the last round the node finished) and ``val_acc`` (on the validation split, when the run holds one out)).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ Frames = list[tuple[int, bytes]]
 CONFIG, INBOX, OUT, METRICS, MODEL, INFO = "config", "inbox", "out", "metrics", "model", "info"
 TRAIN_REPLY = {OUT: ("round", "frames", "rejected"), METRICS: ("train_loss", "rejected", "y")}
 TRAIN_REPLY_OPTIONAL = {OUT: ("resent",), METRICS: ()}
-EVAL_OPTIONAL = ("y_pending", "done")
+EVAL_OPTIONAL = ("y_pending", "done", "val_acc")
 
 
 def core_round(server_round: int) -> int:
@@ -202,8 +202,12 @@ def eval_content(rnd: int, token: str, restore: int = -1, acked: int = -1, confi
     return RecordDict({CONFIG: cfg})
 
 
-def eval_reply_content(z: np.ndarray, acc: float, loss: float, y: float, y_pending: float, done: int) -> RecordDict:
+def eval_reply_content(
+    z: np.ndarray, acc: float, loss: float, y: float, y_pending: float, done: int, val_acc: float | None = None
+) -> RecordDict:
     metrics = {"acc": acc, "loss": loss, "y": float(y), "y_pending": float(y_pending), "done": int(done)}
+    if val_acc is not None:  # the run holds out a validation split (val-split > 0)
+        metrics["val_acc"] = float(val_acc)
     return RecordDict({MODEL: ArrayRecord({"z": Array(z)}), METRICS: MetricRecord(metrics)})
 
 
@@ -214,15 +218,18 @@ class EvalReply:
     y: float
     y_pending: float
     done: int
+    val_acc: float = float("nan")  # NaN: the run has no validation split
 
 
 def read_eval_reply(content: object, dim: int | None) -> EvalReply:
     """Raises :class:`BadReply` unless it has the ``model.z`` array (finite, one entry per model parameter) and the
-    ``metrics`` ``acc`` (in [0, 1]) and ``y`` (finite); ``y_pending`` and ``done`` are optional."""
+    ``metrics`` ``acc`` (in [0, 1]) and ``y`` (finite); ``y_pending``, ``done`` and ``val_acc`` (in [0, 1]) are
+    optional."""
     try:
         model, metrics = content[MODEL], content[METRICS]
         z, acc, y = model["z"].numpy(), metrics["acc"], metrics["y"]
         y_pending, done = metrics.get("y_pending", 0.0), metrics.get("done", -1)
+        val_acc = metrics.get("val_acc", float("nan"))
     except (KeyError, TypeError, ValueError, AttributeError, OSError, EOFError) as err:
         raise BadReply(
             "schema", f"evaluate reply without a readable model.z, metrics.acc and metrics.y: {err!r}"
@@ -235,7 +242,9 @@ def read_eval_reply(content: object, dim: int | None) -> EvalReply:
         raise BadReply("schema", f"metrics acc={acc!r} (must be in [0, 1]) or y={y!r} (must be finite)")
     if not (_number(y_pending) and np.isfinite(y_pending) and y_pending >= 0 and _number(done)):
         raise BadReply("schema", f"metrics y_pending={y_pending!r} (must be >= 0) or done={done!r} not a number")
-    return EvalReply(z.astype(np.float64), float(acc), float(y), float(y_pending), int(done))
+    if not (_number(val_acc) and (val_acc != val_acc or 0 <= val_acc <= 1)):
+        raise BadReply("schema", f"metrics val_acc={val_acc!r} (must be in [0, 1])")
+    return EvalReply(z.astype(np.float64), float(acc), float(y), float(y_pending), int(done), float(val_acc))
 
 
 def query_reply_content(partition_id: int) -> RecordDict:

@@ -118,6 +118,19 @@ class _ServerRun:
             }
         )
 
+    def val_metrics(self, z: torch.Tensor, node_mean: float, node_min: float) -> dict[str, float]:
+        """The consensus model's accuracy and loss on the validation split, with the nodes' own (the same keys as
+        the in-process loop's ``val_*``); nothing when the run holds out no validation split."""
+        if self.setup.val is None:
+            return {}
+        acc, loss = evaluate(self.setup, z, 0, "val")
+        return {
+            "val_acc_consensus": acc,
+            "val_loss": loss,
+            "val_acc_node_mean": node_mean,
+            "val_acc_node_min": node_min,
+        }
+
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         rnd = server_round + self.done0 if server_round else 0
         if server_round == 0 or not (rnd % self.cfg.eval_every == 0 or rnd == self.last):
@@ -168,8 +181,11 @@ class _FedAvgRun(_ServerRun):
     """Flower's own FedAvg: the ServerApp evaluates the global model it holds."""
 
     def evaluate_round(self, rnd: int, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
-        acc, loss = evaluate(self.setup, torch.from_numpy(np.array(arrays["z"].numpy())), 0)
-        return self.row(rnd, acc, loss, acc, acc, 0.0, self.strategy.report())
+        z = torch.from_numpy(np.array(arrays["z"].numpy()))
+        acc, loss = evaluate(self.setup, z, 0)
+        val = self.val_metrics(z, float("nan"), float("nan"))
+        val |= {k: val["val_acc_consensus"] for k in ("val_acc_node_mean", "val_acc_node_min") if val}
+        return self.row(rnd, acc, loss, acc, acc, 0.0, self.strategy.report(), **val)
 
     def start_kwargs(self) -> dict[str, Any]:
         return {"train_config": ConfigRecord({"token": self.token})}  # names the nodes' store folder
@@ -195,7 +211,8 @@ class _GossipRun(_ServerRun):
         ev = rep.last_eval
         if ev is None or ev.round != server_round:
             raise RuntimeError(f"round {rnd}: no node evaluation arrived")
-        acc, loss = evaluate(self.setup, torch.from_numpy(ev.zbar), 0)
+        zbar = torch.from_numpy(ev.zbar)
+        acc, loss = evaluate(self.setup, zbar, 0)
         return self.row(
             rnd,
             acc,
@@ -204,6 +221,7 @@ class _GossipRun(_ServerRun):
             ev.acc_node_min,
             ev.consensus_distance,
             rep,
+            **self.val_metrics(zbar, ev.val_acc_node_mean, ev.val_acc_node_min),
             y_nodes=ev.y_nodes,
             y_mailboxes=ev.y_mailboxes,
             y_pending=ev.y_pending,

@@ -206,6 +206,8 @@ def train_inprocess(raw_cfg: dict[str, Any] | RunConfig, echo=print) -> dict[str
     preflight(cfg)
     rec = Recorder(cfg, echo=echo)
     res = run_inprocess(cfg, eval_every=cfg.eval_every, log=rec.log)
+    if cfg.save_nodes:  # every node's own de-biased model, as the ServerApp writes it
+        np.savez(rec.dir / "nodes.npz", **{f"z{i}": s.z.detach().cpu().numpy() for i, s in enumerate(res.states)})
     y_transit = res.router.in_transit_mass() if res.router is not None else 0.0
     return rec.finish(
         {
@@ -250,7 +252,12 @@ def run_fedavg_inprocess(
         secs.append(time.perf_counter() - t0)
         if eval_every and ((t + 1) % eval_every == 0 or t + 1 == rounds):
             m = consensus_metrics(setup, [w], 0)  # one global model: node mean = min = consensus
-            m.update(round=t + 1, bits_sent_per_node=float(np.mean(sent)))
+            m.update(
+                round=t + 1,
+                epoch=round(setup.epoch(t + 1), 4),
+                bits_sent_per_node=float(np.mean(sent)),
+                bits_received_per_node=float(np.mean(recv)),
+            )
             history.append(m)
             if log:
                 log(m)

@@ -69,6 +69,12 @@ def preflight(cfg: RunConfig, flower: bool = False) -> None:
             f"run-config merge-every={cfg.merge_every}: periodic merges are implemented for the in-process loop "
             "only (python -m flower_sparsepush.run.inprocess ...); set merge-every=0 on Flower"
         )
+    if flower and cfg.device != "cpu":
+        raise ConfigError(
+            f"run-config device={cfg.device!r}: on Flower every node trains in its own ClientApp on the CPU; the "
+            "device key moves the in-process loop's batched local SGD (python -m flower_sparsepush.run.inprocess); "
+            "set device=cpu on Flower"
+        )
     if flower and cfg.node_store == "context" and (cfg.checkpoint_every or cfg.resume):
         key = "checkpoint-every" if cfg.checkpoint_every else "resume"
         raise ConfigError(
