@@ -12,6 +12,8 @@ from typing import Any
 
 from flower_sparsepush.simulations.claims_plan import GOALS, NAME_PARTS, PARTITIONS, SCHEDULES, explain_switches
 
+from flower_sparsepush.run.presets import preset_of_row
+
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     values = [float(v) for v in values]  # numpy scalars break statistics.stdev on Python 3.12
@@ -79,6 +81,7 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "goal": f">= {min_ratio:g}x within {margin:g} point(s) of SGP ({part})",
                     "partition": part,
                     "row": r["name"],
+                    "preset": preset_of_row(r["name"]),
                     "reduction_vs_sgp": r["reduction_vs_sgp"],
                     "worst_delta_points": worst,
                     "seeds": r["seeds"],
@@ -158,7 +161,7 @@ def _row_md(r: dict[str, Any]) -> str:
 
 def _goal_md(g: dict[str, Any]) -> str:
     return f"- {g['goal']}: {'MET' if g['met'] else 'not met'}" + (
-        f" (row {g['row']}, {g['reduction_vs_sgp']:.0f}x, worst delta {g['worst_delta_points']:+.2f} points, "
+        f" (row {g['row']}, preset {g.get('preset') or 'none'}, {g['reduction_vs_sgp']:.0f}x, worst delta {g['worst_delta_points']:+.2f} points, "
         f"{len(g['seeds'])} seed(s))" if "row" in g else f" ({g['why']})")  # fmt: skip
 
 

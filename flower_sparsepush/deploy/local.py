@@ -356,8 +356,8 @@ def deploy_run(
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     record_command()
-    raw = dict(DEPLOY_DEFAULTS)
-    raw.update(cfg_from_args(args))
+    given = cfg_from_args(args)
+    raw = ({} if given.get("preset") else dict(DEPLOY_DEFAULTS)) | given  # a preset brings its own settings
     raw["num-nodes"], raw["num-rounds"] = args.nodes, args.rounds
     cfg = checked_config(raw, flower_preflight=True)  # before any SuperLink or SuperNode starts
     if cfg is None:

@@ -234,7 +234,7 @@ def checked_config(raw: dict[str, Any], flower_preflight: bool = False) -> RunCo
     """The validated config, or None after printing the one error line (bad key or value, data missing, and with
     ``flower_preflight`` the pre-start checks of :func:`config.preflight`)."""
     try:
-        cfg = validate(raw)
+        cfg = validate(raw, explicit=True)  # the keys of a command line: each one typed by the user
         msg = check_data(cfg)
         if msg:
             raise ConfigError(msg)

@@ -202,6 +202,13 @@ KEYS: dict[str, Key] = {
         "Flower path: folder of the nodes' state files ('' = $SPARSEPUSH_NODE_STORE or "
         "~/.cache/flower_sparsepush/node-store; 'context' = keep node state in Flower's context.state)",
     ),
+    "preset": Key(
+        "",
+        str,
+        "a named configuration the claims chose on the validation split ('' = none): "
+        "sgp | sp-466x | sp-1000x | scsp-400x | paper (run/presets.py, docs/config.md); keys set to other than "
+        "their default override the preset's",
+    ),
 }
 
 
@@ -301,15 +308,17 @@ def parse_lr_schedule(spec: str) -> tuple[str, list[float]]:
     )
 
 
-def validate(cfg: dict[str, Any] | RunConfig | None) -> RunConfig:
+def validate(cfg: dict[str, Any] | RunConfig | None, explicit: bool = False) -> RunConfig:
     """The :class:`RunConfig` of ``cfg`` (a dict of run-config keys; defaults filled in); raises :class:`ConfigError`
-    on the first problem. A :class:`RunConfig` is returned as it is."""
+    on the first problem. A :class:`RunConfig` is returned as it is. ``explicit``: every key of ``cfg`` was typed by
+    the user (a command line), so one that sets a preset's key back to its default is refused (run/presets.py)."""
     if isinstance(cfg, RunConfig):
         return cfg
     cfg = dict(cfg or {})
     for key in cfg:
         if key not in KEYS:
             raise ConfigError(f"unknown run-config key {key!r}{_closest(key)} (valid keys: {', '.join(KEYS)})")
+    _apply_preset(cfg, explicit)
     out = {k: _coerce(k, spec, cfg[k]) if k in cfg else spec.default for k, spec in KEYS.items()}
     _check_specs(out)
     _check_model_and_data(out)
@@ -320,6 +329,28 @@ def validate(cfg: dict[str, Any] | RunConfig | None) -> RunConfig:
     _check_device_and_fedavg(out)
     _name_run(out)
     return RunConfig(**{field_name(k): v for k, v in out.items()})
+
+
+def _apply_preset(cfg: dict[str, Any], explicit: bool) -> None:
+    """Fill in the keys of ``cfg["preset"]`` that ``cfg`` leaves out or sets to their default (in place)."""
+    from flower_sparsepush.run.presets import PRESETS
+
+    name = str(cfg.get("preset", "")).strip()
+    if not name:
+        return
+    if name not in PRESETS:
+        raise ConfigError(f"run-config preset={name!r}: allowed values are {', '.join(PRESETS)} (or '' for none)")
+    for key, value in PRESETS[name].keys.items():
+        given = key in cfg and _coerce(key, KEYS[key], cfg[key]) != KEYS[key].default
+        if given:
+            continue
+        if explicit and key in cfg and value != KEYS[key].default:
+            raise ConfigError(
+                f"run-config {key}={cfg[key]!r} with preset={name}: the preset sets {key}={value!r}, and a key at "
+                "its default counts as not given (on Flower every key arrives with a value); to run the preset with "
+                f"{key} at its default, give the preset's keys without it (run/presets.py lists them)"
+            )
+        cfg[key] = value
 
 
 def _check_specs(out: dict[str, Any]) -> None:
@@ -495,6 +526,8 @@ def _check_device_and_fedavg(out: dict[str, Any]) -> None:
 
 def _name_run(out: dict[str, Any]) -> None:
     """The default run-name, and one that is a plain folder name."""
+    if not out["run-name"] and out["preset"]:
+        out["run-name"] = f"{out['preset']}-s{out['seed']}"
     if not out["run-name"]:
         out["run-name"] = f"{out['strategy']}-{out['graph']}-{out['compressor']}-s{out['seed']}".replace(":", "")
     if "/" in out["run-name"] or out["run-name"] in (".", ".."):

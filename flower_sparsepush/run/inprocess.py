@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raw[k] = v
     try:
-        summary = train_inprocess(raw)
+        summary = train_inprocess(validate(raw, explicit=True))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
