@@ -85,6 +85,11 @@ def test_cli_train_exits_2_on_bad_value(capsys):
         ({"exclude-after": 2.5}, ["exclude-after", "integer"]),
         ({"exclude-after": "often"}, ["exclude-after", "integer"]),
         ({"strategy": "fedavg", "exclude-after": 3}, ["exclude-after", "fedavg"]),
+        # keys whose subject is off would be ignored: refused instead
+        ({"down-span": 5}, ["down-span", "no effect without link-down"]),
+        ({"bounce": False}, ["bounce", "no effect without messages that drop"]),
+        ({"sparsity-warmup-start": 0.3}, ["sparsity-warmup-start", "no effect without sparsity-warmup"]),
+        ({"model": "mlp", "dataset": "synthetic", "norm": "layer"}, ["norm", "no normalization layers"]),
     ],
 )
 def test_reliability_keys_validated(raw, words):
@@ -95,7 +100,8 @@ def test_reliability_keys_validated(raw, words):
 
 
 def test_reliability_keys_typed():
-    cfg = validate({"drop": "0.3", "churn": 0.2, "down-span": "5", "bounce": "false", "checkpoint-every": 2})
+    raw = {"drop": "0.3", "churn": 0.2, "link-down": 0.1, "down-span": "5", "bounce": "false", "checkpoint-every": 2}
+    cfg = validate(raw)
     assert cfg.drop == 0.3 and cfg.down_span == 5 and cfg.bounce is False and cfg.checkpoint_every == 2
     assert validate({}).exclude_after == 0 and validate({"exclude-after": "3"}).exclude_after == 3
 

@@ -327,6 +327,7 @@ def validate(cfg: dict[str, Any] | RunConfig | None, explicit: bool = False) -> 
     _check_gossip_switches(out)
     _check_sparsity(out)
     _check_device_and_fedavg(out)
+    _check_dependent_keys(out)
     _name_run(out)
     return RunConfig(**{field_name(k): v for k, v in out.items()})
 
@@ -391,6 +392,11 @@ def _check_model_and_data(out: dict[str, Any]) -> None:
     if not ok:
         extra = " (batch norm keeps running statistics outside the gossiped parameters)" if kind == "batch" else ""
         raise ConfigError(f"run-config norm={norm!r}: allowed are group, group:G, layer, none{extra}")
+    if norm != KEYS["norm"].default and out["model"] in ("mlp", "logreg"):
+        raise ConfigError(
+            f"run-config norm={norm!r}: model={out['model']} has no normalization layers (norm applies to cnn, "
+            "resnet20 and vgg11); drop norm or choose a conv model"
+        )
 
     part = out["partition"]
     pkind, _, parg = part.partition(":")
@@ -522,6 +528,21 @@ def _check_device_and_fedavg(out: dict[str, Any]) -> None:
             f"run-config exclude-after={out['exclude-after']}: the repeat-offender policy belongs to the gossip "
             "strategies (sgp, sparse-push, scsp), whose replies the ServerApp checks; fedavg is Flower's own FedAvg"
         )
+
+
+# key -> (what it needs to act on, the keys that provide it): a non-default value without them would be ignored
+_NEEDS = {
+    "sparsity-warmup-start": ("sparsity-warmup > 0", ("sparsity-warmup",)),
+    "down-span": ("link-down > 0 (it is the length of a link-down span)", ("link-down",)),
+    "bounce": ("messages that drop: drop > 0 or link-down > 0", ("drop", "link-down")),
+}
+
+
+def _check_dependent_keys(out: dict[str, Any]) -> None:
+    """Refuse a key set away from its default when what it acts on is off (it would be silently ignored)."""
+    for key, (what, providers) in _NEEDS.items():
+        if out[key] != KEYS[key].default and not any(out[p] for p in providers):
+            raise ConfigError(f"run-config {key}={out[key]!r}: has no effect without {what}; drop it or turn that on")
 
 
 def _name_run(out: dict[str, Any]) -> None:
