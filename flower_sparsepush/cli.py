@@ -58,13 +58,26 @@ def _config_keys(args: argparse.Namespace) -> int:
 
 
 def config_keys_markdown() -> str:
-    """The run-config table of docs/config.md, generated from config.KEYS so the docs match the code."""
+    """The generated part of docs/config.md, so the docs match the code: the run-config keys (config.KEYS), the
+    presets (run/presets.py) and where each key works (run/key_paths.py)."""
     from flower_sparsepush.run.config import KEYS
+    from flower_sparsepush.run.key_paths import where_markdown
+    from flower_sparsepush.run.presets import PRESETS
 
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for key, spec in KEYS.items():
         meaning = spec.help.replace("|", "\\|")
         lines.append(f"| `{key}` | `{spec.default!r}` | {meaning} |")
+    lines += ["", "## Presets", "", "`preset=NAME` sets these keys (and the claims' schedule: "
+              "`python -c 'from flower_sparsepush.run.presets import PRESETS; print(PRESETS[\"sp-466x\"].keys)'`);",
+              "keys set to other than their default override them.", "",
+              "| preset | claims row | chosen for | keys beyond the schedule |", "|---|---|---|---|"]  # fmt: skip
+    for name, p in PRESETS.items():
+        keys = ", ".join(f"`{k}={v}`" for k, v in p.switches.items())
+        lines.append(f"| `{name}` | `{p.row}` | {p.goal} | {keys} |")
+    lines += ["", "## Where each key works", "", "Cells: `yes` names the test that runs the key on that path; "
+              "`refused before start` is a pre-start check with one line saying why (run/key_paths.py, checked by "
+              "tests/test_key_paths.py).", "", where_markdown().rstrip("\n")]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
