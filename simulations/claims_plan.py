@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from flower_sparsepush.run.config import RunConfig
+from flower_sparsepush.run.presets import CLAIMS_SCHEDULE
 
 PARTITIONS = ("iid", "skew:0.8", "dirichlet:0.1")
 SKEWED = ("skew:0.8", "dirichlet:0.1")
@@ -18,16 +19,7 @@ SEEDS = (0, 1, 2)
 
 # Per dataset: model and schedule shared by every row. Epochs are passes over the (training minus validation) set
 # by all nodes together; rounds = ceil(epochs * N / (nodes * batch * local-steps)).
-_COMMON = {
-    "num-nodes": 16,
-    "graph": "exponential",
-    "batch-size": 32,
-    "lr": 0.05,
-    "momentum": 0.9,
-    "weight-decay": 1e-4,
-    "lr-schedule": "cosine",
-    "val-split": 0.1,
-}
+_COMMON = {k: v for k, v in CLAIMS_SCHEDULE.items() if k not in ("dataset", "model")}  # the presets' schedule
 SCHEDULES: dict[str, dict[str, Any]] = {
     "fashion_mnist": _COMMON | {"model": "cnn", "epochs": 20.0, "evals": 5},
     "cifar10": _COMMON | {"model": "resnet20", "epochs": 10.0, "evals": 2},  # the GPU headline (10 min)

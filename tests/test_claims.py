@@ -74,7 +74,7 @@ def test_the_validation_split_chooses_and_the_goal_reads_the_test_accuracy_of_th
     b = next(r for r in rows if r["name"] == "b")
     assert b["seeds"] == [0, 1, 2] and b["acc_consensus_std"] == 0.0
     md = claims_report.render_md({"command": "c", "rows": rows, "goals": claims_report.goals(rows)})
-    assert "- >= 466x within 1 point(s) of SGP (iid): not met (row b, 500x" in md
+    assert "- >= 466x within 1 point(s) of SGP (iid): not met (row b, preset none, 500x" in md
     assert md.endswith("- `sgp`: Sparse-Push, H = 1\n") and "\n\n### Row names\n\nA row's name abbreviates" in md
 
 
