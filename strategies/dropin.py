@@ -10,13 +10,17 @@ weight y, error memory, per-edge references) and plays the nodes' gossip with th
 delivers them). Round t (``server_round = t + 1``) for every sampled node i:
 
 1. the state absorbs the messages sent to i in earlier rounds (``PushSum.receive``; bounces first);
-2. the node is sent its own de-biased model ``z_i = x_i / y_i`` as the usual ``"arrays"`` record;
-3. the ClientApp trains and replies ``z_i'``; the strategy sets ``x_i = y_i z_i'`` (``PushSum.local_update``);
-4. the state sends to ``graph.out_neighbours(t)[i]`` (``PushSum.send``): encoded bytes go into the router's
-   mailboxes and ``8 * len(bytes)`` is counted as peer-to-peer bits.
+2. the node is sent its own de-biased model ``z_i = x_i / y_i`` as the usual ``"arrays"`` record (with
+   ``gradient_lookahead=c``: the point ``z_i + c (mean of its copies of its in-neighbours' models - z_i)``);
+3. the ClientApp trains and replies ``z_i'``; the strategy sets ``x_i = y_i z_i'`` (``PushSum.local_update``; with
+   lookahead, ``z_i`` moves by the reply minus the point sent);
+4. the state sends to ``graph.out_neighbours(g)[i]`` (``PushSum.send``): encoded bytes go into the router's
+   mailboxes and ``8 * len(bytes)`` is counted as peer-to-peer bits;
+5. ``gossip_steps - 1`` more exchanges (all absorb, then all send; exchange g = t * gossip_steps + k).
 
-This is exactly the order of ``training.node_round`` (the native mode), so with an equivalent ClientApp both modes
-give the same node models. Two kinds of traffic are counted apart: ``peer_bits_*`` (what the peers would exchange
+With ``gossip_steps=1`` this is exactly the order of ``run.node_train.node_round`` (the native mode), so with an
+equivalent ClientApp both modes give the same node models (tests/test_dropin.py, also with sp-466x's gossip
+switches). Two kinds of traffic are counted apart: ``peer_bits_*`` (what the peers would exchange
 over the graph: real encoded messages) and ``flower_bits_*`` (the dense arrays Flower actually moves between the
 ServerApp and the nodes, both ways; Flower's own envelopes are not counted).
 
@@ -38,27 +42,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from flower_sparsepush.core.compression import Identity
 from flower_sparsepush.core.node import Node
-from flower_sparsepush.core.pushsum import NodeState
+from flower_sparsepush.core.pushsum import NodeState, PushSum
 from flower_sparsepush.core.router import Network, Router
 from flower_sparsepush.core.topology import Graph, GraphError, make_graph
 from flower_sparsepush.flower import protocol
 from flower_sparsepush.run.setup import make_rule
 
-from .base import EvalReport, PushSumStrategy, Report, eval_report, wait_and_register
-from .dropin_checks import check_callables, check_gossip, check_sampling
+from .base import EvalReport, PushSumStrategy, wait_and_register
+from .dropin_checks import check_callables, check_gossip, check_sampling, check_schedules
+from .dropin_options import compressor_of_round, resolve
+from .dropin_state import DropinStates
 
 MetricsAggr = Callable[[list[RecordDict], str], MetricRecord]
 NodesEval = Callable[[int, list[ArrayRecord]], MetricRecord | None]
 
 
-class DecentralizedFedAvg(PushSumStrategy):
+class DecentralizedFedAvg(DropinStates, PushSumStrategy):
     """Decentralized (push-sum gossip) training as a drop-in replacement for Flower's ``FedAvg``.
 
     Parameters
@@ -87,18 +92,45 @@ class DecentralizedFedAvg(PushSumStrategy):
         ``(list[RecordDict], str) -> MetricRecord`` for the train replies' metrics; default: weighted average.
     evaluate_metrics_aggr_fn : callable, optional
         ``(list[RecordDict], str) -> MetricRecord`` for the evaluate replies' metrics; default: weighted average.
-    graph : str or Graph (default: "exponential")
+    The gossip arguments (``graph`` .. ``lr_schedule``) default to ``None``: the value of ``preset`` if one is given,
+    else the default shown (``dropin_options.DEFAULTS``, chosen on examples/quickstart-dropin's validation split:
+    docs/dropin.md, "Defaults and why"). An argument given explicitly wins over the preset.
+
+    graph : str or Graph, optional (default: "exponential")
         Directed, possibly time-varying communication graph: a name for ``topology.make_graph`` (built for the
-        number of nodes at start) or a ``Graph`` with the same number of nodes.
-    compressor : str or compressor object (default: "topk:0.1")
+        number of nodes at start) or a ``Graph`` with the same number of nodes. Exchange g of the run uses the
+        graph's round g (``gossip_steps`` exchanges per Flower round).
+    compressor : str or compressor object, optional (default: "topk:0.1+q:4")
         Message compressor: a spec for ``compression.make_compressor`` (``none``, ``topk:0.01``,
-        ``topk:0.01+q:4``, ``randk:0.1``...; random ones draw from a (seed, node, round) generator, as the native
+        ``topk:0.01+q:4``, ``randk:0.1``...; random ones draw from a (seed, node, exchange) generator, as the native
         mode does) or an object with ``__call__(vector) -> Compressed`` shared by all nodes.
-    gamma : float (default: 0.1)
+    gamma : float, optional (default: 0.5)
         Consensus step size in (0, 1]. ``compressor="none"`` with ``gamma=1`` is SGP.
-    form : str (default: "ref")
+    form : str, optional (default: "ref")
         Push-sum form (``pushsum.FORMS``): ``ref`` (per-edge references in z-space), ``ef`` (error feedback),
         ``ref-x``.
+    gradient_lookahead : float, optional (default: 1.0)
+        c in [0, 1] (run-config ``gradient-lookahead``): node i is sent ``z_i + c (mean of its copies of its
+        in-neighbours' models - z_i)`` instead of ``z_i``, so your ClientApp takes its gradients nearer the nodes'
+        average, and the change it returns (its reply minus the point it was sent) is applied to ``z_i``. No extra
+        bits (the copies are the ``ref`` form's per-edge references); ``form="ref"`` only; 0 = off.
+    gossip_steps : int, optional (default: 6)
+        Push-sum exchanges per Flower round (>= 1): after the training reply, the nodes that trained gossip K times
+        (absorb, then send; the first send carries the update). Gossip costs no Flower time here, but every
+        exchange's messages are counted in the peer bits: K exchanges cost K times the bits of one.
+    sparsity_schedule : str, optional (default: "constant")
+        ``"lr"`` (run-config ``sparsity-schedule``): the kept fraction F of a top-k/random-k compressor follows
+        your ClientApp's learning rate, ``F * lr_t / mean(lr)`` (floored at F/20, capped at 1), over the
+        ``num_rounds`` given to ``start``; the shape of that schedule is ``lr_schedule``.
+    lr_schedule : str, optional (default: "constant")
+        ``constant``, ``cosine`` or ``step:F1,F2,...``: the learning-rate schedule your ClientApp follows over the
+        rounds (the strategy does not set it; only ``sparsity_schedule="lr"`` reads it).
+    preset : str, optional
+        A preset of ``run/presets.py`` (``sgp``, ``sp-466x``...): its gossip keys (graph, compressor, gamma, form,
+        gradient-lookahead, sparsity-schedule, lr-schedule) become the defaults of the arguments above; an argument
+        given explicitly wins. Keys of the ClientApp's training (lr, momentum, local steps...) are your app's.
+        A key the drop-in cannot apply (``final-merge``, ``merge-every``, ``drift-correction``...: no merges here
+        yet) is refused with one ValueError naming them.
     seed : int (default: 0)
         Seed of the graph (random graphs), of random compressors and of node sampling.
     num_nodes : int, optional
@@ -130,10 +162,15 @@ class DecentralizedFedAvg(PushSumStrategy):
         train_metrics_aggr_fn: MetricsAggr | None = None,
         evaluate_metrics_aggr_fn: MetricsAggr | None = None,
         *,
-        graph: str | Graph = "exponential",
-        compressor: Any = "topk:0.1",
-        gamma: float = 0.1,
-        form: str = "ref",
+        graph: str | Graph | None = None,
+        compressor: Any = None,
+        gamma: float | None = None,
+        form: str | None = None,
+        gradient_lookahead: float | None = None,
+        gossip_steps: int | None = None,
+        sparsity_schedule: str | None = None,
+        lr_schedule: str | None = None,
+        preset: str | None = None,
         seed: int = 0,
         num_nodes: int | None = None,
         node_order: str = "node-id",
@@ -145,14 +182,18 @@ class DecentralizedFedAvg(PushSumStrategy):
         check_sampling(
             fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes, num_nodes, keys
         )
+        given = {"graph": graph, "compressor": compressor, "gamma": gamma, "form": form}
+        given |= {"gradient_lookahead": gradient_lookahead, "gossip_steps": gossip_steps}
+        given |= {"sparsity_schedule": sparsity_schedule, "lr_schedule": lr_schedule}
+        opts = resolve(preset, given)
+        graph, compressor, gamma, form = opts["graph"], opts["compressor"], opts["gamma"], opts["form"]
         check_gossip(graph, compressor, gamma, form, seed, num_nodes, min_available_nodes, node_order, network)
+        check_schedules(opts)
         check_callables(
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
             evaluate_nodes_fn=evaluate_nodes_fn,
         )
-        if compressor is None:
-            compressor = Identity()
 
         super().__init__(num_nodes or 0, seed, register_timeout)
         self.fraction_train = float(fraction_train)
@@ -169,6 +210,12 @@ class DecentralizedFedAvg(PushSumStrategy):
         self.compressor = compressor
         self.gamma = float(gamma)
         self.form = form
+        self.gradient_lookahead = float(opts["gradient_lookahead"])
+        self.gossip_steps = int(opts["gossip_steps"])
+        self.sparsity_schedule = opts["sparsity_schedule"]
+        self.lr_schedule = opts["lr_schedule"]
+        self.preset = preset
+        self.num_rounds_planned = 1  # start() sets it (the sparsity schedule follows the ClientApp's lr over them)
         self.seed = seed
         self.num_nodes_asked = num_nodes
         self.node_order = node_order
@@ -191,6 +238,7 @@ class DecentralizedFedAvg(PushSumStrategy):
         self.failures: list[dict] = []  # {"round", "node", "reason"}: the routers' straggler events, same keys
         self.last_eval: EvalReport | None = None  # the consensus after the last evaluation round
         self._training: list[int] = []
+        self._offsets: dict[int, torch.Tensor] = {}  # gradient-lookahead: the shift sent to each node this round
 
     # -- set-up -------------------------------------------------------------------------------------------------------
 
@@ -248,6 +296,7 @@ class DecentralizedFedAvg(PushSumStrategy):
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs):
         """Wait for the nodes, fix their order, initialise their states, then run Flower's round loop."""
+        self.num_rounds_planned = int(num_rounds)
         self.setup(self._connect(grid), initial_arrays)
         return super().start(grid, initial_arrays, num_rounds=num_rounds, **kwargs)
 
@@ -278,108 +327,27 @@ class DecentralizedFedAvg(PushSumStrategy):
             self.node_order,
         )
 
-    # -- models <-> flat vectors ---------------------------------------------------------------------------------------
-
-    def _mixed(self, key: str) -> bool:
-        return next(m for k, _, _, m in self.layout if k == key)
-
-    def _flatten(self, record: ArrayRecord, who: str = "initial_arrays") -> torch.Tensor:
-        keys = [k for k, *_ in self.layout]
-        if list(record.keys()) != keys and sorted(record.keys()) != sorted(keys):
-            raise ValueError(f"{who}: expected arrays {keys}, got {list(record.keys())}")
-        parts = []
-        for key, shape, _, mixed in self.layout:
-            if not mixed:
-                continue
-            a = record[key].numpy()
-            if tuple(a.shape) != shape:
-                raise ValueError(f"{who}: array {key!r} has shape {tuple(a.shape)}, expected {shape}")
-            if a.dtype.kind not in "fiu" or not np.isfinite(a).all():  # one NaN would spread to every node
-                raise ValueError(f"{who}: array {key!r} is not all finite numbers")
-            parts.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(-1))
-        return torch.cat(parts)
-
-    def _record(self, vec: torch.Tensor, fixed: dict[str, np.ndarray]) -> ArrayRecord:
-        """A flat vector back into an ArrayRecord with the initial keys, shapes and dtypes."""
-        v = vec.detach().cpu().numpy()
-        out, off = {}, 0
-        for key, shape, dtype, mixed in self.layout:
-            if mixed:
-                size = int(np.prod(shape))
-                out[key] = Array(np.ascontiguousarray(v[off : off + size].reshape(shape).astype(dtype)))
-                off += size
-            else:
-                out[key] = Array(np.ascontiguousarray(fixed[key]))
-        return ArrayRecord(out)
-
-    def node_vectors(self) -> list[torch.Tensor]:
-        """Every node's de-biased model z_i as a flat float32 vector (node-index order)."""
-        return [s.z.to(torch.float32) for s in self.states]
-
-    @property
-    def states(self) -> list[NodeState]:
-        """Every node's push-sum state (node-index order)."""
-        return [node.state for node in self.nodes]
-
-    def node_arrays(self) -> list[ArrayRecord]:
-        """Every node's de-biased model z_i with the initial keys, shapes and dtypes (node-index order)."""
-        return [self._record(z, f) for z, f in zip(self.node_vectors(), self.fixed)]
-
-    def consensus_arrays(self) -> ArrayRecord:
-        """The consensus model mean_i z_i (non-floating arrays are node 0's)."""
-        zbar = torch.stack([s.z.to(torch.float64) for s in self.states]).mean(0)
-        return self._record(zbar, self.fixed[0])
-
-    def mass(self) -> dict[str, float]:
-        """Push-sum weight held by the nodes and by messages in transit; together they are always n."""
-        y_nodes = float(sum(s.y for s in self.states))
-        y_transit = self.router.in_transit_mass() if self.router else 0.0
-        return {"y_nodes": y_nodes, "y_in_transit": y_transit, "y_total": y_nodes + y_transit}
-
-    @property
-    def peer_bits_sent(self) -> list[int]:
-        """Bits of the encoded push-sum messages each node sent (what the graph carries)."""
-        return self.bits_sent
-
-    @property
-    def peer_bits_received(self) -> list[int]:
-        return list(self.router.delivered_bits) if self.router else []
-
-    def consensus(self, server_round: int) -> EvalReport:
-        """The nodes' models, weights and their consensus now, as the native routers report it (no accuracies: the
-        ClientApp's metrics are its own)."""
-        mass = self.mass()
-        return eval_report(
-            server_round,
-            {i: z.numpy() for i, z in enumerate(self.node_vectors())},
-            {i: s.y for i, s in enumerate(self.states)},
-            {},
-            y_pending=0.0,
-            y_mailboxes=mass["y_in_transit"],
-        )
-
-    def report(self) -> Report:
-        return Report(
-            bits_sent=list(self.bits_sent),
-            bits_received=self.peer_bits_received,
-            last_eval=self.last_eval,
-            messages_dropped=self.router.dropped if self.router else 0,
-            straggler_events=list(self.failures),
-        )
-
     # -- sampling and the push-sum rule --------------------------------------------------------------------------------
 
     def _rule(self, node: int):
-        """Node's push-sum rule of each round (run.setup.make_rule, as the native mode builds it)."""
-        return lambda rnd: make_rule(
-            self.compressor, self.segments, self.seed, node, rnd, self.gamma, self.form, self.x0
-        )
+        """Node's push-sum rule of each exchange ``g`` (run.setup.make_rule, as the native mode builds it): the
+        compressor of training round ``g // gossip_steps`` under the sparsity schedule, random draws seeded by g."""
+
+        def rule(g: int):
+            t = g // self.gossip_steps
+            spec = compressor_of_round(
+                self.compressor, self.sparsity_schedule, self.lr_schedule, self.num_rounds_planned, t
+            )
+            return make_rule(spec, self.segments, self.seed, node, g, self.gamma, self.form, self.x0)
+
+        return rule
 
     def _outs(self, node: int):
         return lambda rnd: self.graph.out_of(rnd, node)
 
-    def _message(self, node: int, config: ConfigRecord, mtype: str) -> Message:
-        record = self._record(self.states[node].z, self.fixed[node])
+    def _message(self, node: int, config: ConfigRecord, mtype: str, offset: torch.Tensor | None = None) -> Message:
+        z = self.states[node].z if offset is None else self.states[node].z.to(torch.float32) + offset
+        record = self._record(z, self.fixed[node])
         self.flower_bits_down[node] += 8 * sum(a.numpy().nbytes for a in record.values())
         content = RecordDict({self.arrayrecord_key: record, self.configrecord_key: config})
         return Message(content=content, message_type=mtype, dst_node_id=self.node_ids[node])
@@ -389,16 +357,19 @@ class DecentralizedFedAvg(PushSumStrategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Each sampled node absorbs its inbox, then is sent its own de-biased model z_i."""
-        t = protocol.core_round(server_round)
+        """Each sampled node absorbs its inbox, then is sent its own de-biased model z_i (shifted by the
+        gradient-lookahead offset when that is on: the ClientApp's gradients are taken there)."""
+        g = protocol.core_round(server_round) * self.gossip_steps
         self._training = self.sample(self.fraction_train, self.min_train_nodes)
         config["server-round"] = server_round
         messages = []
+        self._offsets = {}
         for i in self._training:
-            rejected = self.nodes[i].begin(t, *self.router.collect(i))
-            if rejected:
-                raise RuntimeError(f"round {server_round}: node {i} rejected a message: {rejected[0]}")
-            messages.append(self._message(i, config, MessageType.TRAIN))
+            self._absorb(server_round, i, g)
+            offset = PushSum.lookahead_offset(self.states[i], self.gradient_lookahead)
+            if offset is not None:
+                self._offsets[i] = offset
+            messages.append(self._message(i, config, MessageType.TRAIN, offset))
         log(INFO, "configure_train: %d of %d nodes train", len(messages), self.n)
         return messages
 
@@ -410,7 +381,7 @@ class DecentralizedFedAvg(PushSumStrategy):
         A node whose reply is an error (or malformed) keeps its state and skips this round's sending: no mass is
         lost, since the state lives here. Returns the consensus model and the aggregated metrics.
         """
-        t = protocol.core_round(server_round)
+        g = protocol.core_round(server_round) * self.gossip_steps
         trained, contents = [], []
         for r in replies:
             i = self.index_of.get(r.metadata.src_node_id)
@@ -427,12 +398,18 @@ class DecentralizedFedAvg(PushSumStrategy):
                 continue
             self.flower_bits_up[i] += 8 * sum(a.numpy().nbytes for a in record.values())
             self.fixed[i] = {k: np.array(record[k].numpy()) for k, *_, m in self.layout if not m}
+            if i in self._offsets:  # the node moved from the shifted point: apply that change to z_i
+                z_new = z_new - self._offsets[i]
             trained.append((i, z_new))
             contents.append(r.content)
+        done = sorted(i for i, _ in trained)
         for i, z_new in sorted(trained, key=lambda e: e[0]):
-            msgs = self.nodes[i].finish(t, z_new)  # x_i = y_i z_i', then this round's messages
-            self.router.post(i, t, msgs)
-            self.bits_sent[i] += sum(8 * len(d) for d in msgs.values())
+            self._send(i, g, self.nodes[i].finish(g, z_new))  # x_i = y_i z_i', then this round's messages
+        for k in range(1, self.gossip_steps):  # gossip-only exchanges: all absorb, then all send
+            for i in done:
+                self._absorb(server_round, i, g + k)
+            for i in done:
+                self._send(i, g + k, self.nodes[i].finish(g + k))
         metrics = MetricRecord()
         if contents:
             try:
@@ -442,19 +419,18 @@ class DecentralizedFedAvg(PushSumStrategy):
         metrics.update(self.traffic())
         return self.consensus_arrays(), metrics
 
+    def _absorb(self, server_round: int, i: int, g: int) -> None:
+        rejected = self.nodes[i].begin(g, *self.router.collect(i))
+        if rejected:
+            raise RuntimeError(f"round {server_round}: node {i} rejected a message: {rejected[0]}")
+
+    def _send(self, i: int, g: int, msgs: dict[int, bytes]) -> None:
+        self.router.post(i, g, msgs)
+        self.bits_sent[i] += sum(8 * len(d) for d in msgs.values())
+
     def _fail(self, server_round: int, i: int, reason: str) -> None:
         self.failures.append({"round": server_round, "node": i, "reason": reason})
         log(WARNING, "round %d: node %d did not train (%s); its state is kept", server_round, i, reason)
-
-    def traffic(self) -> dict[str, float]:
-        """Bits so far, per node on average: peer-to-peer (what the graph carries) and dense Flower arrays."""
-        n = max(self.n, 1)
-        return {
-            "peer_bits_sent_per_node": sum(self.peer_bits_sent) / n,
-            "peer_bits_received_per_node": sum(self.peer_bits_received) / n,
-            "flower_bits_down_per_node": sum(self.flower_bits_down) / n,
-            "flower_bits_up_per_node": sum(self.flower_bits_up) / n,
-        }
 
     # -- evaluate ------------------------------------------------------------------------------------------------------
 

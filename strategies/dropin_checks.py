@@ -9,6 +9,7 @@ from flower_sparsepush.core.codec import FORMS
 from flower_sparsepush.core.compression import CompressionError, make_compressor
 from flower_sparsepush.core.router import Network
 from flower_sparsepush.core.topology import Graph, GraphError, make_graph
+from flower_sparsepush.run.config import ConfigError, parse_lr_schedule
 
 NODE_ORDERS = ("node-id", "partition-id")
 
@@ -83,3 +84,40 @@ def check_callables(**fns) -> None:
     for name, fn in fns.items():
         if fn is not None and not callable(fn):
             raise ValueError(f"{name} must be callable, got {fn!r}")
+
+
+SPARSITY_SCHEDULES = ("constant", "lr")
+
+
+def check_schedules(opts: dict) -> None:
+    """gradient_lookahead, gossip_steps, sparsity_schedule and lr_schedule (``opts``: every gossip argument, after
+    the preset and the defaults are filled in)."""
+    c = number("gradient_lookahead", opts["gradient_lookahead"])
+    if not 0 <= c <= 1:
+        raise ValueError(f"gradient_lookahead must be in [0, 1] (0 = off), got {c!r}")
+    if c and opts["form"] != "ref":
+        raise ValueError(
+            f"gradient_lookahead={c:g} reads the de-biased copies of the 'ref' form, and form={opts['form']!r} keeps "
+            "none; use form='ref' or gradient_lookahead=0"
+        )
+    count("gossip_steps", opts["gossip_steps"], 1)
+    schedule = opts["sparsity_schedule"]
+    if schedule not in SPARSITY_SCHEDULES:
+        raise ValueError(f"sparsity_schedule must be one of {SPARSITY_SCHEDULES}, got {schedule!r}")
+    spec = opts["compressor"]
+    keeps_fraction = isinstance(spec, str) and spec.split("+")[0].split(":")[0] in ("topk", "topk-layer", "randk")
+    if schedule == "lr" and not keeps_fraction:
+        raise ValueError(
+            f"sparsity_schedule='lr' scales the kept fraction of a top-k/random-k compressor spec, got "
+            f"compressor={spec!r}"
+        )
+    lr_schedule = opts["lr_schedule"]
+    try:
+        if not isinstance(lr_schedule, str):
+            raise ConfigError("not a string")
+        parse_lr_schedule(lr_schedule)
+    except ConfigError:
+        raise ValueError(
+            "lr_schedule (the shape of your ClientApp's learning rate over the rounds, read by sparsity_schedule='lr') "
+            f"must be constant, cosine or step:F1,F2,..., got {lr_schedule!r}"
+        ) from None

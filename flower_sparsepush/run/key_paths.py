@@ -53,7 +53,7 @@ WHERE: dict[str, tuple[str, str, str, str]] = {
     "gamma": _generic("arg:gamma"),
     "form": _generic("arg:form", CARRIED),
     "lr": _generic(TRAINS),
-    "lr-schedule": _switch(TRAINS),
+    "lr-schedule": _switch("arg:lr_schedule"),
     "momentum": _switch(TRAINS),
     "nesterov": _switch(TRAINS),
     "weight-decay": _switch(TRAINS),
@@ -71,9 +71,9 @@ WHERE: dict[str, tuple[str, str, str, str]] = {
         "refused:merge-every=5,drift-correction=displacement",
         NO_FEATURE,
     ),
-    "gradient-lookahead": (FLOWER_EQ, FLOWER_EQ, CARRIED, NO_FEATURE),
+    "gradient-lookahead": (FLOWER_EQ, FLOWER_EQ, CARRIED, "arg:gradient_lookahead"),
     "sparsity-warmup": _switch(),
-    "sparsity-schedule": _switch(),
+    "sparsity-schedule": _switch("arg:sparsity_schedule"),
     "sparsity-warmup-start": _switch(),
     "gamma-warmup": _switch(),
     "val-split": (
@@ -166,7 +166,7 @@ WHERE: dict[str, tuple[str, str, str, str]] = {
         "test:tests/test_presets.py::test_preset_reaches_every_entry_point",
         "test:tests/test_presets.py::test_explicit_keys_override_the_preset",
         CARRIED,
-        NO_FEATURE,
+        "arg:preset",
     ),
 }
 
