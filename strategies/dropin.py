@@ -303,12 +303,16 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
     def summary(self) -> None:
         log(
             INFO,
-            "\t├──> Decentralized push-sum (drop-in): %d nodes, graph %s, compressor %s, gamma %g, form %s",
+            "\t├──> Decentralized push-sum (drop-in): %d nodes, graph %s, compressor %s, gamma %g, form %s, "
+            "%d exchanges per round, gradient-lookahead %g, sparsity schedule %s",
             self.n,
             self.graph.name if self.graph else self.graph_spec,
             self.compressor,
             self.gamma,
             self.form,
+            self.gossip_steps,
+            self.gradient_lookahead,
+            self.sparsity_schedule,
         )
         log(
             INFO,

@@ -171,12 +171,14 @@ def main() -> None:
             f"({cfg['val-size']} more held out for validation), evaluated on {cfg['test-size'] if a.split == 'test' else cfg['val-size']} "
             f"{a.split} images; quickstart-pytorch CNN ({next(iter(runs.values()))['params']} parameters), "
             f"{cfg['local-epochs']} local epochs per round, SGD lr {cfg['lr']} momentum {cfg['momentum']}, batch "
-            f"{cfg['batch-size']}, {cfg['num-server-rounds']} rounds, seed 0; Flower simulation engine (Ray), 1 CPU per node."
+            f"{cfg['batch-size']}, {cfg['num-server-rounds']} rounds, seed {cfg['seed']}; Flower simulation engine (Ray), 1 CPU per node."
         ),
     }
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "config": cfg, "summary": summary}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(summary, meta))
-    print(stem.with_suffix(".md").read_text())
+    stem.with_name(stem.name + ".json").write_text(
+        json.dumps({"meta": meta, "config": cfg, "summary": summary}, indent=1)
+    )
+    stem.with_name(stem.name + ".md").write_text(markdown(summary, meta))
+    print(stem.with_name(stem.name + ".md").read_text())
 
 
 if __name__ == "__main__":

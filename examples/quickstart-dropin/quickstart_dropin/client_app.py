@@ -23,7 +23,7 @@ def _setup(msg: Message, context: Context):
 @app.train()
 def train_fn(msg: Message, context: Context) -> Message:
     net, (x, y, _, _), cfg, pid = _setup(msg, context)
-    seed = 1000 * int(msg.content["config"]["server-round"]) + pid
+    seed = 100_000 * int(cfg["seed"]) + 1000 * int(msg.content["config"]["server-round"]) + pid
     lr = float(msg.content["config"]["lr"])
     loss = train(net, x, y, int(cfg["local-epochs"]), lr, float(cfg["momentum"]), int(cfg["batch-size"]), seed)
     metrics = MetricRecord({"train_loss": loss, "num-examples": len(y)})

@@ -34,6 +34,7 @@ DEFAULTS = {
     "val-size": 1000,
     "test-size": 2000,
     "eval-split": "test",
+    "seed": 0,  # the model's initialisation and the batch order (the data subset is always seed 0's)
     "results-file": "",
 }
 
@@ -124,10 +125,11 @@ def test(net: Net, x, y) -> tuple[float, float]:
 
 
 def serve(grid: Grid, context: Context, strategy) -> None:
-    """The ServerApp's body: start ``strategy`` from a seed-0 model, evaluate what it returns each round on the
-    evaluation split, and write the per-round metrics to ``results-file`` (when set) and the model to final_model.pt."""
+    """The ServerApp's body: start ``strategy`` from a model initialised with ``seed``, evaluate what it returns
+    each round on the evaluation split, and write the per-round metrics to ``results-file`` (when set) and the model
+    to final_model.pt."""
     cfg = run_config(context.run_config)
-    torch.manual_seed(0)
+    torch.manual_seed(int(cfg["seed"]))
     net = Net()
     initial = ArrayRecord(net.state_dict())
     _, _, xe, ye = load_partition(cfg, 0, 1)
