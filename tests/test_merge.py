@@ -250,9 +250,9 @@ def test_bad_merge_config_is_refused_with_what_to_do(kw, msg):
         _cfg(**kw)
 
 
-def test_periodic_merges_are_refused_on_flower(tmp_path):
-    with pytest.raises(ConfigError, match="merge-every=5: periodic merges are implemented for the in-process loop"):
-        preflight(_cfg(**{"merge-every": 5, "out-dir": str(tmp_path)}), flower=True)
+def test_merges_pass_the_flower_preflight(tmp_path):
+    for kw in ({"merge-every": 5}, {"final-merge": True, "merge-bits": 4, "merge-feedback": True}):
+        preflight(_cfg(**kw | {"out-dir": str(tmp_path)}), flower=True)  # the nodes merge (test_flower_merge.py)
 
 
 def test_drift_correction_rule_accumulates_and_sums_to_zero_over_an_exact_merge():
