@@ -54,16 +54,17 @@ class MergeSteps:
                 del self.merges.owed[p]
 
     def merge_batches_absorbed(self, absorbed: dict[int, int]) -> float:
-        """The weight of the merge batches the ledger still holds that the nodes of ``absorbed`` (node -> the label
-        of the last merge batch it absorbed, from its report) did absorb: a ``give`` whose reply was lost."""
-        total = 0.0
-        for p, (idx, label) in list(self._merge_batch.items()):
-            batches = self.ledger.unacked[p]
-            if idx >= len(batches) or batches[idx][0] != label:
-                del self._merge_batch[p]  # acknowledged since
-            elif absorbed.get(p) == label:
-                total += sum(decode(d).y for _, d in [*batches[idx][1], *batches[idx][2]])
-        return total
+        """The weight of the give batches the ledger still holds that the nodes of ``absorbed`` (node -> the merge
+        whose give batch it absorbed last, from its report) did absorb: a give whose reply was lost."""
+        return float(
+            sum(
+                decode(d).y
+                for p in sorted(absorbed)
+                for label, inbox, bounced in self.ledger.unacked[p]
+                if protocol.MERGE_BATCH <= label <= protocol.MERGE_BATCH + absorbed[p]
+                for _, d in [*inbox, *bounced]
+            )
+        )
 
     def configure_merge(self, phase: str, t: int, server_round: int, config: dict) -> list[Message]:
         base = {"round": t, "token": self.token}
@@ -78,8 +79,7 @@ class MergeSteps:
             for p in asked:
                 inbox, bounced = self.router.collect(p)
                 self.bits_received[p] += sum(8 * len(d) for _, d in inbox)
-                redo, redo_b = self.ledger.hand(p, server_round, t + 1, inbox, bounced)
-                self._merge_batch[p] = (len(self.ledger.unacked[p]) - 1, t + 1)
+                redo, redo_b = self.ledger.hand(p, server_round, protocol.MERGE_BATCH + t, inbox, bounced)
                 order = protocol.MergeOrder("give", **base, acked=self.ledger.acked[p], restore=self._restore_for(p),
                                             inbox=inbox, bounced=bounced, redo=redo, redo_bounced=redo_b,
                                             merges=self._owed(p))  # fmt: skip
@@ -97,7 +97,7 @@ class MergeSteps:
         for p, extra in targets:
             if self.guard.is_excluded(p):
                 continue
-            self.ledger.hand(p, server_round, t + 1, [], [])
+            self.ledger.hand(p, server_round, protocol.MERGE_BATCH + t, [], [])
             msgs.append(
                 self._merge_message(p, protocol.MergeOrder(phase, **base, acked=self.ledger.acked[p], **extra), config)
             )

@@ -13,6 +13,9 @@ flower_sparsepush/flower/protocol.py. A node keeps each outbox until the relay a
 what it handed a node until the node acknowledges it (:class:`flower_sparsepush.core.ledger.DeliveryLedger`), so a
 lost reply loses no mass: the node is handed again what it may not have absorbed, and resends its outboxes.
 
+Global merges (run-config ``final-merge``, ``merge-every``) are computed by the nodes in three more rounds of
+relayed messages after the training round they follow (merge_steps.py); metrics rows stay per training round.
+
 Nothing in a reply is trusted: before anything of it is routed, :func:`protocol.read_train_reply` checks the records
 and :class:`flower_sparsepush.core.guard.Guard` the content (round, destinations, sizes, every message's sender,
 round, form and model size). A reply that fails is refused whole, recorded with the node and the reason, and the
@@ -150,7 +153,6 @@ class RoutingStrategy(MergeSteps, PushSumStrategy):
         self._merge_orders: dict = {}
         self._outcome = None
         self._owed_handed: dict[int, int] = {}
-        self._merge_batch: dict[int, tuple[int, int]] = {}  # node -> (position in its unacked batches, label)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -431,7 +433,7 @@ class RoutingStrategy(MergeSteps, PushSumStrategy):
         parts = sorted(reps)
         # handed but not absorbed: the batches of rounds the node had not finished when it reported
         y_unabsorbed = self.ledger.unabsorbed_weight({p: reps[p].done for p in parts})
-        if self.merges is not None:  # a merge batch is labelled with the round after the node's last: absorbed?
+        if self.merges is not None:  # give batches are labelled beyond every round: absorbed ones are not in transit
             y_unabsorbed -= self.merge_batches_absorbed({p: reps[p].absorbed for p in parts})
         self.last_eval = eval_report(
             server_round,

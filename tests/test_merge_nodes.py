@@ -150,3 +150,13 @@ def test_the_relay_refuses_a_weight_the_node_does_not_hold_and_an_average_of_the
     assert err.value.kind in ("destinations", "sender")
     relay.take_average(owner, good)
     assert relay.close().averages is None  # the other owners have not answered: called off
+
+
+def test_a_give_batch_handed_again_is_absorbed_once_and_a_train_batch_is_not_mistaken_for_it():
+    from flower_sparsepush.flower.protocol import MERGE_BATCH, absorbs
+
+    t = 5  # the node finished round 5 and absorbed the give batch of the merge after it
+    assert not absorbs(MERGE_BATCH + t, done=t, absorbed=t)  # its give reply was lost: handed again, not absorbed
+    assert absorbs(MERGE_BATCH + t, done=t, absorbed=t - 2)  # it never ran that give: absorbed now
+    assert absorbs(t + 1, done=t, absorbed=t)  # round 6's batch, handed again after a lost train reply
+    assert not absorbs(t, done=t, absorbed=-1)  # a round it finished

@@ -184,7 +184,9 @@ def correct_bias(
 
 
 def merge_bits(d: int, bits: int = EXACT, segments: list[int] | None = None) -> int:
-    """Bits one node sends in a merge of a d-parameter model: two whole encoded messages (see the module doc)."""
+    """Two whole encoded models of ``d`` parameters (one message per tensor when quantized): the size a merge is
+    compared with; what the nodes of a merge send is :func:`merge_traffic`, ``(P - 1) / P`` of this per node on
+    average (up to one header per tensor when exact)."""
     check_bits(bits)
     if bits == EXACT:
         return 2 * 8 * len(encode(Message(0, 0, 1.0, 1.0, Identity()(torch.zeros(d, dtype=torch.float32)))))

@@ -192,17 +192,12 @@ class NodeHandlers:
         for outcome in order.merges:  # merges it missed or did not confirm, before anything else
             node_merge.settle(setup, state, node, marks, outcome)
         # what was handed again after a lost reply counts first (positions), absorbed only for unfinished rounds
-        # (and not a merge's batch it absorbed already)
-        redo = [(r, f) for r, frames in order.redo for f in frames]
-        handed = redo + [(t, f) for f in order.inbox]
-        keep = [i for i, (r, _) in enumerate(handed) if r > done and not (i < len(redo) and r == marks.absorbed)]
+        # and merge batches it has not absorbed (protocol.absorbs)
+        groups = [*order.redo, (t, order.inbox)]
+        handed = [(r, f) for r, frames in groups for f in frames]
+        keep = [i for i, (r, _) in enumerate(handed) if protocol.absorbs(r, done, marks.absorbed)]
         again = [*order.redo_bounced, (t, order.bounced)]
-        bounced = [
-            f
-            for k, (r, frames) in enumerate(again)
-            if r > done and not (k < len(again) - 1 and r == marks.absorbed)
-            for f in frames
-        ]
+        bounced = [f for r, frames in again if protocol.absorbs(r, done, marks.absorbed) for f in frames]
         res = node_round(setup, state, node, t, [handed[i][1] for i in keep], bounced)
         refused = [keep[r.index] for r in res.rejected]
         resent = sorted(pending.items())

@@ -7,8 +7,8 @@
 
 A node keeps :class:`Marks` with its state, so that every outcome is taken once, in order, whatever the relay
 hands again: the merge it gave to and has not settled (``given``), the last outcome it took (``last``), the label of
-the last batch of in-flight messages it absorbed in a ``give`` (``absorbed``; a train message that hands that batch
-again after a lost reply is not absorbed twice), and what its feedback residuals were before it gave and reduced:
+the merge whose ``give`` batch of in-flight messages it absorbed last (``absorbed``; a message that hands that batch
+again after a lost reply does not have it absorbed twice, protocol.absorbs), and what its feedback residuals were before it gave and reduced:
 a node whose contribution was not used (it was left out, or the merge was called off) goes back to them.
 """
 
@@ -71,20 +71,20 @@ def settle(setup, state: NodeState, node: int, marks: Marks, outcome: Outcome) -
 
 def give(setup, state: NodeState, node: int, done: int, marks: Marks, order: protocol.MergeOrder):
     """The ``give`` phase (see the module): returns the reply content."""
-    t, label = order.round, order.round + 1
+    t = order.round
     for outcome in order.merges:
         settle(setup, state, node, marks, outcome)
     if marks.given == t:
         raise RuntimeError(f"node {node} was asked twice to give to the merge after round {t}")
-    redo = [f for r, frames in order.redo if r > done and r != marks.absorbed for f in frames]
-    redo_b = [f for r, frames in order.redo_bounced if r > done and r != marks.absorbed for f in frames]
-    fresh = marks.absorbed != label
+    redo = [f for r, frames in order.redo if protocol.absorbs(r, done, marks.absorbed) for f in frames]
+    redo_b = [f for r, frames in order.redo_bounced if protocol.absorbs(r, done, marks.absorbed) for f in frames]
+    fresh = marks.absorbed < t
     inbox = redo + (order.inbox if fresh else [])
     bounced = redo_b + (order.bounced if fresh else [])
-    refused = make_node(setup, node, state).begin(label, inbox, bounced)
+    refused = make_node(setup, node, state).begin(t + 1, inbox, bounced)
     if refused:
         raise RuntimeError(f"node {node} refused a message handed before the merge after round {t}: {refused[0]}")
-    marks.absorbed = label
+    marks.absorbed = t
     if setup.cfg.merge_feedback:
         marks.prev_err = _copy_or_zeros(state.merge_err, state.x.numel())
     frames = node_contribute(setup, state, node, t)

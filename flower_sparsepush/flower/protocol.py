@@ -28,7 +28,8 @@ content has a ``merge`` ConfigRecord: ``phase`` (``give``, ``reduce``, ``take``)
 ``acked``, ``restore``, ``snapshot``, and per phase:
 
 - ``give``: ``frames`` / ``bounced`` / ``redo`` / ``redo-bounced`` (the messages in flight to the node, as in a
-  train message; the batch is labelled round ``t + 1``) and ``merges`` (outcomes owed to it); reply ``merge``
+  train message; the batch is labelled ``MERGE_BATCH + t``, :func:`absorbs`) and ``merges`` (outcomes owed to it);
+  reply ``merge``
   (``phase``, ``round``, ``frames``: ``(segment, message)`` contributions) and ``metrics`` (``y``);
 - ``reduce``: ``orders``: groups ``(segment, [(sender, message)])`` of the segments the node owns; reply ``frames``:
   ``(segment, message)`` averages;
@@ -40,7 +41,8 @@ unless the merge was called off).
 
 Evaluate message: ``config`` (``round``, ``token``, ``restore``, ``acked``); reply ``model`` (ArrayRecord ``z``) and
 ``metrics`` (``acc``, ``loss``, ``y``, and optional ``y_pending`` (weight in outboxes not yet acknowledged),
-``done`` (the last round the node finished) and ``absorbed`` (the label of the last merge batch it absorbed)).
+``done`` (the last round the node finished) and ``absorbed`` (the round of the merge whose give batch it absorbed
+last)).
 """
 
 from __future__ import annotations
@@ -60,6 +62,15 @@ Frames = list[tuple[int, bytes]]
 # record and field names
 CONFIG, INBOX, OUT, METRICS, MODEL, INFO, MERGE = "config", "inbox", "out", "metrics", "model", "info", "merge"
 MERGE_PHASES = ("give", "reduce", "take")
+MERGE_BATCH = 2**31  # the label of the batch handed in the give phase of the merge after round t: MERGE_BATCH + t
+
+
+def absorbs(label: int, done: int, absorbed: int) -> bool:
+    """Whether a node that finished round ``done``, and absorbed the give batch of the merge after round
+    ``absorbed``, absorbs a batch labelled ``label`` that is handed to it (again)."""
+    return label - MERGE_BATCH > absorbed if label >= MERGE_BATCH else label > done
+
+
 TRAIN_REPLY = {OUT: ("round", "frames", "rejected"), METRICS: ("train_loss", "rejected", "y")}
 TRAIN_REPLY_OPTIONAL = {OUT: ("resent",), METRICS: ()}
 EVAL_OPTIONAL = ("y_pending", "done", "absorbed")

@@ -4,7 +4,9 @@
   messages between nodes (no averaging). On evaluation rounds every node reports its de-biased model z_i and its
   own accuracy; the ServerApp computes z_bar = mean_i z_i, evaluates z_bar on the whole test set (consensus
   accuracy, loss) and the consensus distance mean_i ||z_i - z_bar||^2. The consensus model is a measurement only;
-  it is never sent back to the nodes.
+  it is never sent back to the nodes. A global merge (``final-merge``, ``merge-every``) adds three Flower rounds of
+  messages after its training round (passed to ``Strategy.start``); rows, progress and checkpoints stay per
+  training round, taken after the merge.
 - ``fedavg``: Flower's own FedAvg (``CountingFedAvg`` only adds bit counters) on the same ClientApp training code,
   data, model, optimizer and seed; the global model is evaluated by the ServerApp, so the node accuracies equal the
   consensus accuracy and the consensus distance is 0.
