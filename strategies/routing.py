@@ -13,6 +13,9 @@ flower_sparsepush/flower/protocol.py. A node keeps each outbox until the relay a
 what it handed a node until the node acknowledges it (:class:`flower_sparsepush.core.ledger.DeliveryLedger`), so a
 lost reply loses no mass: the node is handed again what it may not have absorbed, and resends its outboxes.
 
+Global merges (run-config ``final-merge``, ``merge-every``) are computed by the nodes in three more rounds of
+relayed messages after the training round they follow (merge_steps.py); metrics rows stay per training round.
+
 Nothing in a reply is trusted: before anything of it is routed, :func:`protocol.read_train_reply` checks the records
 and :class:`flower_sparsepush.core.guard.Guard` the content (round, destinations, sizes, every message's sender,
 round, form and model size). A reply that fails is refused whole, recorded with the node and the reason, and the
@@ -32,16 +35,18 @@ from flwr.supercore import log
 
 from flower_sparsepush.core.guard import BadReply, Guard, Outbox, ReplyChecks
 from flower_sparsepush.core.ledger import DeliveryLedger
+from flower_sparsepush.core.merge_relay import MergeRelay
 from flower_sparsepush.core.router import Network, Router
 from flower_sparsepush.flower import protocol
 
 from .base import EvalReport, PushSumStrategy, Report, eval_report
+from .merge_steps import MergeSteps
 
 # run-config ``strategy`` -> the algorithm's name (RoutingStrategy's docstring says what each is)
 ALGORITHMS = {"sgp": "SGP", "sparse-push": "Sparse-Push", "scsp": "SCSP"}
 
 
-class RoutingStrategy(PushSumStrategy):
+class RoutingStrategy(MergeSteps, PushSumStrategy):
     """Routes the push-sum messages of SGP, Sparse-Push or SCSP between the nodes; never averages.
 
     In round t it delivers to each node the messages sent to it in round t-1 (one train message per node, the whole
@@ -61,10 +66,7 @@ class RoutingStrategy(PushSumStrategy):
         - ``"sparse-push"``: Sparse-Push (Aketi et al. 2021), compressed (sparse, quantized) push-sum; the
           compressor, consensus step size and push-sum form are the run config's (compressor, gamma, form).
         - ``"scsp"``: Skew-Compensated Sparse-Push as this project defines it (docs/algorithm.md): Sparse-Push plus
-          one exact global merge at the end (run-config ``final-merge``, on unless set). The merge runs in the
-          in-process loop only, so a Flower run sets ``final-merge=false`` and may emulate the merge by
-          ``final-gossip-rounds`` gossip-only rounds after ``num-rounds``, whose messages are routed and counted
-          like all others; pass the total number of rounds to :meth:`start`.
+          one exact global merge at the end (run-config ``final-merge``, on unless set; ``merges``).
     fraction_train : float (default: 1.0)
         Fraction of nodes that take part in a round, in (0, 1]. Nodes left out keep their mailbox (delivered when
         they next take part) and do not send; mass is conserved either way. With 1.0 the run is the synchronous
@@ -92,6 +94,10 @@ class RoutingStrategy(PushSumStrategy):
         Names the nodes' store folder for this run (store.py); a resumed run keeps it.
     checkpoint_every : int (default: 0)
         Nodes keep a copy of their state every this many rounds (0: never).
+    merges : flower_sparsepush.core.merge_relay.MergeRelay | None (default: None, no merges)
+        The relay's side of global merges computed by the nodes (merge_steps.py); ``merge_after`` are the core
+        rounds a merge follows. Each merge takes three Flower rounds after its training round; :meth:`plan_rounds`
+        gives the number of Flower rounds to pass to :meth:`start`.
 
     The ServerApp builds ``checks`` from the run config (``run.setup.reply_checks``).
     """
@@ -110,6 +116,8 @@ class RoutingStrategy(PushSumStrategy):
         checks: ReplyChecks | None = None,
         token: str = "run",
         checkpoint_every: int = 0,
+        merges: MergeRelay | None = None,
+        merge_after: Iterable[int] = (),
     ) -> None:
         if num_nodes < 2:
             raise ValueError(f"num_nodes must be >= 2, got {num_nodes}")
@@ -137,16 +145,47 @@ class RoutingStrategy(PushSumStrategy):
         self.eval_failures: list[dict] = []
         self.restore_round = -1  # a resumed run: the checkpoint round nodes go back to, until they answered once
         self.to_restore: set[int] = set()
+        self.merges = merges
+        self.merge_after = set(merge_after)
+        if self.merge_after and merges is None:
+            raise ValueError("merge_after needs merges (the MergeRelay of the run)")
+        self.plan: list[tuple[str, int]] = []  # (step, core round) of each Flower round: "train" or a merge phase
+        self._merge_orders: dict = {}
+        self._outcome = None
+        self._owed_handed: dict[int, int] = {}
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
+    def plan_rounds(self, first: int, last: int) -> int:
+        """Plan the Flower rounds of core rounds ``first .. last - 1`` (each training round, then the three phases
+        of a merge that follows it); returns how many there are."""
+        self.plan = []
+        for t in range(first, last):
+            self.plan.append(("train", t))
+            if t in self.merge_after:
+                self.plan += [("give", t), ("reduce", t), ("take", t)]
+        return len(self.plan)
+
+    def step(self, server_round: int) -> tuple[str, int]:
+        """(``train`` or a merge phase, core round) of a Flower server round (a resumed run continues the count)."""
+        if self.plan and 1 <= server_round <= len(self.plan):
+            return self.plan[server_round - 1]
+        return "train", protocol.core_round(server_round) + self.round_offset
+
     def core(self, server_round: int) -> int:
-        """The core round of a Flower server round (a resumed run continues the count)."""
-        return protocol.core_round(server_round) + self.round_offset
+        """The core round of a Flower server round."""
+        return self.step(server_round)[1]
+
+    def round_done(self, server_round: int) -> int | None:
+        """The core rounds done once ``server_round`` is: None when a merge phase follows it or it is one."""
+        kind, t = self.step(server_round)
+        if kind in ("give", "reduce") or (kind == "train" and t in self.merge_after):
+            return None
+        return t + 1
 
     def is_eval_round(self, server_round: int) -> bool:
-        done = server_round + self.round_offset
-        return done % self.eval_every == 0 or server_round == self.num_rounds
+        done = self.round_done(server_round)
+        return done is not None and (done % self.eval_every == 0 or server_round == self.num_rounds)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kw):
         self.num_rounds = num_rounds
@@ -179,6 +218,7 @@ class RoutingStrategy(PushSumStrategy):
             "messages_resent": self.messages_resent,
             "rejected": list(self.rejected),
             "sample_rng": self._rng.getstate(),
+            "merges": self.merges.state_dict() if self.merges is not None else {},
         }
 
     def load_state_dict(self, d: dict[str, Any], done: int) -> None:
@@ -190,6 +230,8 @@ class RoutingStrategy(PushSumStrategy):
         self.messages_rejected, self.messages_resent = d["messages_rejected"], d["messages_resent"]
         self.rejected = list(d["rejected"])
         self._rng.setstate(_rng_state(d["sample_rng"]))
+        if self.merges is not None:
+            self.merges.load_state_dict(d.get("merges", {}))
         self.round_offset = done
         self.restore_round = done
         self.to_restore = set(range(self.num_nodes))
@@ -209,8 +251,11 @@ class RoutingStrategy(PushSumStrategy):
         self.register(grid)
         if grid is not None:
             self.refresh(grid, server_round)
-        rnd = self.core(server_round)
+        kind, rnd = self.step(server_round)
+        if kind != "train":
+            return self.configure_merge(kind, rnd, server_round, dict(config))
         snapshot = bool(self.checkpoint_every) and (rnd + 1) % self.checkpoint_every == 0
+        snapshot = snapshot and rnd not in self.merge_after  # then the merge's take phase keeps the copy
         return [
             self._train_message(server_round, rnd, p, snapshot, dict(config))
             for p in self.sample(self.fraction_train)
@@ -231,6 +276,7 @@ class RoutingStrategy(PushSumStrategy):
             acked=self.ledger.acked[p],
             restore=self._restore_for(p),
             snapshot=snapshot,
+            merges=self._owed(p) if self.merges is not None else [],
         )
         return Message(
             protocol.train_content(order, config), dst_node_id=self.part_to_node[p], message_type=MessageType.TRAIN
@@ -247,7 +293,9 @@ class RoutingStrategy(PushSumStrategy):
         (``rejected_replies``), and the node is a straggler for the round, like one that sent an error or no reply
         within the round timeout. The run stops only when no node returned a good reply.
         """
-        rnd = self.core(server_round)
+        kind, rnd = self.step(server_round)
+        if kind != "train":
+            return None, self.aggregate_merge(kind, rnd, server_round, replies)
         losses: list[float] = []
         reports: list[tuple[int, list[int]]] = []
         for r in replies:
@@ -292,6 +340,8 @@ class RoutingStrategy(PushSumStrategy):
         self._route(sender, rnd, sorted(resent) + [(rnd, reply.frames)])
         self.ledger.acknowledge(sender, rnd, keep_handed=bool(reply.rejected))
         self.to_restore.discard(sender)
+        if self.merges is not None:
+            self._owed_confirmed(sender)
         return sender, reply
 
     def _checked(self, sender: int, rnd: int, content) -> tuple[protocol.TrainReply, list[tuple[int, protocol.Frames]]]:
@@ -383,6 +433,8 @@ class RoutingStrategy(PushSumStrategy):
         parts = sorted(reps)
         # handed but not absorbed: the batches of rounds the node had not finished when it reported
         y_unabsorbed = self.ledger.unabsorbed_weight({p: reps[p].done for p in parts})
+        if self.merges is not None:  # give batches are labelled beyond every round: absorbed ones are not in transit
+            y_unabsorbed -= self.merge_batches_absorbed({p: reps[p].absorbed for p in parts})
         self.last_eval = eval_report(
             server_round,
             {p: reps[p].z for p in parts},

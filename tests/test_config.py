@@ -149,8 +149,7 @@ def test_preflight_accepts_and_checks_out_dir(tmp_path):
     with pytest.raises(ConfigError, match="node-store=context.*set node-store to a folder"):
         preflight(validate(SYN | {"out-dir": str(tmp_path), "resume": True, "node-store": "context"}), flower=True)
     preflight(validate(SYN | {"out-dir": str(tmp_path), "resume": True}), flower=True)  # nodes keep copies in files
-    with pytest.raises(ConfigError, match="final-merge.*in-process loop only"):
-        preflight(validate(SYN | {"out-dir": str(tmp_path), "final-merge": True}), flower=True)
+    preflight(validate(SYN | {"out-dir": str(tmp_path), "final-merge": True}), flower=True)  # the nodes merge
 
 
 def test_cli_train_exit_2_before_anything_starts(capsys, tmp_path):
@@ -160,8 +159,8 @@ def test_cli_train_exit_2_before_anything_starts(capsys, tmp_path):
         (["--graph", "random-out:1", "--num-nodes", "16"], "strongly connected"),
         (["--compressor", "topk:100000"], "(0, d]"),
         (["--drop", "1"], "drop"),
-        (["--final-merge", "true"], "in-process loop only"),
         (["--device", "cuda"], "set device=cpu on Flower"),
+        (["--merge-bits", "8"], "no merge to quantize"),
     ):
         args = parser.parse_args(
             ["train", "--dataset", "synthetic", "--model", "mlp", "--out-dir", str(tmp_path), *argv]

@@ -3,12 +3,11 @@ mass kept; the quantized merge gives every node the same model within one roundi
 average; its bits are those of the encoded messages; periodic merges land where they should, are counted, survive
 a resume, and bad values are refused."""
 
-import numpy as np
 import pytest
 import torch
 
 from flower_sparsepush.core.codec import HEADER
-from flower_sparsepush.core.merge import correct_bias, correct_drift, merge, merge_bits, merge_mass
+from flower_sparsepush.core.merge import correct_bias, correct_drift, merge, merge_bits, merge_mass, merge_traffic
 from flower_sparsepush.core.pushsum import NodeState
 from flower_sparsepush.run.config import ConfigError, validate
 from flower_sparsepush.run.inprocess import run_inprocess
@@ -196,10 +195,12 @@ def test_periodic_merges_put_every_node_on_one_model_and_count_their_bits(bits):
         assert rows[t]["acc_node_min"] == rows[t]["acc_consensus"]
     assert rows[7]["consensus_distance"] > 0  # the nodes move apart again between merges
     assert rows[20]["y_nodes"] + rows[20]["y_in_transit"] == pytest.approx(8.0, abs=1e-9)
-    one = merge_bits(setup.x0.numel(), bits, setup.segments)
-    gossip_only = np.array(merged.bits_sent) - 4 * one
+    one = merge_traffic(8, bits, setup.segments)  # all nodes together, one merge
+    assert one == pytest.approx(7 / 8 * 8 * merge_bits(setup.x0.numel(), bits, setup.segments), rel=0.01)
+    assert sum(merged.bits_sent) == sum(merged.bits_received)  # every merge message is delivered
+    gossip_only = sum(merged.bits_sent) - 4 * one
     # the same gossip kept fraction; the messages differ in content after a merge, so their sizes differ a little
-    assert np.all(np.abs(gossip_only - np.array(plain.bits_sent)) < 0.05 * np.array(plain.bits_sent))
+    assert abs(gossip_only - sum(plain.bits_sent)) < 0.05 * sum(plain.bits_sent)
 
 
 @pytest.mark.parametrize("feedback", [False, True])
@@ -249,9 +250,9 @@ def test_bad_merge_config_is_refused_with_what_to_do(kw, msg):
         _cfg(**kw)
 
 
-def test_periodic_merges_are_refused_on_flower(tmp_path):
-    with pytest.raises(ConfigError, match="merge-every=5: periodic merges are implemented for the in-process loop"):
-        preflight(_cfg(**{"merge-every": 5, "out-dir": str(tmp_path)}), flower=True)
+def test_merges_pass_the_flower_preflight(tmp_path):
+    for kw in ({"merge-every": 5}, {"final-merge": True, "merge-bits": 4, "merge-feedback": True}):
+        preflight(_cfg(**kw | {"out-dir": str(tmp_path)}), flower=True)  # the nodes merge (test_flower_merge.py)
 
 
 def test_drift_correction_rule_accumulates_and_sums_to_zero_over_an_exact_merge():

@@ -241,7 +241,7 @@ def test_pending_outbox_weight_is_what_the_messages_carry():
     _, _, nodes = _nodes()
     out = nodes[0].round(0).messages
     flat = join(state_to_flat(nodes[0].state), {0: sorted(out.items()), 1: []})
-    state_part, pending = split(flat)
+    state_part, pending, _ = split(flat)
     assert pending == {0: sorted(out.items()), 1: []} and "x" in state_part
     assert pending_weight(pending) == pytest.approx(sum(decode(d).y for d in out.values()))
 

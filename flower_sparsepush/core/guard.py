@@ -29,7 +29,7 @@ from flower_sparsepush.core.codec import CodecError, decode, max_size
 from flower_sparsepush.core.router import Router
 
 # the kinds of refused replies (what the ServerApp records as "kind")
-KINDS = ("unknown node", "unexpected", "schema", "round", "destinations", "size", "message", "sender")
+KINDS = ("unknown node", "unexpected", "schema", "round", "destinations", "size", "message", "sender", "weight")
 
 
 class BadReply(ValueError):

@@ -20,8 +20,10 @@ chunks' owners keep what the averaged chunk lost (``owner_err``, one vector spli
 add it to the next average. Then ``sum_i x_i + sum_i merge_err_i + n * ybar * owner_err`` is the same before and
 after every merge (:func:`merge_mass`): a coordinate whose change is below one rounding step is delayed, not lost.
 
-Bits (:func:`merge_bits`): a reduce-scatter then an all-gather sends ``2 (n - 1) / n`` of the vector per node; it is
-counted as two whole encoded messages per node (one per tensor when quantized, each with its header and scale).
+Bits: the nodes compute a merge as a reduce-scatter then an all-gather (merge_nodes.py): each tensor's owner gets
+one encoded message of that tensor from every other participant and sends one average back to each, so a merge
+among P nodes moves ``2 (P - 1)`` encoded messages of every tensor (:func:`merge_traffic`), ``2 (P - 1) / P`` of
+:func:`merge_bits` (two whole encoded models) per node on average.
 """
 
 from __future__ import annotations
@@ -182,7 +184,9 @@ def correct_bias(
 
 
 def merge_bits(d: int, bits: int = EXACT, segments: list[int] | None = None) -> int:
-    """Bits one node sends in a merge of a d-parameter model: two whole encoded messages (see the module doc)."""
+    """Two whole encoded models of ``d`` parameters (one message per tensor when quantized): the size a merge is
+    compared with; what the nodes of a merge send is :func:`merge_traffic`, ``(P - 1) / P`` of this per node on
+    average (up to one header per tensor when exact)."""
     check_bits(bits)
     if bits == EXACT:
         return 2 * 8 * len(encode(Message(0, 0, 1.0, 1.0, Identity()(torch.zeros(d, dtype=torch.float32)))))
@@ -191,3 +195,18 @@ def merge_bits(d: int, bits: int = EXACT, segments: list[int] | None = None) -> 
         c = Compressed(size, None, codes=np.zeros(size, dtype=np.uint8), scale=1.0, bits=bits)
         total += 8 * len(encode(Message(0, 0, 1.0, 1.0, c)))
     return 2 * total
+
+
+def merge_traffic(participants: int, bits: int, segments: list[int], value_bytes: int = 4) -> int:
+    """Bits all nodes together send in one merge among ``participants`` nodes: ``2 (P - 1)`` encoded messages of
+    every segment (one per tensor, each with its header; values of ``value_bytes`` bytes when exact)."""
+    check_bits(bits)
+    dtype = np.float32 if value_bytes == 4 else np.float64
+    total = 0
+    for size in segments:
+        if bits == EXACT:
+            c = Compressed(size, None, values=np.zeros(size, dtype=dtype))
+        else:
+            c = Compressed(size, None, codes=np.zeros(size, dtype=np.uint8), scale=1.0, bits=bits)
+        total += 8 * len(encode(Message(0, 0, 1.0, 1.0, c)))
+    return 2 * (participants - 1) * total

@@ -50,6 +50,9 @@ class NodeState:
     grad_sum: torch.Tensor | None = None  # sum of lr * gradient since the last merge (drift-correction=gradient)
     # what this node's quantized merge messages have not carried yet (merge-feedback)
     merge_err: torch.Tensor | None = None
+    merge_base: torch.Tensor | None = None  # the last merge's model this node knows (None: the initial model)
+    # what this node's averaged merge messages, as the owner of some segments, have not carried yet (merge-feedback)
+    owner_err: torch.Tensor | None = None
 
     @property
     def z(self) -> torch.Tensor:

@@ -30,7 +30,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, Re
 
 from flower_sparsepush.core.codec import decode
 from flower_sparsepush.core.node import state_from_flat, state_to_flat
-from flower_sparsepush.flower import protocol
+from flower_sparsepush.flower import node_merge, protocol
+from flower_sparsepush.flower.node_merge import PREFIX, Marks
 from flower_sparsepush.flower.store import CONTEXT, NodeStore, Stamp, StoreError
 from flower_sparsepush.learn.evaluate import evaluate
 from flower_sparsepush.run.config import validate
@@ -95,19 +96,25 @@ class NodeHolder:
         return stamp.round, flat
 
 
-def split(flat: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, protocol.Frames]]:
-    """A stored flat dict -> (node state part, pending outboxes by round)."""
+def split(flat: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, protocol.Frames], Marks]:
+    """A stored flat dict -> (node state part, pending outboxes by round, merge marks)."""
     pending = {int(k[4:]): protocol.unpack_frames(v.numpy().tobytes()) for k, v in flat.items() if k[:4] == "out."}
-    return {k: v for k, v in flat.items() if k[:4] != "out."}, pending
+    marks = Marks.from_flat({k: v for k, v in flat.items() if k.startswith(PREFIX)})
+    state = {k: v for k, v in flat.items() if k[:4] != "out." and not k.startswith(PREFIX)}
+    return state, pending, marks
 
 
-def join(state_flat: dict[str, torch.Tensor], pending: dict[int, protocol.Frames]) -> dict[str, torch.Tensor]:
+def join(
+    state_flat: dict[str, torch.Tensor], pending: dict[int, protocol.Frames], marks: Marks | None = None
+) -> dict[str, torch.Tensor]:
     out = dict(state_flat)
     for r, frames in pending.items():
         buf = protocol.pack_frames(frames)
         out[f"out.{r}"] = (
             torch.frombuffer(bytearray(buf), dtype=torch.uint8) if buf else torch.zeros(0, dtype=torch.uint8)
         )
+    if marks is not None:
+        out.update(marks.to_flat())
     return out
 
 
@@ -155,13 +162,13 @@ class NodeHandlers:
 
     @staticmethod
     def open_node(holder: NodeHolder, setup, restore: int):
-        """(state, pending outboxes, last finished round) of the node, after a restore when asked."""
+        """(state, pending outboxes, last finished round, merge marks) of the node, after a restore when asked."""
         got = holder.restore(restore) if restore >= 0 else holder.load()
         if got is None:
-            return init_state(setup), {}, -1
+            return init_state(setup), {}, -1, Marks()
         done, flat = got
-        state_flat, pending = split(flat)
-        return state_from_flat(state_flat), pending, done
+        state_flat, pending, marks = split(flat)
+        return state_from_flat(state_flat), pending, done, marks
 
     def query(self, content: RecordDict, context: Context) -> RecordDict:
         return protocol.query_reply_content(self.node_id(context))
@@ -173,24 +180,43 @@ class NodeHandlers:
         node = self.node_id(context)
         if cfg.strategy == "fedavg":
             return self.fedavg_train(content, context, cfg, setup, node)
+        if protocol.MERGE in content:
+            return self.merge(content, context, cfg, setup, node)
         order = protocol.read_train(content)
         holder = NodeHolder(context, cfg, node, order.token or "run")
-        state, pending, done = self.open_node(holder, setup, order.restore)
+        state, pending, done, marks = self.open_node(holder, setup, order.restore)
         t = order.round
         if t <= done:
             raise RuntimeError(f"node {node} was asked for round {t} but has already finished round {done}")
         pending = {r: f for r, f in pending.items() if r > order.acked}  # the relay routed those
+        for outcome in order.merges:  # merges it missed or did not confirm, before anything else
+            node_merge.settle(setup, state, node, marks, outcome)
         # what was handed again after a lost reply counts first (positions), absorbed only for unfinished rounds
+        # and merge batches it has not absorbed (protocol.absorbs)
         groups = [*order.redo, (t, order.inbox)]
         handed = [(r, f) for r, frames in groups for f in frames]
-        keep = [i for i, (r, _) in enumerate(handed) if r > done]
-        bounced = [f for r, frames in [*order.redo_bounced, (t, order.bounced)] if r > done for f in frames]
+        keep = [i for i, (r, _) in enumerate(handed) if protocol.absorbs(r, done, marks.absorbed)]
+        again = [*order.redo_bounced, (t, order.bounced)]
+        bounced = [f for r, frames in again if protocol.absorbs(r, done, marks.absorbed) for f in frames]
         res = node_round(setup, state, node, t, [handed[i][1] for i in keep], bounced)
         refused = [keep[r.index] for r in res.rejected]
         resent = sorted(pending.items())
         pending[t] = sorted(res.messages.items())
-        holder.save(t, join(state_to_flat(state), pending), order.snapshot)
+        holder.save(t, join(state_to_flat(state), pending, marks), order.snapshot)
         return protocol.train_reply_content(t, pending[t], refused, resent, res.loss, state.y)
+
+    def merge(self, content: RecordDict, context: Context, cfg, setup, node: int) -> RecordDict:
+        """A merge phase (node_merge.py): the node's state, its reply, its state saved."""
+        order = protocol.read_merge(content)
+        holder = NodeHolder(context, cfg, node, order.token or "run")
+        state, pending, done, marks = self.open_node(holder, setup, order.restore)
+        pending = {r: f for r, f in pending.items() if r > order.acked}
+        if order.phase == "give":
+            reply = node_merge.give(setup, state, node, done, marks, order)
+        else:
+            reply = node_merge.PHASES[order.phase](setup, state, node, marks, order)
+        holder.save(done, join(state_to_flat(state), pending, marks), order.snapshot)
+        return reply
 
     def fedavg_train(self, content: RecordDict, context: Context, cfg: dict, setup, node: int) -> RecordDict:
         z = torch.from_numpy(np.array(content["arrays"]["z"].numpy()))
@@ -210,9 +236,12 @@ class NodeHandlers:
         setup = get_setup(cfg)
         conf = content[protocol.CONFIG]
         holder = NodeHolder(context, cfg, self.node_id(context), str(conf.get("token", "run")))
-        state, pending, done = self.open_node(holder, setup, int(conf.get("restore", -1)))
+        state, pending, done, marks = self.open_node(holder, setup, int(conf.get("restore", -1)))
         pending = {r: f for r, f in pending.items() if r > int(conf.get("acked", -1))}  # routed ones are in mailboxes
         z = state.z.to(torch.float32)
         acc, loss = evaluate(setup, z, cfg.eval_node_samples)
         val_acc = None if setup.val is None else evaluate(setup, z, cfg.eval_node_samples, "val")[0]
-        return protocol.eval_reply_content(z.numpy(), acc, loss, state.y, pending_weight(pending), done, val_acc)
+        y_pending = pending_weight(pending)
+        return protocol.eval_reply_content(
+            z.numpy(), acc, loss, state.y, y_pending, done, absorbed=marks.absorbed, val_acc=val_acc
+        )

@@ -23,9 +23,26 @@ handed messages it refused, counting ``redo`` groups first, and optional ``resen
 the relay has not acknowledged, grouped by round) and ``metrics`` (MetricRecord: ``train_loss``, ``rejected``,
 ``y``).
 
+Merge messages (a global merge after core round ``t``, docs/algorithm.md "Merges on Flower"): train messages whose
+content has a ``merge`` ConfigRecord: ``phase`` (``give``, ``reduce``, ``take``), ``round`` (t), ``token``,
+``acked``, ``restore``, ``snapshot``, and per phase:
+
+- ``give``: ``frames`` / ``bounced`` / ``redo`` / ``redo-bounced`` (the messages in flight to the node, as in a
+  train message; the batch is labelled ``MERGE_BATCH + t``, :func:`absorbs`) and ``merges`` (outcomes owed to it);
+  reply ``merge``
+  (``phase``, ``round``, ``frames``: ``(segment, message)`` contributions) and ``metrics`` (``y``);
+- ``reduce``: ``orders``: groups ``(segment, [(sender, message)])`` of the segments the node owns; reply ``frames``:
+  ``(segment, message)`` averages;
+- ``take``: ``merges``: the merge's outcome; reply with no frames and ``y`` the weight the node then holds.
+
+A train message may carry ``merges`` too (outcomes of merges the node missed or did not confirm). An outcome is
+packed as frames: 0 = round (uint32), 1 = participants (uint32s), 2 = owners (uint32s), 3 = the averages (present
+unless the merge was called off).
+
 Evaluate message: ``config`` (``round``, ``token``, ``restore``, ``acked``); reply ``model`` (ArrayRecord ``z``) and
 ``metrics`` (``acc``, ``loss``, ``y``, and optional ``y_pending`` (weight in outboxes not yet acknowledged),
-``done`` (the last round the node finished) and ``val_acc`` (on the validation split, when the run holds one out)).
+``done`` (the last round the node finished), ``absorbed`` (the round of the merge whose give batch it absorbed
+last) and ``val_acc`` (on the validation split, when the run holds one out)).
 """
 
 from __future__ import annotations
@@ -37,15 +54,26 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flower_sparsepush.core.guard import BadReply
+from flower_sparsepush.core.merge_relay import Outcome
 
 _FRAME = struct.Struct("<II")
 Frames = list[tuple[int, bytes]]
 
 # record and field names
-CONFIG, INBOX, OUT, METRICS, MODEL, INFO = "config", "inbox", "out", "metrics", "model", "info"
+CONFIG, INBOX, OUT, METRICS, MODEL, INFO, MERGE = "config", "inbox", "out", "metrics", "model", "info", "merge"
+MERGE_PHASES = ("give", "reduce", "take")
+MERGE_BATCH = 2**31  # the label of the batch handed in the give phase of the merge after round t: MERGE_BATCH + t
+
+
+def absorbs(label: int, done: int, absorbed: int) -> bool:
+    """Whether a node that finished round ``done``, and absorbed the give batch of the merge after round
+    ``absorbed``, absorbs a batch labelled ``label`` that is handed to it (again)."""
+    return label - MERGE_BATCH > absorbed if label >= MERGE_BATCH else label > done
+
+
 TRAIN_REPLY = {OUT: ("round", "frames", "rejected"), METRICS: ("train_loss", "rejected", "y")}
 TRAIN_REPLY_OPTIONAL = {OUT: ("resent",), METRICS: ()}
-EVAL_OPTIONAL = ("y_pending", "done", "val_acc")
+EVAL_OPTIONAL = ("y_pending", "done", "absorbed", "val_acc")
 
 
 def core_round(server_round: int) -> int:
@@ -106,6 +134,7 @@ class TrainOrder:
     acked: int = -1
     restore: int = -1
     snapshot: bool = False
+    merges: list[Outcome] = field(default_factory=list)
 
 
 def train_content(order: TrainOrder, config: dict | None = None) -> RecordDict:
@@ -124,6 +153,8 @@ def train_content(order: TrainOrder, config: dict | None = None) -> RecordDict:
         box["redo"] = pack_groups(order.redo)
     if order.redo_bounced:
         box["redo-bounced"] = pack_groups(order.redo_bounced)
+    if order.merges:
+        box["merges"] = pack_outcomes(order.merges)
     return RecordDict({CONFIG: cfg, INBOX: ConfigRecord(box)})
 
 
@@ -139,6 +170,7 @@ def read_train(content: RecordDict) -> TrainOrder:
         acked=int(cfg.get("acked", -1)),
         restore=int(cfg.get("restore", -1)),
         snapshot=bool(cfg.get("snapshot", False)),
+        merges=unpack_outcomes(box["merges"]) if "merges" in box else [],
     )
 
 
@@ -193,6 +225,112 @@ def read_train_reply(content: object) -> TrainReply:
     return TrainReply(out["round"], frames, positions(rejected), groups, float(metrics["train_loss"]))
 
 
+# --------------------------------------------------------------------------- merges
+
+_ROUND = struct.Struct("<I")
+
+
+def pack_outcomes(outcomes: list[Outcome]) -> bytes:
+    blobs = []
+    for o in outcomes:
+        parts = [(0, _ROUND.pack(o.round)), (1, pack_positions(o.participants)), (2, pack_positions(o.owners))]
+        if o.averages is not None:
+            parts.append((3, pack_frames(o.averages)))
+        blobs.append((len(blobs), pack_frames(parts)))
+    return pack_frames(blobs)
+
+
+def unpack_outcomes(buf: bytes) -> list[Outcome]:
+    out = []
+    for _, blob in unpack_frames(buf):
+        parts = dict(unpack_frames(blob))
+        avgs = unpack_frames(parts[3]) if 3 in parts else None
+        out.append(Outcome(_ROUND.unpack(parts[0])[0], positions(parts[1]), positions(parts[2]), avgs))
+    return out
+
+
+@dataclass
+class MergeOrder:
+    """A merge message as the node reads it (see the module)."""
+
+    phase: str
+    round: int
+    token: str = ""
+    acked: int = -1
+    restore: int = -1
+    snapshot: bool = False
+    inbox: Frames = field(default_factory=list)
+    bounced: Frames = field(default_factory=list)
+    redo: list[tuple[int, Frames]] = field(default_factory=list)
+    redo_bounced: list[tuple[int, Frames]] = field(default_factory=list)
+    orders: list[tuple[int, Frames]] = field(default_factory=list)
+    merges: list[Outcome] = field(default_factory=list)
+
+
+def merge_content(order: MergeOrder, config: dict | None = None) -> RecordDict:
+    head = {"phase": order.phase, "round": order.round, "token": order.token, "acked": order.acked,
+            "restore": order.restore, "snapshot": order.snapshot}  # fmt: skip
+    body = {"frames": pack_frames(order.inbox), "bounced": pack_frames(order.bounced)}
+    body |= {"redo": pack_groups(order.redo), "redo-bounced": pack_groups(order.redo_bounced)}
+    body |= {"orders": pack_groups(order.orders), "merges": pack_outcomes(order.merges)}
+    return RecordDict({CONFIG: ConfigRecord(dict(config or {})), MERGE: ConfigRecord(head | body)})
+
+
+def read_merge(content: RecordDict) -> MergeOrder:
+    m = content[MERGE]
+    return MergeOrder(
+        phase=str(m["phase"]),
+        round=int(m["round"]),
+        token=str(m["token"]),
+        acked=int(m["acked"]),
+        restore=int(m["restore"]),
+        snapshot=bool(m["snapshot"]),
+        inbox=unpack_frames(m["frames"]),
+        bounced=unpack_frames(m["bounced"]),
+        redo=unpack_groups(m["redo"]),
+        redo_bounced=unpack_groups(m["redo-bounced"]),
+        orders=unpack_groups(m["orders"]),
+        merges=unpack_outcomes(m["merges"]),
+    )
+
+
+@dataclass(frozen=True)
+class MergeReply:
+    """A merge reply whose form was checked: its phase, round, ``(segment, message)`` frames and the node's weight."""
+
+    phase: str
+    round: int
+    frames: Frames
+    y: float
+
+
+def merge_reply_content(phase: str, rnd: int, frames: Frames, y: float) -> RecordDict:
+    out = {"phase": phase, "round": rnd, "frames": pack_frames(frames)}
+    return RecordDict({MERGE: ConfigRecord(out), METRICS: MetricRecord({"y": float(y)})})
+
+
+def read_merge_reply(content: object, phase: str, rnd: int) -> MergeReply:
+    """Raises :class:`BadReply` unless the reply is a merge reply of ``phase`` for the merge after round ``rnd``:
+    records ``merge`` (``phase``, ``round``, ``frames``) and ``metrics`` (``y``)."""
+    if not isinstance(content, RecordDict) or sorted(content.keys()) != sorted([MERGE, METRICS]):
+        keys = sorted(content.keys()) if isinstance(content, RecordDict) else type(content).__name__
+        raise BadReply("schema", f"a merge reply has records {keys}, expected {sorted([MERGE, METRICS])}")
+    m, metrics = content[MERGE], content[METRICS]
+    if not isinstance(m, ConfigRecord) or sorted(m.keys()) != ["frames", "phase", "round"]:
+        raise BadReply("schema", "'merge' must be a ConfigRecord with the fields frames, phase, round")
+    if not isinstance(metrics, MetricRecord) or list(metrics.keys()) != ["y"] or not _number(metrics["y"]):
+        raise BadReply("schema", "'metrics' must be a MetricRecord with the one number y")
+    if m["phase"] != phase or m["round"] != rnd:
+        raise BadReply("round", f"a merge reply for {m['phase']!r} after round {m['round']!r}, asked {phase!r}/{rnd}")
+    if not isinstance(m["frames"], bytes):
+        raise BadReply("schema", "'merge.frames' must be bytes")
+    try:
+        frames = unpack_frames(m["frames"])
+    except ValueError as err:
+        raise BadReply("schema", f"'merge.frames': {err}") from None
+    return MergeReply(phase, rnd, frames, float(metrics["y"]))
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -203,9 +341,17 @@ def eval_content(rnd: int, token: str, restore: int = -1, acked: int = -1, confi
 
 
 def eval_reply_content(
-    z: np.ndarray, acc: float, loss: float, y: float, y_pending: float, done: int, val_acc: float | None = None
+    z: np.ndarray,
+    acc: float,
+    loss: float,
+    y: float,
+    y_pending: float,
+    done: int,
+    absorbed: int = -1,
+    val_acc: float | None = None,
 ) -> RecordDict:
     metrics = {"acc": acc, "loss": loss, "y": float(y), "y_pending": float(y_pending), "done": int(done)}
+    metrics["absorbed"] = int(absorbed)
     if val_acc is not None:  # the run holds out a validation split (val-split > 0)
         metrics["val_acc"] = float(val_acc)
     return RecordDict({MODEL: ArrayRecord({"z": Array(z)}), METRICS: MetricRecord(metrics)})
@@ -218,6 +364,7 @@ class EvalReply:
     y: float
     y_pending: float
     done: int
+    absorbed: int = -1
     val_acc: float = float("nan")  # NaN: the run has no validation split
 
 
@@ -229,6 +376,7 @@ def read_eval_reply(content: object, dim: int | None) -> EvalReply:
         model, metrics = content[MODEL], content[METRICS]
         z, acc, y = model["z"].numpy(), metrics["acc"], metrics["y"]
         y_pending, done = metrics.get("y_pending", 0.0), metrics.get("done", -1)
+        absorbed = metrics.get("absorbed", -1)
         val_acc = metrics.get("val_acc", float("nan"))
     except (KeyError, TypeError, ValueError, AttributeError, OSError, EOFError) as err:
         raise BadReply(
@@ -240,11 +388,13 @@ def read_eval_reply(content: object, dim: int | None) -> EvalReply:
         raise BadReply("schema", f"model.z has {len(z)} entries, the model has {dim}")
     if not (_number(acc) and 0 <= acc <= 1 and _number(y) and np.isfinite(y)):
         raise BadReply("schema", f"metrics acc={acc!r} (must be in [0, 1]) or y={y!r} (must be finite)")
-    if not (_number(y_pending) and np.isfinite(y_pending) and y_pending >= 0 and _number(done)):
-        raise BadReply("schema", f"metrics y_pending={y_pending!r} (must be >= 0) or done={done!r} not a number")
+    if not (_number(y_pending) and np.isfinite(y_pending) and y_pending >= 0 and _number(done) and _number(absorbed)):
+        raise BadReply("schema", f"metrics y_pending={y_pending!r} (must be >= 0), done or absorbed not a number")
     if not (_number(val_acc) and (val_acc != val_acc or 0 <= val_acc <= 1)):
         raise BadReply("schema", f"metrics val_acc={val_acc!r} (must be in [0, 1])")
-    return EvalReply(z.astype(np.float64), float(acc), float(y), float(y_pending), int(done), float(val_acc))
+    return EvalReply(
+        z.astype(np.float64), float(acc), float(y), float(y_pending), int(done), int(absorbed), float(val_acc)
+    )
 
 
 def query_reply_content(partition_id: int) -> RecordDict:

@@ -4,7 +4,9 @@
   messages between nodes (no averaging). On evaluation rounds every node reports its de-biased model z_i and its
   own accuracy; the ServerApp computes z_bar = mean_i z_i, evaluates z_bar on the whole test set (consensus
   accuracy, loss) and the consensus distance mean_i ||z_i - z_bar||^2. The consensus model is a measurement only;
-  it is never sent back to the nodes.
+  it is never sent back to the nodes. A global merge (``final-merge``, ``merge-every``) adds three Flower rounds of
+  messages after its training round (passed to ``Strategy.start``); rows, progress and checkpoints stay per
+  training round, taken after the merge.
 - ``fedavg``: Flower's own FedAvg (``CountingFedAvg`` only adds bit counters) on the same ClientApp training code,
   data, model, optimizer and seed; the global model is evaluated by the ServerApp, so the node accuracies equal the
   consensus accuracy and the consensus distance is 0.
@@ -26,8 +28,10 @@ from flower_sparsepush.flower.store import CONTEXT, NodeStore
 from flower_sparsepush.learn.evaluate import evaluate
 from flower_sparsepush.run.checkpoint import read_checkpoint, write_checkpoint
 from flower_sparsepush.run.config import RunConfig, validate
+from flower_sparsepush.run.merging import merge_relay
 from flower_sparsepush.run.preflight import preflight
 from flower_sparsepush.run.results import Recorder
+from flower_sparsepush.run.schedule import merge_due
 from flower_sparsepush.run.setup import get_setup, network_of, reply_checks
 from flower_sparsepush.strategies.fedavg import CountingFedAvg
 from flower_sparsepush.strategies.routing import RoutingStrategy
@@ -40,6 +44,8 @@ def build_strategy(cfg: RunConfig, token: str = "run"):
     n = cfg.num_nodes
     if cfg.strategy == "fedavg":
         return _registering(CountingFedAvg(n, fraction_train=1.0, min_train_nodes=n), n)
+    total = cfg.num_rounds + cfg.final_gossip_rounds
+    merge_after = [t for t in range(total) if merge_due(cfg, t + 1, total)]  # the nodes merge after these rounds
     strategy = RoutingStrategy(
         n,
         algorithm=cfg.strategy,
@@ -50,6 +56,8 @@ def build_strategy(cfg: RunConfig, token: str = "run"):
         token=token,
         checkpoint_every=cfg.checkpoint_every,
         checks=reply_checks(get_setup(cfg)),  # every reply is checked before anything of it is routed (guard.py)
+        merges=merge_relay(get_setup(cfg)) if merge_after else None,
+        merge_after=merge_after,
     )
     return _registering(strategy, n)
 
@@ -132,22 +140,31 @@ class _ServerRun:
         }
 
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        rnd = server_round + self.done0 if server_round else 0
-        if server_round == 0 or not (rnd % self.cfg.eval_every == 0 or rnd == self.last):
-            if server_round:
-                self.rec.progress.update(rnd, self.rec.progress.note)
-                self.checkpoint(rnd)
+        rnd = self.round_done(server_round) if server_round else None
+        if rnd is None:  # before the first round, or a merge phase (or a round a merge follows) not yet done
+            return None
+        if not (rnd % self.cfg.eval_every == 0 or rnd == self.last):
+            self.rec.progress.update(rnd, self.rec.progress.note)
+            self.checkpoint(rnd)
             return None
         r = self.evaluate_round(rnd, server_round, arrays)
         self.checkpoint(rnd)
         return MetricRecord({k: float(v) for k, v in r.items()})
+
+    def round_done(self, server_round: int) -> int | None:
+        """The training rounds done once Flower's ``server_round`` is (None: not at the end of a training round)."""
+        return server_round + self.done0
+
+    def flower_rounds(self) -> int:
+        """The Flower rounds of the training rounds left."""
+        return self.last - self.done0
 
     def start(self, grid: Grid) -> dict[str, Any]:
         scale_pull_interval(grid, self.cfg.num_nodes)  # reply polling O(N) per round, not O(N^2) (linkstate.py)
         self.strategy.start(
             grid,
             ArrayRecord({"z": Array(self.setup.x0.numpy())}),
-            num_rounds=self.last - self.done0,
+            num_rounds=self.flower_rounds(),
             timeout=self.cfg.round_timeout,
             evaluate_fn=self.evaluate_fn,
             **self.start_kwargs(),
@@ -200,11 +217,17 @@ class _GossipRun(_ServerRun):
         ck = read_checkpoint(cfg, FLOWER_CHECKPOINT) if cfg.resume else None
         if ck is not None:
             self.done0 = int(ck["round"])
-            self.strategy.num_rounds = self.last - self.done0
             self.strategy.load_state_dict(ck["strategy"], self.done0)
             self.token = self.strategy.token
             for row in ck["history"]:
                 self.rec.log(dict(row))
+
+    def round_done(self, server_round: int) -> int | None:
+        return self.strategy.round_done(server_round)
+
+    def flower_rounds(self) -> int:
+        """Every training round left, and the three message rounds of each merge (strategies/merge_steps.py)."""
+        return self.strategy.plan_rounds(self.done0, self.last)
 
     def evaluate_round(self, rnd: int, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         rep = self.strategy.report()  # one report per row: it copies O(N) lists

@@ -86,30 +86,25 @@ def save_checkpoint(
     router: Router,
     sent: list[int],
     history: list[dict[str, float]],
-    merge_base: torch.Tensor | None = None,
-    owner_err: torch.Tensor | None = None,
+    merges: dict[str, Any] | None = None,
 ) -> None:
     """Everything the in-process loop needs to continue after round ``rnd`` (RNGs are pure functions of (seed,
-    node, round)); ``merge_base`` is the last merge's model (None before the first merge), ``owner_err`` the chunk
-    owners' merge error feedback (merge-feedback)."""
+    node, round)); each node's merge base and owner errors are in its state, ``merges`` is the merge relay's side
+    (merge_relay.MergeRelay.state_dict: the outcomes owed to offline nodes)."""
     body = {
         "states": [state_to_flat(s) for s in states],
         "router": router.state_dict(),
         "bits_sent": list(sent),
         "history": [dict(h) for h in history],
+        "merges": merges or {},
     }
-    if merge_base is not None:
-        body["merge_base"] = merge_base
-    if owner_err is not None:
-        body["merge_owner_err"] = owner_err
     write_checkpoint(cfg, "inprocess", rnd, body)
 
 
-def load_checkpoint(
-    cfg: RunConfig, router: Router
-) -> tuple[int, list[NodeState], list[int], list[dict], torch.Tensor | None, torch.Tensor | None] | None:
-    """(round, states, bits sent, history, merge base or None, owners' merge error or None) from the run's
-    checkpoint, restoring ``router``; None if there is none."""
+def load_checkpoint(cfg: RunConfig, router: Router) -> tuple | None:
+    """(round, states, bits sent, history, merge base or None, owners' merge error or None, merge relay state)
+    from the run's checkpoint, restoring ``router``; None if there is none. The merge base and owners' error are
+    those of a checkpoint that kept one for all nodes (None when the states hold them)."""
     ck = read_checkpoint(cfg, "inprocess")
     if ck is None:
         return None
@@ -123,4 +118,5 @@ def load_checkpoint(
         hist,
         ck.get("merge_base"),
         ck.get("merge_owner_err"),
+        ck.get("merges", {}),
     )

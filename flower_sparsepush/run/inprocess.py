@@ -12,16 +12,18 @@ import numpy as np
 import torch
 
 from flower_sparsepush.core.guard import BadReply, Guard, Outbox
-from flower_sparsepush.core.merge import correct_bias, correct_drift, merge, merge_bits
+from flower_sparsepush.core.merge_nodes import bounds
+from flower_sparsepush.core.merge_relay import count
 from flower_sparsepush.core.pushsum import NodeState
 from flower_sparsepush.core.router import Router
 from flower_sparsepush.learn.evaluate import consensus_metrics
 from flower_sparsepush.run.checkpoint import load_checkpoint, save_checkpoint
 from flower_sparsepush.run.config import ConfigError, RunConfig, validate
+from flower_sparsepush.run.merging import merge_relay, node_contribute, node_reduce, node_take
 from flower_sparsepush.run.node_train import init_state, local_sgd, make_node, node_round, train_batched
 from flower_sparsepush.run.preflight import preflight
 from flower_sparsepush.run.results import Recorder
-from flower_sparsepush.run.schedule import lr_at, merge_due
+from flower_sparsepush.run.schedule import merge_due
 from flower_sparsepush.run.setup import Setup, get_setup, make_router, reply_checks
 
 
@@ -74,12 +76,8 @@ class _Loop:
         self.sent = [0] * n
         self.history: list[dict[str, float]] = []
         self.start = 0
-        self.merged_base = None  # the last merge's model, shared by all nodes (None: they share only the initial one)
-        # what the chunk owners' averaged merge messages rounded away (merge-feedback; each owner holds its chunk)
-        self.owner_err = torch.zeros(setup.x0.numel(), dtype=torch.float64) if cfg.merge_feedback else None
+        self.merges = merge_relay(setup)  # the merges' relay side: participants, owners, owed outcomes, checks
         self.engine = make_engine(setup)
-        merging = cfg.final_merge or cfg.merge_every
-        self.one_merge_bits = merge_bits(setup.x0.numel(), cfg.merge_bits, setup.segments) if merging else 0
         if cfg.resume:
             self.restore()
 
@@ -87,8 +85,16 @@ class _Loop:
         restored = load_checkpoint(self.cfg, self.router)
         if restored is None:
             return
-        self.start, self.states, self.sent, self.history, self.merged_base, saved_err = restored
-        self.owner_err = saved_err if saved_err is not None else self.owner_err
+        self.start, self.states, self.sent, self.history, base, owner_err, merges = restored
+        self.merges.load_state_dict(merges)
+        for i, s in enumerate(self.states):  # a checkpoint that kept the merge base and owner errors for all nodes
+            s.merge_base = base if s.merge_base is None else s.merge_base
+            if owner_err is not None and s.owner_err is None:
+                mine = torch.zeros_like(owner_err)
+                for k, (a, b) in enumerate(bounds(self.setup.segments)):
+                    if k % self.setup.n == i:
+                        mine[a:b] = owner_err[a:b]
+                s.owner_err = mine
         for row in self.history:
             if self.log:
                 self.log(dict(row))
@@ -97,6 +103,10 @@ class _Loop:
         """Round ``t`` of every online node (deliver, absorb, train, send through the checks); returns them."""
         setup, router, states = self.setup, self.router, self.states
         online = [i for i in range(setup.n) if router.network.online(t, i) and i not in router.excluded]
+        for i in online:  # merges it missed: handed with its next message, as on Flower
+            for outcome in self.merges.take_owed(i):
+                count(self.merges.transfers(i, outcome), self.sent, router.delivered_bits)
+                node_take(setup, states[i], i, outcome)
         boxes = {i: router.collect(i) for i in online}  # bits_received counted on delivery, as in the Flower path
         if self.engine is None:
             for i in online:
@@ -115,26 +125,30 @@ class _Loop:
             self.sent[i] += check_and_post(self.guard, i, t, nodes[i].finish(t))
         return online
 
-    def merge(self, t: int) -> None:
-        """The global merge after round ``t``: deliver what is in flight, average everywhere, correct the drift."""
-        cfg, setup, states = self.cfg, self.setup, self.states
-        for i in range(setup.n):
+    def merge(self, t: int, online: list[int]) -> None:
+        """The global merge after round ``t`` among the ``online`` nodes, as the Flower relay runs it: every
+        participant takes what is in flight to it and hands in its contribution, the owners average their segments,
+        every participant takes the averages; the nodes offline now are owed the outcome (docs/algorithm.md)."""
+        setup, states, merges = self.setup, self.states, self.merges
+        for i in online:
             make_node(setup, i, states[i]).begin(t + 1, *self.router.collect(i))
-        base = setup.x0 if self.merged_base is None else self.merged_base
-        mode = cfg.drift_correction
-        if mode != "off" and ((t + 1) % cfg.merge_every or t + 1 >= cfg.num_rounds):
-            mode = "off"  # only the periodic merges during training measure a drift
-        before = [s.z.clone() for s in states] if mode == "displacement" else []
-        self.merged_base = merge(states, base, cfg.merge_bits, setup.segments, cfg.form, self.owner_err)
-        if mode != "off":  # the M rounds since the last merge, H steps each
-            lr_steps = cfg.local_steps * sum(lr_at(cfg, r) for r in range(t + 1 - cfg.merge_every, t + 1))
-            if mode == "gradient":
-                correct_bias(states, base, self.merged_base, lr_steps, cfg.momentum)
-            else:
-                correct_drift(states, before, self.merged_base, lr_steps, cfg.momentum)
+        merges.open(t, online)
+        for i in online:
+            merges.give(i, node_contribute(setup, states[i], i, t), states[i].y)
+        orders, transfers = merges.assign()
+        count(transfers, self.sent, self.router.delivered_bits)
+        for owner, segs in orders.items():
+            merges.take_average(owner, node_reduce(setup, states[owner], owner, t, segs))
+        outcome = merges.close()
+        for i in online:
+            count(merges.transfers(i, outcome), self.sent, self.router.delivered_bits)
+            node_take(setup, states[i], i, outcome)
         for i in range(setup.n):
-            self.sent[i] += self.one_merge_bits
-            self.router.delivered_bits[i] += self.one_merge_bits
+            if i not in online and i not in self.router.excluded:
+                merges.owe(i, outcome)
+        shared = states[online[0]].merge_base if online else None
+        for i in online:  # one tensor for the equal bases (memory of large runs)
+            states[i].merge_base = shared
 
     def evaluate(self, t: int, online: list[int]) -> None:
         cfg, router = self.cfg, self.router
@@ -154,9 +168,7 @@ class _Loop:
             self.log(m)
 
     def checkpoint(self, done: int) -> None:
-        save_checkpoint(
-            self.cfg, done, self.states, self.router, self.sent, self.history, self.merged_base, self.owner_err
-        )
+        save_checkpoint(self.cfg, done, self.states, self.router, self.sent, self.history, self.merges.state_dict())
 
 
 def run_inprocess(
@@ -179,7 +191,7 @@ def run_inprocess(
         t0 = time.perf_counter()
         online = loop.train_round(t)
         if merge_due(cfg, t + 1, rounds):
-            loop.merge(t)
+            loop.merge(t, online)
         secs.append(time.perf_counter() - t0)
         if eval_every and ((t + 1) % eval_every == 0 or t + 1 == rounds):
             loop.evaluate(t, online)

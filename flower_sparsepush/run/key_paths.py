@@ -23,7 +23,7 @@ SWITCHES = "test:tests/test_flower_switches.py::test_flower_equals_inprocess_wit
 SWITCH_CHANGES = "test:tests/test_flower_switches.py::test_each_switch_changes_the_run"
 DEPLOYED = "test:tests/test_deployment.py::test_results_files_as_in_simulation"
 CARRIED = "test:tests/test_key_paths.py::test_every_key_reaches_the_deployed_apps_unchanged"
-MERGE_ON_FLOWER = "the merges run in-process only for now (docs/results.md)"
+FLOWER_MERGE = "test:tests/test_flower_merge.py::test_flower_merges_equal_the_inprocess_ones"
 TRAINS = "app:your ClientApp trains; the drop-in sends it the model and reads the reply"
 NO_FEATURE = "missing:the drop-in has no such switch"
 RESULTS = "app:your ServerApp writes its results (node_arrays() gives every node's model)"
@@ -39,10 +39,14 @@ def _switch(drop_in: str = NO_FEATURE) -> tuple[str, str, str, str]:
     return (SWITCH_CHANGES, SWITCHES, CARRIED, drop_in)
 
 
-def _merge(sample: str) -> tuple[str, str, str, str]:
-    refused = f"refused:{sample}"
-    return ("test:tests/test_merge.py::test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run",
-            refused, refused, NO_FEATURE)  # fmt: skip
+def _merge() -> tuple[str, str, str, str]:
+    """A merge key: the in-process merges are tested against the exact average, the Flower ones against them."""
+    return (
+        "test:tests/test_merge.py::test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run",
+        FLOWER_MERGE,
+        CARRIED,
+        NO_FEATURE,
+    )
 
 
 WHERE: dict[str, tuple[str, str, str, str]] = {
@@ -61,14 +65,14 @@ WHERE: dict[str, tuple[str, str, str, str]] = {
     "local-steps": _generic(TRAINS),
     "qgm": _switch(),
     "final-gossip-rounds": _switch(),
-    "final-merge": _merge("final-merge=true"),
-    "merge-every": _merge("merge-every=5"),
-    "merge-bits": _merge("final-merge=true,merge-bits=8"),
-    "merge-feedback": _merge("final-merge=true,merge-bits=4,merge-feedback=true"),
+    "final-merge": _merge(),
+    "merge-every": _merge(),
+    "merge-bits": _merge(),
+    "merge-feedback": _merge(),
     "drift-correction": (
         "test:tests/test_merge.py::test_drift_correction_keeps_label_skewed_nodes_closer_between_merges",
-        "refused:merge-every=5,drift-correction=displacement",
-        "refused:merge-every=5,drift-correction=displacement",
+        FLOWER_MERGE,
+        CARRIED,
         NO_FEATURE,
     ),
     "gradient-lookahead": (FLOWER_EQ, FLOWER_EQ, CARRIED, "arg:gradient_lookahead"),

@@ -58,12 +58,12 @@ KEYS: dict[str, Key] = {
     "final-merge": Key(
         False,
         bool,
-        "after the last round: one exact global average (a ring all-reduce, 2 dense messages per node, counted); scsp: on unless set; in-process only",
+        "after the last round: one exact global average, computed by the nodes as an all-reduce (each tensor averaged by one owner; its messages counted); scsp: on unless set",
     ),
     "merge-every": Key(
         0,
         int,
-        "a global merge (as final-merge, counted) after every this many training rounds as well (0 = off); in-process only",
+        "a global merge (as final-merge, counted) after every this many training rounds as well (0 = off)",
         0,
         10**7,
     ),

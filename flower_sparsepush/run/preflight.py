@@ -52,23 +52,12 @@ def preflight(cfg: RunConfig, flower: bool = False) -> None:
       of parameters ``d`` (a fraction is always within (0, d]);
     - the dataset's files are present (``data.find_data``); a ``hf:`` dataset loads, with its columns;
     - the results folder ``<out-dir>/<run-name>`` can be created or written (nothing is created here);
-    - with ``flower``: no ``final-merge`` or ``merge-every`` (in-process only), and no checkpoints with ``node-store=context``.
+    - with ``flower``: no checkpoints with ``node-store=context``.
 
     ``sparsepush train``, :func:`launch.simulate` and the ServerApp call it before Ray starts / before any message.
     """
     from flower_sparsepush.core.topology import GraphError, check_strongly_connected, make_graph
 
-    if flower and cfg.final_merge:
-        raise ConfigError(
-            f"run-config final-merge={cfg.final_merge!r}: the final merge is implemented for the in-process loop "
-            "only (python -m flower_sparsepush.run.inprocess ...); strategy scsp turns it on: set final-merge=false on "
-            "Flower, final-gossip-rounds=N emulates the merge by gossip"
-        )
-    if flower and cfg.merge_every:
-        raise ConfigError(
-            f"run-config merge-every={cfg.merge_every}: periodic merges are implemented for the in-process loop "
-            "only (python -m flower_sparsepush.run.inprocess ...); set merge-every=0 on Flower"
-        )
     if flower and cfg.device != "cpu":
         raise ConfigError(
             f"run-config device={cfg.device!r}: on Flower every node trains in its own ClientApp on the CPU; the "
