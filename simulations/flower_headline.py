@@ -25,10 +25,11 @@ FIELDS = ("acc_consensus", "acc_node_mean", "acc_node_min")
 
 def sgp_bits(journal: Path, seed: int) -> float:
     """SGP's bits per node on the claims' Fashion-MNIST IID schedule for ``seed``, from the claims journal."""
-    for line in journal.read_text().splitlines():
-        r = json.loads(line)
-        if (r["name"], r["dataset"], r["partition"], r["seed"]) == ("sgp", "fashion_mnist", "iid", seed):
-            return float(r["bits_per_node"])
+    from flower_sparsepush.simulations.claims import read_journal
+
+    row = read_journal(journal).get(f"fashion_mnist/iid/sgp/s{seed}")
+    if row is not None:
+        return float(row["bits_per_node"])
     raise SystemExit(f"{journal} has no sgp row for seed {seed}: run `sparsepush claims --rows sgp --seeds {seed}`")
 
 

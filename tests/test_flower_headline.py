@@ -10,7 +10,7 @@ from flower_sparsepush.simulations.flower_headline import main
 
 def test_headline_on_a_tiny_schedule(tmp_path):
     journal = tmp_path / "journal.jsonl"
-    row = {"name": "sgp", "dataset": "fashion_mnist", "partition": "iid", "seed": 0, "bits_per_node": 1e9}
+    row = {"id": "fashion_mnist/iid/sgp/s0", "name": "sgp", "bits_per_node": 1e9}
     journal.write_text(json.dumps(row) + "\n")
     sets = ["dataset=synthetic", "model=mlp", "num-nodes=4", "num-rounds=3", "val-split=0"]
     argv = ["--preset", "sgp", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--journal", str(journal)]

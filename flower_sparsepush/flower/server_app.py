@@ -126,12 +126,14 @@ class _ServerRun:
             }
         )
 
-    def val_metrics(self, z: torch.Tensor, node_mean: float, node_min: float) -> dict[str, float]:
+    def val_metrics(self, z: torch.Tensor, node_mean: float | None = None, node_min: float | None = None):
         """The consensus model's accuracy and loss on the validation split, with the nodes' own (the same keys as
-        the in-process loop's ``val_*``); nothing when the run holds out no validation split."""
+        the in-process loop's ``val_*``; None: every node holds the consensus model); nothing when the run holds
+        out no validation split."""
         if self.setup.val is None:
             return {}
         acc, loss = evaluate(self.setup, z, 0, "val")
+        node_mean, node_min = (acc, acc) if node_mean is None else (node_mean, node_min)
         return {
             "val_acc_consensus": acc,
             "val_loss": loss,
@@ -200,9 +202,7 @@ class _FedAvgRun(_ServerRun):
     def evaluate_round(self, rnd: int, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         z = torch.from_numpy(np.array(arrays["z"].numpy()))
         acc, loss = evaluate(self.setup, z, 0)
-        val = self.val_metrics(z, float("nan"), float("nan"))
-        val |= {k: val["val_acc_consensus"] for k in ("val_acc_node_mean", "val_acc_node_min") if val}
-        return self.row(rnd, acc, loss, acc, acc, 0.0, self.strategy.report(), **val)
+        return self.row(rnd, acc, loss, acc, acc, 0.0, self.strategy.report(), **self.val_metrics(z))
 
     def start_kwargs(self) -> dict[str, Any]:
         return {"train_config": ConfigRecord({"token": self.token})}  # names the nodes' store folder
