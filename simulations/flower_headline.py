@@ -6,6 +6,10 @@ Run: ``python -m flower_sparsepush.simulations.flower_headline [--preset sp-466x
 (about 15 minutes on 2 cores: the two runs one after the other). Both paths evaluate once, after the last round, every
 node on the whole test set (``eval-node-samples=0``), as the claims do. ``reduction_vs_sgp`` divides SGP's bits per
 node on the same schedule and seed (the claims journal, ``results/claims_rows.jsonl``) by the run's.
+
+The in-process run uses the torch thread count the Flower nodes train with (``node_train.node_threads()``, one per
+Ray actor): the thread count decides how kernels split their sums, and only the same float order lets the two
+paths agree bit for bit over hundreds of rounds (``threads`` in the result).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from flower_sparsepush.flower.launch import simulate
     from flower_sparsepush.run.inprocess import train_inprocess
+    from flower_sparsepush.run.node_train import node_threads, torch_threads
 
     out = Path(args.out)
     sgp = sgp_bits(Path(args.journal), args.seed)
@@ -62,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset,
         "config": validate(base | {"run-name": "flower"}).as_dict(),
         "sgp_bits_per_node": sgp,
+        "threads": node_threads(),
     }
     for name in ("flower", "inprocess"):
         cfg = validate(base | {"run-name": name})
@@ -69,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "flower":
             summary = json.loads((simulate(cfg) / "summary.json").read_text())
         else:
-            summary = train_inprocess(cfg, echo=None)
+            with torch_threads(node_threads()):
+                summary = train_inprocess(cfg, echo=None)
         result[name] = _row(summary, time.perf_counter() - t0, sgp)
         print(f"{name}: {json.dumps(result[name])}", flush=True)
     fl, ip = result["flower"], result["inprocess"]

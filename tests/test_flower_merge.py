@@ -1,6 +1,7 @@
 """Global merges on the Flower path (the nodes compute them, the relay routes their messages: merge_steps.py)
-against the in-process loop, which runs the same node code: models to 1e-5, bits identical, the mass exact with a
-node offline or late at a merge, and a resume that falls between a merge's message rounds."""
+against the in-process loop, which runs the same node code: models bit for bit (in-process under the nodes' thread
+count), bits identical, the mass exact with a node offline or late at a merge, and a resume that falls between a
+merge's message rounds."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from flower_sparsepush.flower.launch import simulate
 from flower_sparsepush.run.config import validate
 from flower_sparsepush.run.inprocess import run_inprocess
+from flower_sparsepush.run.node_train import node_threads, torch_threads
 from flower_sparsepush.run.results import read_metrics
 from flower_sparsepush.run.setup import network_of
 
@@ -78,10 +80,11 @@ def _mass(row) -> float:
 @pytest.mark.parametrize("name", list(CASES))
 def test_flower_merges_equal_the_inprocess_ones(runs, name):
     cfg, out = runs(name)
-    ref = run_inprocess(cfg.replace(run_name="in", checkpoint_every=0), eval_every=1)
+    with torch_threads(node_threads()):  # the nodes' thread count: the same float order, bit for bit
+        ref = run_inprocess(cfg.replace(run_name="in", checkpoint_every=0), eval_every=1)
     nodes = np.load(out / "nodes.npz")
     for i, state in enumerate(ref.states):
-        np.testing.assert_allclose(nodes[f"z{i}"], state.z.to(torch.float32).numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(nodes[f"z{i}"], state.z.to(torch.float32).numpy())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bits_sent_by_node"] == ref.bits_sent
     assert summary["bits_received_by_node"] == ref.bits_received

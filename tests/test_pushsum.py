@@ -210,3 +210,20 @@ def test_forged_sender_is_rejected_and_leaves_edge_references_alone():
     assert (rej.index, rej.sender) == (0, 1) and "from node 0 but came from node 1" in rej.reason
     assert torch.equal(c.x, x) and c.y == y and c.refs_in.keys() == refs.keys()
     assert all(torch.equal(c.refs_in[k], refs[k]) for k in refs)
+
+
+def test_lookahead_offset_does_not_depend_on_the_order_the_copies_are_held_in():
+    """A node state read back from a file (the Flower node store) lists its in-neighbour copies in another order than
+    the in-process loop built them; the offset must be bitwise the same, or the two paths drift apart by an ulp a
+    round. Random float32 copies: a float mean over them in another order differs in some entries."""
+    gen = torch.Generator().manual_seed(0)
+    copies = {j: torch.randn(20_000, generator=gen) * 10 ** float(j % 3) for j in (7, 2, 5, 4)}
+    z = torch.randn(20_000, generator=gen, dtype=torch.float64)
+    held = NodeState(x=z.clone(), y=1.0)
+    held.refs_in = dict(copies)
+    reread = NodeState(x=z.clone(), y=1.0)
+    reread.refs_in = {j: copies[j] for j in sorted(copies, reverse=True)}
+    stacked = torch.stack(list(copies.values())).mean(0)
+    restacked = torch.stack(list(reread.refs_in.values())).mean(0)
+    assert not torch.equal(stacked, restacked)  # the order does change a float mean: the test can fail
+    assert torch.equal(PushSum.lookahead_offset(held, 0.5), PushSum.lookahead_offset(reread, 0.5))

@@ -176,7 +176,9 @@ class PushSum:
         mean is nearer the nodes' average than the node itself. None when off (``c == 0``) or before any copy."""
         if not c or not state.refs_in:
             return None
-        copies = torch.stack([r.to(torch.float32) for r in state.refs_in.values()]).mean(0)
+        # by sender id: a state reloaded from a file lists its copies in another order, and a float mean is not
+        # order-free (the Flower path then ends an ulp away from the in-process one, which grows over a long run)
+        copies = torch.stack([state.refs_in[j].to(torch.float32) for j in sorted(state.refs_in)]).mean(0)
         return (copies - state.z.to(torch.float32)) * c
 
     @staticmethod

@@ -22,8 +22,6 @@ lost reply are absorbed only if the node had not finished that round.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -35,7 +33,7 @@ from flower_sparsepush.flower.node_merge import PREFIX, Marks
 from flower_sparsepush.flower.store import CONTEXT, NodeStore, Stamp, StoreError
 from flower_sparsepush.learn.evaluate import evaluate
 from flower_sparsepush.run.config import validate
-from flower_sparsepush.run.node_train import init_state, local_sgd, node_round
+from flower_sparsepush.run.node_train import init_state, local_sgd, node_round, node_threads
 from flower_sparsepush.run.setup import get_setup
 
 STAMP = "ps-stamp"  # context.state: the Stamp of the node's stored state
@@ -144,7 +142,7 @@ class NodeHandlers:
 
     @staticmethod
     def setup_threads() -> None:
-        torch.set_num_threads(max(1, int(os.environ.get("SPARSEPUSH_CLIENT_THREADS", "1"))))
+        torch.set_num_threads(node_threads())
 
     @staticmethod
     def node_id(context: Context) -> int:

@@ -17,6 +17,10 @@ SGD steps from the de-biased model z, set ``x = y * z_new`` (``PushSum.local_upd
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,26 @@ from flower_sparsepush.learn.sgd import SGDParams, sgd_steps
 from flower_sparsepush.learn.transforms import normalize, random_crop_flip
 from flower_sparsepush.run.schedule import lr_at
 from flower_sparsepush.run.setup import Setup
+
+NODE_THREADS_ENV = "SPARSEPUSH_CLIENT_THREADS"
+
+
+def node_threads() -> int:
+    """The torch threads a Flower node trains with (``$SPARSEPUSH_CLIENT_THREADS``, default 1: one per Ray actor)."""
+    return max(1, int(os.environ.get(NODE_THREADS_ENV, "1")))
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads. The thread count decides how kernels split their sums, so a run
+    reproduces another bit for bit only with the same count: the in-process loop meets a Flower run exactly under
+    ``torch_threads(node_threads())`` (results/flower_headline.json)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def batch_indices(n_i: int, seed: int, node: int, start: int, size: int) -> torch.Tensor:
