@@ -19,7 +19,7 @@ from flower_sparsepush.core.router import Router
 from flower_sparsepush.learn.evaluate import consensus_metrics
 from flower_sparsepush.run.checkpoint import load_checkpoint, save_checkpoint
 from flower_sparsepush.run.config import ConfigError, RunConfig, validate
-from flower_sparsepush.run.merging import merge_relay, node_contribute, node_reduce, node_take
+from flower_sparsepush.run.merging import merge_among, merge_relay, node_take
 from flower_sparsepush.run.node_train import init_state, local_sgd, make_node, node_round, train_batched
 from flower_sparsepush.run.preflight import preflight
 from flower_sparsepush.run.results import Recorder
@@ -130,19 +130,12 @@ class _Loop:
         participant takes what is in flight to it and hands in its contribution, the owners average their segments,
         every participant takes the averages; the nodes offline now are owed the outcome (docs/algorithm.md)."""
         setup, states, merges = self.setup, self.states, self.merges
-        for i in online:
+        received = self.router.delivered_bits
+
+        def absorb(i: int) -> None:
             make_node(setup, i, states[i]).begin(t + 1, *self.router.collect(i))
-        merges.open(t, online)
-        for i in online:
-            merges.give(i, node_contribute(setup, states[i], i, t), states[i].y)
-        orders, transfers = merges.assign()
-        count(transfers, self.sent, self.router.delivered_bits)
-        for owner, segs in orders.items():
-            merges.take_average(owner, node_reduce(setup, states[owner], owner, t, segs))
-        outcome = merges.close()
-        for i in online:
-            count(merges.transfers(i, outcome), self.sent, self.router.delivered_bits)
-            node_take(setup, states[i], i, outcome)
+
+        outcome = merge_among(setup, states, online, t, merges, absorb, self.sent, received)
         for i in range(setup.n):
             if i not in online and i not in self.router.excluded:
                 merges.owe(i, outcome)

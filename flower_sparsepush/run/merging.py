@@ -4,18 +4,32 @@ the same merge from the same messages."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 from flower_sparsepush.core.merge import correct_bias, correct_drift
 from flower_sparsepush.core.merge_nodes import Frames, apply, base_of, catch_up, contribute, reduce
-from flower_sparsepush.core.merge_relay import MergeRelay, Outcome
+from flower_sparsepush.core.merge_relay import MergeRelay, Outcome, count
 from flower_sparsepush.core.pushsum import NodeState
 from flower_sparsepush.run.config import RunConfig
 from flower_sparsepush.run.schedule import lr_at
 from flower_sparsepush.run.setup import Setup
 
 
-def merge_relay(setup: Setup) -> MergeRelay:
+@dataclass(frozen=True)
+class MergeSetup:
+    """What a merge reads of a run, for a caller without a :class:`Setup` (the drop-in strategy): the config (merge
+    keys, form, schedule), the model's tensor sizes and the initial model. A ``Setup`` has the same fields."""
+
+    cfg: RunConfig
+    segments: list[int]
+    x0: torch.Tensor
+
+
+def merge_relay(setup: Setup | MergeSetup) -> MergeRelay:
     """The relay's bookkeeping of this run's merges."""
     cfg = setup.cfg
     dtype = np.dtype(str(setup.x0.dtype).removeprefix("torch."))
@@ -35,14 +49,16 @@ def lr_steps(cfg: RunConfig, t: int) -> float:
     return cfg.local_steps * sum(lr_at(cfg, r) for r in range(t + 1 - cfg.merge_every, t + 1))
 
 
-def node_contribute(setup: Setup, state: NodeState, node: int, t: int) -> Frames:
+def node_contribute(setup: Setup | MergeSetup, state: NodeState, node: int, t: int) -> Frames:
     """``node``'s contribution to the merge after round ``t``: ``[(segment, message)]``."""
     cfg = setup.cfg
     base = base_of(state, setup.x0)
     return contribute(state, base, cfg.merge_bits, setup.segments, node, t, cfg.form, cfg.merge_feedback)
 
 
-def node_reduce(setup: Setup, state: NodeState, node: int, t: int, orders: list[tuple[int, Frames]]) -> Frames:
+def node_reduce(
+    setup: Setup | MergeSetup, state: NodeState, node: int, t: int, orders: list[tuple[int, Frames]]
+) -> Frames:
     """The owner ``node``'s averages of its segments: ``[(segment, message)]`` from ``[(segment, contributions)]``."""
     cfg = setup.cfg
     return [
@@ -51,7 +67,7 @@ def node_reduce(setup: Setup, state: NodeState, node: int, t: int, orders: list[
     ]
 
 
-def node_take(setup: Setup, state: NodeState, node: int, outcome: Outcome) -> None:
+def node_take(setup: Setup | MergeSetup, state: NodeState, node: int, outcome: Outcome) -> None:
     """``node`` takes a merge's outcome: a participant takes the merged model (and corrects its drift), a node that
     took no part learns the new base; a called-off merge changes nothing here."""
     if outcome.averages is None:
@@ -68,3 +84,34 @@ def node_take(setup: Setup, state: NodeState, node: int, outcome: Outcome) -> No
         correct_bias([state], base, m, lr_steps(cfg, outcome.round), cfg.momentum)
     elif mode == "displacement":
         correct_drift([state], [before], m, lr_steps(cfg, outcome.round), cfg.momentum)
+
+
+def merge_among(
+    setup: Setup | MergeSetup,
+    states: list[NodeState],
+    participants: list[int],
+    t: int,
+    relay: MergeRelay,
+    absorb: Callable[[int], object],
+    sent: list[int],
+    received: list[int],
+) -> Outcome:
+    """The global merge after round ``t`` among ``participants``, every phase in one process, as the Flower relay
+    runs it: each participant absorbs what is in flight to it (``absorb(i)``, with the rule of round ``t + 1``) and
+    hands in its contribution, the owners average their segments, each participant takes the averages. Bits of
+    every merge message that travels are charged to ``sent`` / ``received``. The in-process loop and the drop-in
+    strategy (which holds every node's state) both merge with this."""
+    for i in participants:
+        absorb(i)
+    relay.open(t, participants)
+    for i in participants:
+        relay.give(i, node_contribute(setup, states[i], i, t), states[i].y)
+    orders, transfers = relay.assign()
+    count(transfers, sent, received)
+    for owner, segs in orders.items():
+        relay.take_average(owner, node_reduce(setup, states[owner], owner, t, segs))
+    outcome = relay.close()
+    for i in participants:
+        count(relay.transfers(i, outcome), sent, received)
+        node_take(setup, states[i], i, outcome)
+    return outcome
