@@ -16,7 +16,11 @@ delivers them). Round t (``server_round = t + 1``) for every sampled node i:
    lookahead, ``z_i`` moves by the reply minus the point sent);
 4. the state sends to ``graph.out_neighbours(g)[i]`` (``PushSum.send``): encoded bytes go into the router's
    mailboxes and ``8 * len(bytes)`` is counted as peer-to-peer bits;
-5. ``gossip_steps - 1`` more exchanges (all absorb, then all send; exchange g = t * gossip_steps + k).
+5. ``gossip_steps - 1`` more exchanges (all absorb, then all send; exchange g = t * gossip_steps + k);
+6. with ``final_merge`` / ``merge_every``, a global merge after the round (``run.merging.merge_among``, the code the
+   in-process loop merges with): every node takes what is in flight to it, hands its contribution to the owner of
+   each tensor, the owners average, every node takes the merged model. Every node takes part, since the ServerApp
+   holds every state; the merge's messages are counted in the peer bits as they would travel between the nodes.
 
 With ``gossip_steps=1`` this is exactly the order of ``run.node_train.node_round`` (the native mode), so with an
 equivalent ClientApp both modes give the same node models (tests/test_dropin.py, also with sp-466x's gossip
@@ -47,15 +51,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
+from flower_sparsepush.core.merge_relay import MergeRelay
 from flower_sparsepush.core.node import Node
 from flower_sparsepush.core.pushsum import NodeState, PushSum
 from flower_sparsepush.core.router import Network, Router
 from flower_sparsepush.core.topology import Graph, GraphError, make_graph
 from flower_sparsepush.flower import protocol
+from flower_sparsepush.run.merging import MergeSetup, merge_among, merge_relay
+from flower_sparsepush.run.schedule import merge_due
 from flower_sparsepush.run.setup import make_rule
 
 from .base import EvalReport, PushSumStrategy, wait_and_register
-from .dropin_checks import check_callables, check_gossip, check_sampling, check_schedules
+from .dropin_checks import MERGE_ARGS, check_callables, check_gossip, check_sampling, check_schedules, merge_config
 from .dropin_options import compressor_of_round, resolve
 from .dropin_state import DropinStates
 
@@ -125,12 +132,22 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
     lr_schedule : str, optional (default: "constant")
         ``constant``, ``cosine`` or ``step:F1,F2,...``: the learning-rate schedule your ClientApp follows over the
         rounds (the strategy does not set it; only ``sparsity_schedule="lr"`` reads it).
+    final_merge : bool, optional (default: False)
+        Run-config ``final-merge``: after the last round (the ``num_rounds`` given to ``start``) every node takes
+        the average of all nodes' models (exact with ``merge_bits=32``), so every node ends on the same model.
+    merge_every : int, optional (default: 0)
+        Run-config ``merge-every``: a global merge after every M-th round as well (0 = none).
+    merge_bits : int, optional (default: 32)
+        Run-config ``merge-bits``: 32 merges exactly; 1..8 sends every merge message quantized to that many bits.
+    merge_feedback : bool, optional (default: False)
+        Run-config ``merge-feedback``: a quantized merge keeps what its rounding dropped for the next merge.
     preset : str, optional
-        A preset of ``run/presets.py`` (``sgp``, ``sp-466x``...): its gossip keys (graph, compressor, gamma, form,
-        gradient-lookahead, sparsity-schedule, lr-schedule) become the defaults of the arguments above; an argument
-        given explicitly wins. Keys of the ClientApp's training (lr, momentum, local steps...) are your app's.
-        A key the drop-in cannot apply (``final-merge``, ``merge-every``, ``drift-correction``...: no merges here
-        yet) is refused with one ValueError naming them.
+        A preset of ``run/presets.py`` (``sgp``, ``sp-466x``, ``sp-1000x``...): its gossip and merge keys (graph,
+        compressor, gamma, form, gradient-lookahead, sparsity-schedule, lr-schedule, final-merge, merge-every,
+        merge-bits, merge-feedback) become the defaults of the arguments above; an argument given explicitly wins.
+        Keys of the ClientApp's training (lr, momentum, local steps...) are your app's. A key the drop-in cannot
+        apply (``drift-correction``, ``qgm``: they change the node's SGD, which your ClientApp runs) is refused with
+        one ValueError naming it and why.
     seed : int (default: 0)
         Seed of the graph (random graphs), of random compressors and of node sampling.
     num_nodes : int, optional
@@ -170,6 +187,10 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
         gossip_steps: int | None = None,
         sparsity_schedule: str | None = None,
         lr_schedule: str | None = None,
+        final_merge: bool | None = None,
+        merge_every: int | None = None,
+        merge_bits: int | None = None,
+        merge_feedback: bool | None = None,
         preset: str | None = None,
         seed: int = 0,
         num_nodes: int | None = None,
@@ -185,10 +206,13 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
         given = {"graph": graph, "compressor": compressor, "gamma": gamma, "form": form}
         given |= {"gradient_lookahead": gradient_lookahead, "gossip_steps": gossip_steps}
         given |= {"sparsity_schedule": sparsity_schedule, "lr_schedule": lr_schedule}
+        given |= {"final_merge": final_merge, "merge_every": merge_every, "merge_bits": merge_bits}
+        given |= {"merge_feedback": merge_feedback}
         opts = resolve(preset, given)
         graph, compressor, gamma, form = opts["graph"], opts["compressor"], opts["gamma"], opts["form"]
         check_gossip(graph, compressor, gamma, form, seed, num_nodes, min_available_nodes, node_order, network)
         check_schedules(opts)
+        merge_config(opts)
         check_callables(
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
@@ -214,6 +238,8 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
         self.gossip_steps = int(opts["gossip_steps"])
         self.sparsity_schedule = opts["sparsity_schedule"]
         self.lr_schedule = opts["lr_schedule"]
+        self.merge_opts = {k: opts[k] for k in MERGE_ARGS}
+        self.merge_cfg = None  # start() sets it: the merges as a run config over the planned rounds, or None
         self.preset = preset
         self.num_rounds_planned = 1  # start() sets it (the sparsity schedule follows the ClientApp's lr over them)
         self.seed = seed
@@ -239,6 +265,8 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
         self.last_eval: EvalReport | None = None  # the consensus after the last evaluation round
         self._training: list[int] = []
         self._offsets: dict[int, torch.Tensor] = {}  # gradient-lookahead: the shift sent to each node this round
+        self.merges: MergeRelay | None = None
+        self.merges_done: list[int] = []  # core rounds after which a merge ran
 
     # -- set-up -------------------------------------------------------------------------------------------------------
 
@@ -289,6 +317,9 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
         fixed = {k: np.array(a.numpy()) for k, a in initial_arrays.items() if not self._mixed(k)}
         self.fixed = [dict(fixed) for _ in range(n)]
         self.router = Router(n, self.network, bounce=True)
+        self.merge_cfg = merge_config(self.merge_opts | {"form": self.form}, self.num_rounds_planned)
+        if self.merge_cfg is not None:
+            self.merges = merge_relay(MergeSetup(self.merge_cfg, self.n, self.segments, self.x0))
         self.num_nodes = n
         self.bits_sent = [0] * n
         self.flower_bits_down = [0] * n
@@ -304,7 +335,7 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
         log(
             INFO,
             "\t├──> Decentralized push-sum (drop-in): %d nodes, graph %s, compressor %s, gamma %g, form %s, "
-            "%d exchanges per round, gradient-lookahead %g, sparsity schedule %s",
+            "%d exchanges per round, gradient-lookahead %g, sparsity schedule %s, merges %s",
             self.n,
             self.graph.name if self.graph else self.graph_spec,
             self.compressor,
@@ -313,6 +344,7 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
             self.gossip_steps,
             self.gradient_lookahead,
             self.sparsity_schedule,
+            ", ".join(f"{k}={v}" for k, v in self.merge_opts.items()) if self.merge_cfg else "none",
         )
         log(
             INFO,
@@ -414,6 +446,9 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
                 self._absorb(server_round, i, g + k)
             for i in done:
                 self._send(i, g + k, self.nodes[i].finish(g + k))
+        t = protocol.core_round(server_round)
+        if self.merge_cfg is not None and merge_due(self.merge_cfg, t + 1, self.num_rounds_planned):
+            self._merge(server_round, t)
         metrics = MetricRecord()
         if contents:
             try:
@@ -422,6 +457,31 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
                 log(WARNING, "train metrics could not be aggregated: %s", err)
         metrics.update(self.traffic())
         return self.consensus_arrays(), metrics
+
+    def _merge(self, server_round: int, t: int) -> None:
+        """The global merge after core round ``t`` among all nodes (``merging.merge_among``); in-flight messages are
+        absorbed with the rule of the next round's first exchange, as a native node absorbs them."""
+        g_next = (t + 1) * self.gossip_steps
+        parts = list(range(self.n))
+        setup = MergeSetup(self.merge_cfg, self.n, self.segments, self.x0)
+        merge_among(
+            setup,
+            self.states,
+            parts,
+            t,
+            self.merges,
+            lambda i: self._absorb(server_round, i, g_next),
+            self.bits_sent,
+            self.router.delivered_bits,
+        )
+        self.merges_done.append(t)
+        log(
+            INFO,
+            "round %d: global merge among %d nodes (merge-bits %d)",
+            server_round,
+            len(parts),
+            self.merge_cfg.merge_bits,
+        )
 
     def _absorb(self, server_round: int, i: int, g: int) -> None:
         rejected = self.nodes[i].begin(g, *self.router.collect(i))

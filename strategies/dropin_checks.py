@@ -9,7 +9,7 @@ from flower_sparsepush.core.codec import FORMS
 from flower_sparsepush.core.compression import CompressionError, make_compressor
 from flower_sparsepush.core.router import Network
 from flower_sparsepush.core.topology import Graph, GraphError, make_graph
-from flower_sparsepush.run.config import ConfigError, parse_lr_schedule
+from flower_sparsepush.run.config import ConfigError, RunConfig, parse_lr_schedule, validate
 
 NODE_ORDERS = ("node-id", "partition-id")
 
@@ -121,3 +121,22 @@ def check_schedules(opts: dict) -> None:
             "lr_schedule (the shape of your ClientApp's learning rate over the rounds, read by sparsity_schedule='lr') "
             f"must be constant, cosine or step:F1,F2,..., got {lr_schedule!r}"
         ) from None
+
+
+MERGE_ARGS = {"final_merge": "final-merge", "merge_every": "merge-every", "merge_bits": "merge-bits",
+              "merge_feedback": "merge-feedback"}  # fmt: skip
+
+
+def merge_config(opts: dict, num_rounds: int = 1) -> RunConfig | None:
+    """The drop-in's merges as a run config (``opts``: every gossip argument; ``num_rounds``: the rounds given to
+    ``start``), checked by the run config's own rules; None when it never merges. A bad combination is one
+    ValueError in the drop-in's argument names."""
+    raw = {key: opts[arg] for arg, key in MERGE_ARGS.items()}
+    try:
+        cfg = validate(raw | {"strategy": "sparse-push", "form": opts["form"], "num-rounds": num_rounds})
+    except ConfigError as err:
+        msg = str(err).replace("run-config ", "")
+        for arg, key in MERGE_ARGS.items():
+            msg = msg.replace(key, arg)
+        raise ValueError(f"merge arguments: {msg}") from None
+    return cfg if cfg.final_merge or cfg.merge_every else None

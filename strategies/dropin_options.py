@@ -30,6 +30,10 @@ DEFAULTS: dict[str, Any] = {
     "gossip_steps": 6,
     "sparsity_schedule": "constant",
     "lr_schedule": "constant",
+    "final_merge": False,
+    "merge_every": 0,
+    "merge_bits": 32,
+    "merge_feedback": False,
 }
 GOSSIP_ARGS = tuple(DEFAULTS)
 
@@ -42,6 +46,18 @@ PRESET_ARGS = {
     "gradient-lookahead": "gradient_lookahead",
     "sparsity-schedule": "sparsity_schedule",
     "lr-schedule": "lr_schedule",
+    "final-merge": "final_merge",
+    "merge-every": "merge_every",
+    "merge-bits": "merge_bits",
+    "merge-feedback": "merge_feedback",
+}
+# run-config keys the drop-in cannot apply, and why (a preset that sets one is refused with this reason)
+WHY_NOT = {
+    "drift-correction": "it corrects the local steps with the learning rate and gradients of the node's SGD, which "
+    "your ClientApp keeps to itself",
+    "qgm": "quasi-global momentum replaces the momentum buffer of the node's SGD, which your ClientApp keeps",
+    "final-gossip-rounds": "every drop-in round is a training round of your ClientApp; more exchanges per round: "
+    "gossip_steps",
 }
 # the ClientApp's training (and the federation's size): the user's app decides them, the strategy has nothing to set
 CLIENT_KEYS = (
@@ -61,7 +77,7 @@ CLIENT_KEYS = (
 
 def preset_args(name: Any) -> dict[str, Any]:
     """The drop-in arguments of preset ``name``. Keys of the ClientApp's training are the app's own and skipped;
-    any other key the drop-in cannot apply (e.g. ``final-merge``: no merges here yet) is refused, all in one
+    any other key the drop-in cannot apply (e.g. ``drift-correction``, :data:`WHY_NOT`) is refused, all in one
     ValueError."""
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
@@ -74,14 +90,16 @@ def preset_args(name: Any) -> dict[str, Any]:
             out.update(compressor="none", gamma=1.0)
         elif key == "strategy" and value == "sparse-push":
             continue
+        elif key == "strategy" and value == "scsp":  # Sparse-Push with the final merge on unless the preset says
+            out.setdefault("final_merge", True)
         elif key in CLIENT_KEYS or (key in KEYS and value == KEYS[key].default):
             continue
         else:
-            refused.append(f"{key}={value!r}")
+            refused.append(f"{key}={value!r} ({WHY_NOT.get(key, 'no such feature in the drop-in')})")
     if refused:
         raise ValueError(
-            f"preset {name!r}: the drop-in strategy cannot apply {', '.join(refused)} (no such feature in the drop-in "
-            "yet; use the native mode, or give the preset's other keys as arguments)"
+            f"preset {name!r}: the drop-in strategy cannot apply {'; '.join(refused)}; use the native mode, or give "
+            "the preset's other keys as arguments"
         )
     return out
 

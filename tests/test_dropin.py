@@ -28,7 +28,7 @@ from flower_sparsepush.core.router import Network
 from flower_sparsepush.flower.launch import BACKEND_CONFIG, QUIET_ENV
 from flower_sparsepush.run.config import validate
 from flower_sparsepush.run.inprocess import run_inprocess
-from flower_sparsepush.run.node_train import local_sgd
+from flower_sparsepush.run.node_train import local_sgd, torch_threads
 from flower_sparsepush.run.presets import PRESETS
 from flower_sparsepush.run.schedule import compressor_at
 from flower_sparsepush.run.setup import get_setup
@@ -162,27 +162,50 @@ def test_dropin_equals_native(dropin_run):
     assert "train_loss" in metrics
 
 
-def test_dropin_equals_native_with_the_466x_gossip_switches():
-    """sp-466x's gossip switches (gradient-lookahead 0.5, sparsity-schedule lr over a cosine lr, top-1.2%+q:4,
-    gamma 0.1) on the small model: the drop-in gives the native node models (1e-5) and bits. Its final-merge is not
-    in the drop-in yet, so the preset itself is refused there (tests/test_dropin_options.py); the switches are
-    given as arguments, taken from the preset. Weight decay 0: an ordinary ClientApp decays the point it is sent
-    (the shifted one), the native node decays z."""
+def test_dropin_equals_native_for_the_466x_preset():
+    """``DecentralizedFedAvg(preset="sp-466x")`` on the small model gives the native node models (1e-5) and bits:
+    gradient-lookahead 0.5, sparsity-schedule lr over a cosine lr, top-1.2%+q:4, gamma 0.1 and the exact final
+    merge, which leaves every node on the same model. The native run takes the preset's gossip and merge keys;
+    weight decay 0 (an ordinary ClientApp decays the point it is sent, the shifted one; the native node decays z).
+    Not bit for bit: the drop-in takes the reply minus the shift, ``(z + o - step) - o``, where the native node
+    computes ``z - step``; the two round differently in the last bit."""
     keys = PRESETS["sp-466x"].keys
     switches = {k: keys[k] for k in PRESET_ARGS if k in keys}
-    assert switches["gradient-lookahead"] == 0.5 and switches["sparsity-schedule"] == "lr"
+    assert switches["gradient-lookahead"] == 0.5 and switches["sparsity-schedule"] == "lr" and switches["final-merge"]
     cfg = validate(CFG | switches | {"weight-decay": 0.0, "num-rounds": 4})
     assert cfg.compressor == "topk:0.012+q:4" and cfg.gamma == 0.1 and cfg.lr_schedule == "cosine"
-    strategy, _ = _dropin(cfg, gossip_steps=1, **{PRESET_ARGS[k]: v for k, v in switches.items()})
-    assert strategy.gradient_lookahead == 0.5 and strategy.sparsity_schedule == "lr"
-    ref = run_inprocess(cfg)
+    strategy, result = _dropin(cfg, preset="sp-466x")
+    assert strategy.gradient_lookahead == 0.5 and strategy.sparsity_schedule == "lr" and strategy.gossip_steps == 1
+    assert strategy.merges_done == [cfg.num_rounds - 1]  # the final merge ran, once
+    with torch_threads(1):  # the ClientApp's thread count: the same float order
+        ref = run_inprocess(cfg)
+    got = strategy.node_vectors()
     for i, state in enumerate(ref.states):
-        np.testing.assert_allclose(strategy.node_vectors()[i].numpy(), state.z.float().numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got[i].numpy(), state.z.float().numpy(), atol=1e-5, rtol=0)
     assert strategy.peer_bits_sent == ref.bits_sent and strategy.peer_bits_received == ref.bits_received
     x0 = get_setup(cfg).x0.numpy()
-    assert all(np.abs(z.numpy() - x0).max() > 1e-3 for z in strategy.node_vectors())
+    assert all(np.abs(z.numpy() - x0).max() > 1e-3 for z in got)
+    assert all(torch.equal(z, got[0]) for z in got)  # the exact merge: every node on the average
+    assert sum(s.y for s in strategy.states) == pytest.approx(cfg.num_nodes, abs=1e-9)
     # the kept fraction followed the cosine lr: the first round's messages are larger than the last one's
     assert compressor_at(cfg, 0) != compressor_at(cfg, cfg.num_rounds - 1)
+
+
+def test_dropin_quantized_periodic_merges_equal_native():
+    """Periodic 4-bit merges with feedback (merge-every 2) and the final one, as arguments: drop-in == native, bit
+    for bit (no lookahead: the same arithmetic on both sides)."""
+    merges = {"merge-every": 2, "merge-bits": 4, "merge-feedback": True, "final-merge": True}
+    cfg = validate(CFG | merges | {"num-rounds": 5})
+    gossip = {"graph": cfg.graph, "compressor": cfg.compressor, "gamma": cfg.gamma, "form": cfg.form}
+    merge_args = {PRESET_ARGS[k]: v for k, v in merges.items()}
+    strategy, _ = _dropin(cfg, gossip_steps=1, gradient_lookahead=0.0, **gossip, **merge_args)
+    assert strategy.merges_done == [1, 3, 4]
+    with torch_threads(1):
+        ref = run_inprocess(cfg)
+    for i, state in enumerate(ref.states):
+        np.testing.assert_array_equal(strategy.node_vectors()[i].numpy(), state.z.float().numpy())
+    assert strategy.peer_bits_sent == ref.bits_sent
+    assert sum(s.y for s in strategy.states) == pytest.approx(cfg.num_nodes, abs=1e-9)
 
 
 def test_mass_conserved_on_server_states(dropin_run):

@@ -104,17 +104,17 @@ def test_presets_apply_their_gossip_keys_refuse_the_others_and_explicit_argument
     assert (s.compressor, s.gamma) == ("none", 1.0)
     s = DecentralizedFedAvg(preset="sgp", gamma=0.5)
     assert (s.compressor, s.gamma) == ("none", 0.5)
-    with pytest.raises(ValueError, match="final-merge=True") as err:
-        DecentralizedFedAvg(preset="sp-466x")
-    assert str(err.value).count("\n") == 0 and "sp-466x" in str(err.value)
-    with pytest.raises(ValueError, match="merge-every=88.*merge-bits=8|merge-bits=8"):
+    # the goal presets: sp-466x and sp-1000x with their merges; scsp-400x's drift correction needs the node's SGD
+    s = DecentralizedFedAvg(preset="sp-466x")
+    assert s.merge_opts == {"final_merge": True, "merge_every": 0, "merge_bits": 32, "merge_feedback": False}
+    assert DecentralizedFedAvg(preset="sp-1000x").merge_opts["merge_bits"] == 8
+    with pytest.raises(ValueError, match="drift-correction='displacement' \\(it corrects") as err:
         DecentralizedFedAvg(preset="scsp-400x")
+    assert str(err.value).count("\n") == 0 and "scsp-400x" in str(err.value)
     with pytest.raises(ValueError, match="preset must be one of"):
         DecentralizedFedAvg(preset="nope")
-    # sp-466x without its merge: every gossip switch of the preset lands on its argument
-    no_merge = dict(PRESETS["sp-466x"].switches, **{"final-merge": False})
-    monkeypatch.setitem(dropin_options.PRESETS, "sp-466x-nomerge", type(PRESETS["sp-466x"])("r", None, "", no_merge))
-    args = preset_args("sp-466x-nomerge")
+    # every gossip and merge switch of sp-466x lands on its argument
+    args = preset_args("sp-466x")
     assert args == {
         "graph": "exponential",
         "compressor": "topk:0.012+q:4",
@@ -122,7 +122,11 @@ def test_presets_apply_their_gossip_keys_refuse_the_others_and_explicit_argument
         "gradient_lookahead": 0.5,
         "sparsity_schedule": "lr",
         "lr_schedule": "cosine",
+        "final_merge": True,
     }
+    no_merge = dict(PRESETS["sp-466x"].switches, **{"final-merge": False})
+    monkeypatch.setitem(dropin_options.PRESETS, "sp-466x-nomerge", type(PRESETS["sp-466x"])("r", None, "", no_merge))
+    assert preset_args("sp-466x-nomerge")["final_merge"] is False
     s = DecentralizedFedAvg(preset="sp-466x-nomerge", compressor="topk:0.05+q:4")
     assert (s.compressor, s.gamma, s.gradient_lookahead, s.sparsity_schedule) == ("topk:0.05+q:4", 0.1, 0.5, "lr")
     # keys the preset leaves unset are the run config's defaults (as the native mode runs it), not the drop-in's
@@ -143,6 +147,9 @@ def test_presets_apply_their_gossip_keys_refuse_the_others_and_explicit_argument
         ({"sparsity_schedule": "lr", "compressor": "q:4"}, "top-k"),
         ({"lr_schedule": "linear"}, "lr_schedule"),
         ({"preset": 3}, "preset"),
+        ({"merge_feedback": True, "final_merge": True}, "merge_feedback=true: an exact merge"),
+        ({"merge_bits": 9, "final_merge": True}, "merge_bits"),
+        ({"merge_every": -1}, "merge_every"),
     ],
 )
 def test_bad_gossip_options_rejected(kwargs, match):

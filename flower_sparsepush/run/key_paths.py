@@ -39,13 +39,14 @@ def _switch(drop_in: str = NO_FEATURE) -> tuple[str, str, str, str]:
     return (SWITCH_CHANGES, SWITCHES, CARRIED, drop_in)
 
 
-def _merge() -> tuple[str, str, str, str]:
-    """A merge key: the in-process merges are tested against the exact average, the Flower ones against them."""
+def _merge(arg: str) -> tuple[str, str, str, str]:
+    """A merge key: the in-process merges are tested against the exact average, the Flower ones and the drop-in's
+    against them."""
     return (
         "test:tests/test_merge.py::test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run",
         FLOWER_MERGE,
         CARRIED,
-        NO_FEATURE,
+        f"arg:{arg}",
     )
 
 
@@ -65,15 +66,15 @@ WHERE: dict[str, tuple[str, str, str, str]] = {
     "local-steps": _generic(TRAINS),
     "qgm": _switch(),
     "final-gossip-rounds": _switch(),
-    "final-merge": _merge(),
-    "merge-every": _merge(),
-    "merge-bits": _merge(),
-    "merge-feedback": _merge(),
+    "final-merge": _merge("final_merge"),
+    "merge-every": _merge("merge_every"),
+    "merge-bits": _merge("merge_bits"),
+    "merge-feedback": _merge("merge_feedback"),
     "drift-correction": (
         "test:tests/test_merge.py::test_drift_correction_keeps_label_skewed_nodes_closer_between_merges",
         FLOWER_MERGE,
         CARRIED,
-        NO_FEATURE,
+        "missing:it corrects the node's SGD steps, which the user's ClientApp runs",
     ),
     "gradient-lookahead": (FLOWER_EQ, FLOWER_EQ, CARRIED, "arg:gradient_lookahead"),
     "sparsity-warmup": _switch(),

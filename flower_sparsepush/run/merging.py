@@ -22,9 +22,11 @@ from flower_sparsepush.run.setup import Setup
 @dataclass(frozen=True)
 class MergeSetup:
     """What a merge reads of a run, for a caller without a :class:`Setup` (the drop-in strategy): the config (merge
-    keys, form, schedule), the model's tensor sizes and the initial model. A ``Setup`` has the same fields."""
+    keys, form, schedule), the number of nodes, the model's tensor sizes and the initial model. A ``Setup`` has the
+    same fields."""
 
     cfg: RunConfig
+    n: int
     segments: list[int]
     x0: torch.Tensor
 
