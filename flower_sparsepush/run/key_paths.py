@@ -39,13 +39,16 @@ def _switch(drop_in: str = NO_FEATURE) -> tuple[str, str, str, str]:
     return (SWITCH_CHANGES, SWITCHES, CARRIED, drop_in)
 
 
-def _merge(arg: str) -> tuple[str, str, str, str]:
+DEPLOYED_MERGE = "test:tests/test_deployment.py::test_node_state_persists_across_rounds"
+
+
+def _merge(arg: str, deployed: str = CARRIED) -> tuple[str, str, str, str]:
     """A merge key: the in-process merges are tested against the exact average, the Flower ones and the drop-in's
     against them."""
     return (
         "test:tests/test_merge.py::test_resume_after_periodic_quantized_merges_equals_an_uninterrupted_run",
         FLOWER_MERGE,
-        CARRIED,
+        deployed,
         f"arg:{arg}",
     )
 
@@ -67,8 +70,8 @@ WHERE: dict[str, tuple[str, str, str, str]] = {
     "qgm": _switch(),
     "final-gossip-rounds": _switch(),
     "final-merge": _merge("final_merge"),
-    "merge-every": _merge("merge_every"),
-    "merge-bits": _merge("merge_bits"),
+    "merge-every": _merge("merge_every", DEPLOYED_MERGE),
+    "merge-bits": _merge("merge_bits", DEPLOYED_MERGE),
     "merge-feedback": _merge("merge_feedback"),
     "drift-correction": (
         "test:tests/test_merge.py::test_drift_correction_keeps_label_skewed_nodes_closer_between_merges",
