@@ -2,8 +2,11 @@
 
 ``sparsepush claims`` runs every (row, partition, seed) with the in-process loop (inprocess.run_inprocess, the code
 the Flower ClientApp runs; tests/test_flower.py ties the two together) and appends each finished run to
-``<out>/claims_rows.jsonl``, so an interrupted run resumes where it stopped (``--max-hours`` ends a chunk cleanly
-between runs). ``--jobs N`` runs N rows at once in worker processes and ``--device cuda`` batches every node's local
+``<out>/claims_rows.jsonl``, so an interrupted table resumes where it stopped (``--max-hours`` ends a chunk cleanly
+between runs). A run itself checkpoints about every 1/40 of its rounds to ``<out>/checkpoints/<run>/``: one cut off
+mid-way (a session that ends, a killed process) continues from its last checkpoint when the same command runs
+again, and ends on the journal entry an uninterrupted run writes (tests/test_claims.py); its folder is removed once
+the run is journaled. ``--jobs N`` runs N rows at once in worker processes and ``--device cuda`` batches every node's local
 SGD on a GPU (batched.py). Then it writes ``claims.json``, ``claims.md`` and the plots ``claims_<dataset>.png``;
 ``<out>/claims.status.json`` says how many runs are done of those planned.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +44,33 @@ def parse_rounds(text: str) -> list[int]:
     return rounds
 
 
-def run_row(spec: dict[str, Any], command: str, device: str = "cpu") -> dict[str, Any]:
-    """Train one run and return its journal entry (numbers measured in this run)."""
+CHECKPOINTS = 40  # checkpoints per run (a cut-off run loses at most 1/40 of its rounds)
+
+
+def checkpoint_dir(out: Path, run_id: str) -> Path:
+    """Where the run ``run_id`` keeps its checkpoint while it runs."""
+    return out / "checkpoints" / run_id.replace("/", "__")
+
+
+def resumable(cfg, ckpt: Path | None):
+    """``cfg`` checkpointing into ``ckpt`` about :data:`CHECKPOINTS` times over its rounds and resuming from what is
+    there (nothing there: it starts at round 0); ``cfg`` unchanged without ``ckpt``."""
+    if ckpt is None:
+        return cfg
+    total = cfg.num_rounds + (cfg.final_gossip_rounds if cfg.strategy != "fedavg" else 0)
+    every = max(1, total // CHECKPOINTS)
+    return cfg.replace(out_dir=str(ckpt.parent), run_name=ckpt.name, checkpoint_every=every, resume=True)
+
+
+def eval_every(spec: dict[str, Any], cfg) -> int:
+    """Rounds between the evaluations of a run: ``spec["evals"]`` over all its rounds (the last one always)."""
+    total = cfg.num_rounds + (cfg.final_gossip_rounds if cfg.strategy != "fedavg" else 0)
+    return max(1, total // spec["evals"])
+
+
+def run_row(spec: dict[str, Any], command: str, device: str = "cpu", ckpt: Path | None = None) -> dict[str, Any]:
+    """Train one run and return its journal entry (numbers measured in this run). With ``ckpt`` it checkpoints
+    there and continues from a checkpoint it finds (:func:`resumable`)."""
     import torch
 
     from flower_sparsepush.core.energy import forward_flops, node_energy
@@ -52,11 +81,10 @@ def run_row(spec: dict[str, Any], command: str, device: str = "cpu") -> dict[str
     cfg = run_config(spec, device)
     rounds, steps = cfg.num_rounds, cfg.local_steps
     total = rounds + (cfg.final_gossip_rounds if cfg.strategy != "fedavg" else 0)
-    every = max(1, total // spec["evals"])
     start = time.perf_counter()
     res = run_inprocess(
-        cfg,
-        eval_every=every,
+        resumable(cfg, ckpt),
+        eval_every=eval_every(spec, cfg),
         log=lambda m: print(f"  {spec['id']}: round {m['round']}/{total} acc {m['acc_consensus']:.4f}", flush=True),
     )
     wall = time.perf_counter() - start
@@ -97,14 +125,15 @@ def run_row(spec: dict[str, Any], command: str, device: str = "cpu") -> dict[str
         "forward_flops_per_sample": flops,
         "train_samples_per_node": samples,
         **energy,
-        "wall_s": wall,
+        "wall_s": wall,  # of the last part when the run was resumed
+        "resumed_from_round": res.start_round,
         "history": [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in res.history],
         "command": command,
     }
 
 
-def _work(spec: dict[str, Any], command: str, device: str) -> dict[str, Any]:
-    return run_row(spec, command, device)
+def _work(spec: dict[str, Any], command: str, device: str, ckpt: Path | None = None) -> dict[str, Any]:
+    return run_row(spec, command, device, ckpt)
 
 
 def read_journal(path: Path) -> dict[str, dict[str, Any]]:
@@ -137,16 +166,18 @@ def _past(deadline: float | None) -> bool:
     return bool(deadline) and time.monotonic() > deadline
 
 
-def _run_serial(todo: list[dict[str, Any]], record, cmd, device: str, deadline: float | None) -> None:
+def _run_serial(todo: list[dict[str, Any]], record, cmd, device: str, deadline: float | None, ckpt) -> None:
     for k, spec in enumerate(todo):
         if _past(deadline):
             print(f"stopping after {k} runs: --max-hours reached; run the same command to continue", flush=True)
             break
         print(f"[{k + 1}/{len(todo)}] {spec['id']}", flush=True)
-        record(run_row(spec, cmd(spec), device))
+        record(run_row(spec, cmd(spec), device, ckpt(spec)))
 
 
-def _run_parallel(todo: list[dict[str, Any]], record, cmd, device: str, jobs: int, deadline: float | None) -> None:
+def _run_parallel(
+    todo: list[dict[str, Any]], record, cmd, device: str, jobs: int, deadline: float | None, ckpt
+) -> None:
     """``jobs`` runs at once in spawned worker processes; a failed run is reported and the others go on."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -159,7 +190,7 @@ def _run_parallel(todo: list[dict[str, Any]], record, cmd, device: str, jobs: in
         while queue or running:
             while queue and len(running) < jobs and not _past(deadline):
                 spec = queue.pop(0)
-                running[pool.submit(work, spec, cmd(spec), device)] = spec
+                running[pool.submit(work, spec, cmd(spec), device, ckpt(spec))] = spec
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -194,15 +225,19 @@ def main(args: argparse.Namespace) -> int:
         done[row["id"]] = row
         with journal.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        shutil.rmtree(checkpoint_dir(out, row["id"]), ignore_errors=True)  # journaled: its checkpoint is spent
         prog.update(sum(s["id"] in done for s in specs), note=row["id"])
+
+    def ckpt(spec: dict[str, Any]) -> Path:
+        return checkpoint_dir(out, spec["id"])
 
     def cmd(spec: dict[str, Any]) -> str:
         return f"sparsepush claims{quick} --datasets {spec['cfg']['dataset']} --rows {spec['name']}"
 
     if args.jobs <= 1:
-        _run_serial(todo, record, cmd, args.device, deadline)
+        _run_serial(todo, record, cmd, args.device, deadline, ckpt)
     else:
-        _run_parallel(todo, record, cmd, args.device, args.jobs, deadline)
+        _run_parallel(todo, record, cmd, args.device, args.jobs, deadline, ckpt)
     prog.close()
     # the table holds every run of these datasets in the journal, also those of other --rows / --seeds calls
     order = {s["id"]: k for k, s in enumerate(plan(datasets, args.quick, SEEDS + seeds))}

@@ -130,3 +130,26 @@ def test_main_journals_each_run_once_and_resumes_without_running_again(tmp_path,
     assert "| iid | sp-h4-merge | 466x |" in md and "- `sp-h4-merge`: Sparse-Push, H = 4, top-1.2%" in md
     with pytest.raises(ValueError, match="unknown claims row"):
         claims.main(argparse.Namespace(**(vars(args) | {"rows": "nope"})))
+
+
+def test_a_run_cut_off_midway_resumes_to_the_journal_entry_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """A claims run (here sp-466x's row, with its final merge, on a short schedule) that stopped after its second
+    checkpoint continues from that checkpoint and writes the entry an uninterrupted run writes: accuracies, bits,
+    every evaluation of its history."""
+    from flower_sparsepush.run.inprocess import run_inprocess
+
+    monkeypatch.setattr(claims, "CHECKPOINTS", 3)
+    spec = next(s for s in claims_plan.plan(["fashion_mnist"], True, (0,)) if s["id"].endswith("iid/sp-h4-klr-la5/s0"))
+    spec = spec | {"epochs": 0.15, "evals": 2, "cfg": spec["cfg"] | {"num-nodes": 8}}
+    whole = claims.run_row(spec, "c")
+    ckpt = claims.checkpoint_dir(tmp_path, spec["id"])
+    cfg = claims.resumable(claims_plan.run_config(spec), ckpt)
+    every = cfg.checkpoint_every
+    assert every >= 2 and cfg.num_rounds > 2 * every + 1
+    # the process that ran it was stopped one round after its second checkpoint (before the final merge)
+    run_inprocess(cfg, num_rounds=2 * every + 1, eval_every=claims.eval_every(spec, cfg))
+    resumed = claims.run_row(spec, "c", ckpt=ckpt)
+    assert resumed["resumed_from_round"] == 2 * every and whole["resumed_from_round"] == 0
+    strip = ("wall_s", "resumed_from_round")
+    assert {k: v for k, v in resumed.items() if k not in strip} == {k: v for k, v in whole.items() if k not in strip}
+    assert len(whole["history"]) >= 2 and whole["bits_per_node"] > 0
