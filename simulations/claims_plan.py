@@ -33,6 +33,7 @@ QUICK = {"epochs": 0.1, "evals": 2}
 GOALS = [
     ("466x", ("iid",), 466.0, 1.0),
     ("1000x", ("iid",), 1000.0, 2.0),
+    ("2000x", ("iid",), 2000.0, 1.0),
     ("scsp", SKEWED, 400.0, 1.0),
 ]
 
@@ -141,6 +142,17 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         ("iid",),
         _sp(4, "topk:0.0072+q:4", 0.1, merge_bits=8, gradient_lookahead=0.5) | _MERGE,
     ),
+    # 2000x: about one dense model's worth of bits per node over the whole run (3.4 Mbit), so the final merge is
+    # 8-bit (1.5 Mbit; an exact one alone would be 6.1) and the gossip gets the rest: the 466x row's kept fraction
+    # following the lr and gradient-lookahead, at a quarter of its fraction (H=4) or half of it over half the rounds
+    **{
+        f"sp-h{h}-klr-q8m-2000x-la5": (
+            "2000x",
+            ("iid",),
+            _sp(h, comp, 0.1, sparsity_schedule="lr", merge_bits=8, gradient_lookahead=0.5) | _MERGE,
+        )
+        for h, comp in ((4, "topk:0.003+q:4"), (8, "topk:0.006+q:4"))
+    },
     # ablations of sp-h4-merge: one switch changed each
     "abl-no-merge": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1)),
     "abl-gamma-0.2": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.2) | _MERGE),
@@ -234,7 +246,7 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "sp-h4-m1e8-ef", "sp-h4-m1e12-ef", "abl-dense-g0.3", "sp-h4-klr-layer",
             "sp-h4-klr-la8", "sp-h4-klr-la5", "sp-h4-klr-la3", "sp-h4-klr-la65", "sp-h4-q8m-1000x-la5",
             "abl-dense-g0.1-la5", "scsp-h4-m8e88-dc-la5", "scsp-h4-klr-la5",
-            "scsp-h2-q8m-klr-la5"]  # fmt: skip
+            "scsp-h2-q8m-klr-la5", "sp-h4-klr-q8m-2000x-la5", "sp-h8-klr-q8m-2000x-la5"]  # fmt: skip
 # SGP against the 466x preset's row first (issue: the trade on the paper's own setting), then earlier comparisons
 CIFAR_ROWS = ["sgp", "sp-h4-klr-la5", "sp-h4-merge", "sp-h8-fg100"]
 
@@ -301,7 +313,7 @@ NAME_PARTS = (
     ("dc / gc", "drift correction from the displacement / from the gradient"),
     ("gX", "gamma X"),
     ("dense", "no compression"),
-    ("466x / 1000x", "the bits goal the row is a candidate for"),
+    ("466x / 1000x / 2000x", "the bits goal the row is a candidate for"),
 )
 _STRATEGY_WORDS = {
     "fedavg": "FedAvg",

@@ -112,7 +112,7 @@ def test_main_journals_each_run_once_and_resumes_without_running_again(tmp_path,
     and the table holds the journal's runs."""
     calls = []
 
-    def fake_run(spec, command, device="cpu"):
+    def fake_run(spec, command, device="cpu", ckpt=None):
         calls.append(spec["id"])
         acc = 0.9 if spec["name"] == "sgp" else 0.89
         return _run(spec["name"], spec["group"], spec["cfg"]["seed"], acc, acc, 100.0, spec["cfg"]["partition"]) | {
