@@ -153,6 +153,9 @@ def _selected(args: argparse.Namespace, datasets: list[str], seeds: tuple[int, .
     if args.evals:  # fewer evaluations (the last one always runs): the same result, cheaper on a CPU
         for s in specs:
             s["evals"] = args.evals
+    if getattr(args, "epochs", 0):  # another schedule length (e.g. the paper's 200 on a GPU): use its own --out
+        for s in specs:
+            s["epochs"] = args.epochs
     if args.rows:
         want = set(args.rows.split(","))
         unknown = want - set(ROWS)
@@ -258,6 +261,9 @@ def register(subparsers) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes (default 1)")
     p.add_argument("--device", default="cpu", help="cpu | auto | cuda: where local SGD runs (batched on a GPU)")
     p.add_argument("--evals", type=int, default=0, help="evaluations per run (0 = the schedule's; the last is kept)")
+    p.add_argument("--epochs", type=float, default=0.0,
+                   help="epochs of every run (0 = the schedule's: Fashion-MNIST 20, CIFAR-10 20); journal ids do not "
+                   "name the epochs, so give another schedule its own --out")  # fmt: skip
     p.add_argument("--max-hours", type=float, default=0.0, help="start no new run after this many hours (0 = no limit)")
     p.add_argument("--out", default="results", help="output folder")
     p.set_defaults(func=main)
