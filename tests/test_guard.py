@@ -644,3 +644,27 @@ def test_the_weight_ledger_is_kept_in_checkpoints(tmp_path):
     assert resumed.s.guard.weights.y == sc.s.guard.weights.y
     with pytest.raises(ValueError, match="no weight ledger"):
         Scenario().s.load_state_dict({k: v for k, v in d.items() if k != "weights"}, done=3)
+
+
+def test_a_reported_weight_the_ledger_disagrees_with_is_overruled_and_counted():
+    """Evaluation: node H reports y = 9.34 (and some pending weight): the relay accounts for it at the ledger's
+    weight, records the correction, and the reported mass is exact; the honest reports stand as they are."""
+    from flower_sparsepush.flower.protocol import eval_reply_content
+
+    sc = Scenario()
+    for _ in range(3):
+        sc.play()
+    with flower_task():
+        asks = sc.s.configure_evaluate(sc.server_round, ArrayRecord(), ConfigRecord(), grid=None)
+        replies = []
+        for m in asks:
+            p = sc.s.node_to_part[m.metadata.dst_node_id]
+            y, pending = (9.34, 0.5) if p == H else (sc.states[p].y, 0.0)
+            z = sc.states[p].z.numpy().astype(np.float32)
+            replies.append(Message(eval_reply_content(z, 0.5, 1.0, y, pending, sc.rnd), reply_to=m))
+        sc.s.aggregate_evaluate(sc.server_round, replies)
+    ev, w = sc.s.last_eval, sc.s.guard.weights
+    assert w.corrections == [{"round": 3, "node": H, "reported": 9.34 + 0.5, "ledger": sc.states[H].y}]
+    assert ev.y_by_node == {p: st.y for p, st in enumerate(sc.states)}
+    assert ev.y_nodes + ev.y_pending + ev.y_mailboxes == pytest.approx(N, abs=1e-12)
+    assert sc.s.report().weight_corrections == w.corrections
