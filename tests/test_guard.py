@@ -311,7 +311,12 @@ MUTATION = st.one_of(
     st.tuples(st.just("add-frame"), st.integers(0, 6), st.binary(max_size=120)),
     st.tuples(st.just("flip"), st.integers(0, 1), st.integers(0, 10**6), st.integers(1, 255)),
     st.tuples(st.just("truncate"), st.integers(0, 1), st.integers(0, 10**6)),
-    st.tuples(st.just("reencode"), st.integers(0, 1), st.sampled_from(["sender", "round", "form"]), st.integers(0, 6)),
+    st.tuples(
+        st.just("reencode"),
+        st.integers(0, 1),
+        st.sampled_from(["sender", "round", "form", "y", "a"]),
+        st.integers(0, 6),
+    ),
     st.tuples(st.just("dense"), st.integers(0, 1)),
     st.tuples(st.just("positions"), st.binary(max_size=12)),
     st.tuples(st.just("record"), st.sampled_from(["out", "metrics", "extra"]), st.sampled_from(["config", "metric"])),
@@ -373,7 +378,13 @@ def _mutate_frame(frames: list, op: str, *arg) -> None:
         elif op == "dense":
             frames[i] = (dest, reencode(data, payload=Identity()(torch.randn(D, dtype=torch.float64))))
         elif op == "reencode":
-            new = {"sender": arg[2], "round": arg[2], "form": ["ef", "ref", "ref-x"][arg[2] % 3]}[arg[1]]
+            new = {
+                "sender": arg[2],
+                "round": arg[2],
+                "form": ["ef", "ref", "ref-x"][arg[2] % 3],
+                "y": decode(data).y * (1 + arg[2] * 1e-9),  # from a billionth more weight to none at all
+                "a": (arg[2] + 1) / 8,
+            }[arg[1]]
             frames[i] = (dest, reencode(data, **{arg[1]: new}))
 
 
@@ -387,6 +398,10 @@ def _reference() -> tuple[list, float]:
         sc.play()
         sc.play(bad={H: lambda sc, tm: []})
         _REFERENCE["held"], _REFERENCE["mass"] = sc.held(H), sc.honest_mass()
+        honest = Scenario()
+        honest.play()
+        honest.play()
+        _REFERENCE["h_weights"] = {(decode(d).a, decode(d).y) for s, _, d in honest.held() if s == H}.pop()
     return _REFERENCE["held"], _REFERENCE["mass"]
 
 
@@ -418,6 +433,7 @@ def test_arbitrary_replies_never_raise_nor_change_honest_mass(mutations, copies,
     for _, _, data in routed:  # what was routed from node 4 passed every check an honest receiver makes
         msg = decode(data, expected_dim=D)
         assert (msg.sender, msg.round, msg.form) == (H, 1, "ref") and len(data) <= LIMIT
+        assert (msg.a, msg.y) == _REFERENCE["h_weights"]  # and carries exactly its share (the weight ledger)
     assert sorted(dest for _, dest, _ in routed) in ([], OUTS[H])
     records = [r for r in sc.s.guard.rejected_replies if r["round"] == 2]
     assert all(r["kind"] in KINDS and r["reason"] for r in records)
