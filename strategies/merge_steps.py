@@ -25,7 +25,7 @@ from flwr.supercore import log
 from flower_sparsepush.core.codec import decode
 from flower_sparsepush.core.guard import BadReply
 from flower_sparsepush.core.merge_relay import count
-from flower_sparsepush.core.weights import close
+from flower_sparsepush.core.weights import close, taken
 from flower_sparsepush.flower import protocol
 
 
@@ -142,7 +142,7 @@ class MergeSteps:
         if phase == "give":
             w = self.guard.weights
             if w is not None:  # it took back its bounces and absorbed what it was handed: the ledger's weight
-                held = w.absorb(w.y[sender], *handed_weights(self._batches(sender)))
+                held = w.absorb(w.y[sender], *taken(self._batches(sender)))
                 if not close(reply.y, held, w.rtol):
                     raise BadReply("weight", f"gives with y={reply.y!r}; by the weight ledger it holds {held!r}")
             self.merges.give(sender, reply.frames, reply.y)
@@ -169,8 +169,3 @@ class MergeSteps:
             self.merges.owe(p, self._outcome)
         msg = "round %d: node %d gave no good reply to the %s phase of the merge after round %d (docs/reliability.md)"
         log(WARNING, msg, server_round, p, phase, t)
-
-
-def handed_weights(batches: list) -> tuple[list, list]:
-    """(bounced, inbox) frames of ``batches``, in the order a node takes them (node.Node.begin)."""
-    return [f for _, _, b in batches for f in b], [f for _, i, _ in batches for f in i]

@@ -38,10 +38,11 @@ from flower_sparsepush.core.guard import BadReply, Guard, Outbox, ReplyChecks
 from flower_sparsepush.core.ledger import DeliveryLedger
 from flower_sparsepush.core.merge_relay import MergeRelay
 from flower_sparsepush.core.router import Network, Router
+from flower_sparsepush.core.weights import taken
 from flower_sparsepush.flower import protocol
 
 from .base import EvalReport, PushSumStrategy, Report, eval_report
-from .merge_steps import MergeSteps, handed_weights
+from .merge_steps import MergeSteps
 
 # run-config ``strategy`` -> the algorithm's name (RoutingStrategy's docstring says what each is)
 ALGORITHMS = {"sgp": "SGP", "sparse-push": "Sparse-Push", "scsp": "SCSP"}
@@ -364,7 +365,7 @@ class RoutingStrategy(MergeSteps, PushSumStrategy):
         of a distinct round the node was handed a train message in since its last good reply (each routed once),
         and passes the checks of a fresh one; then the weight ledger replays the node's rounds (weights.py)."""
         batches = self._batches(sender)
-        handed_rounds = [label for label, _, _ in batches if 0 <= label < rnd]
+        handed_rounds = self.ledger.resendable(sender, rnd)
         inbox_size = len(self.ledger.handed(sender))
         cap, size = self._cost_cap(sender, [*handed_rounds, rnd], inbox_size), protocol.reply_bytes(content)
         if cap is not None and size > cap:
@@ -504,7 +505,7 @@ class RoutingStrategy(MergeSteps, PushSumStrategy):
         for p in sorted(reps):
             rep = reps[p]
             due = [b for b in self.ledger.unacked[p] if not protocol.absorbs(b[0], rep.done, rep.absorbed)]
-            held = w.absorb(w.y[p], *handed_weights(due))
+            held = w.absorb(w.y[p], *taken(due))
             if w.vouch(server_round, p, rep.y + rep.y_pending, held) != rep.y + rep.y_pending:
                 reps[p] = replace(rep, y=held, y_pending=0.0)
 

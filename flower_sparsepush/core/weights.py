@@ -51,6 +51,12 @@ def close(got: float, want: float, rtol: float = RTOL) -> bool:
     return math.isfinite(got) and abs(got - want) <= rtol * abs(want)
 
 
+def taken(batches: Sequence[Batch]) -> tuple[list, list]:
+    """``(bounced, inbox)`` frames of ``batches`` in the order a node takes them when it takes them at once: every
+    bounce first, then every inbox, each in the order handed (node.Node.begin)."""
+    return [f for _, _, b in batches for f in b], [f for _, i, _ in batches for f in i]
+
+
 class WeightLedger:
     """The weights of ``n`` nodes that start at ``y0``, under consensus step size ``gamma`` (a number, or a
     function of the round: the run's warm-up)."""
@@ -111,10 +117,9 @@ class WeightLedger:
             pos += len(inbox)
         y, left = self.y[node], numbered
         for k, frames in outboxes:
-            # in round k the node takes every batch handed up to round k at once, in the order handed: all bounces
-            # first, then every inbox (node.Node.begin)
+            # in round k the node takes every batch handed up to round k at once
             due, left = [b for b in left if b[0] <= k], [b for b in left if b[0] > k]
-            y = self.absorb(y, [f for b in due for f in b[2]], [f for b in due for f in b[1]])
+            y = self.absorb(y, *taken(due))
             y = self.send(node, k, y, frames)
         return y
 
