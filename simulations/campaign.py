@@ -417,8 +417,9 @@ def markdown(r: dict, command: str) -> str:
         "| fault | injected | refused as |",
         "|---|---|---|",
     ]
-    for k, v in r["faults_injected"].items():
-        lines.append(f"| {k} | {v} | {', '.join(ATTACKS[k].kinds) if k in ATTACKS else '(honest)'} |")
+    faults = r["faults_injected"]
+    for k in [*(k for k in faults if k not in ATTACKS), *(k for k in ATTACKS if k in faults)]:
+        lines.append(f"| {k} | {faults[k]} | {' or '.join(ATTACKS[k].kinds) if k in ATTACKS else '(honest: never)'} |")
     lines += ["", "| kind refused | replies |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in r["replies_refused_by_kind"].items()]
     lines += [

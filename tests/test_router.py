@@ -108,3 +108,29 @@ def test_a_hostile_network_costs_no_mass_and_consensus_stays_exact():
     assert torch.allclose(sum(s.x for s in states), x0.sum(0), atol=1e-9)
     err = max(float((s.z - x0.mean(0)).norm() / x0.mean(0).norm()) for s in states)
     assert err < 1e-6
+
+
+def test_a_later_message_on_an_edge_whose_earlier_one_bounces_bounces_too():
+    """A relay that posts two outboxes of a node at once (a resent one and a newer one, after a lost reply): when
+    the network drops the older message of an edge, the newer one on that edge bounces too, newest first, and the
+    sender's undoing them leaves both ends of the edge where they were (its reference, numerator and weight)."""
+
+    class DropsRoundZero(Network):
+        def delivers(self, rnd, sender, dest):
+            return rnd != 0
+
+    rule = PushSum(make_compressor("topk:0.5"), 0.5, "ref")
+    x0 = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    sender = rule.init_state(x0)
+    m0 = rule.send(sender, 0, [1], 0)
+    m1 = rule.send(sender, 0, [1], 1)
+    r = Router(2, DropsRoundZero())
+    r.post(0, 0, m0)
+    r.post(0, 1, m1)
+    assert r.mailboxes[1] == [] and r.dropped == 1
+    inbox, bounced = r.collect(0)
+    assert bounced == [(1, m1[1]), (1, m0[1])]  # newest first
+    for dest, data in bounced:
+        rule.bounce(sender, dest, data)
+    assert sender.y == pytest.approx(1.0, abs=1e-15)
+    assert torch.allclose(sender.x, x0, atol=1e-12) and float(sender.refs_out[1].abs().max()) <= 1e-12

@@ -81,11 +81,20 @@ class Router:
         self.delivered_bits = [0] * self.n
 
     def post(self, sender: int, rnd: int, messages: dict[int, bytes]) -> None:
-        """Accept the messages ``sender`` made in round ``rnd``; the network decides which arrive."""
+        """Accept the messages ``sender`` made in round ``rnd``; the network decides which arrive.
+
+        A message on an edge whose earlier message is still on its way back to the sender (bounced, not yet
+        collected) bounces too, ahead of it: the sender made it with the edge reference the earlier one moved, so
+        the receiver cannot take it, and the sender undoes the two newest first (as :meth:`_return_edge`). This
+        happens only when several of a node's outboxes are posted at once (the relay routing a resent outbox with
+        a newer one after a lost reply); it is not a loss of the network and is not counted as dropped."""
         for dest, data in sorted(messages.items()):
             if not 0 <= dest < self.n:
                 raise ValueError(f"node {sender} addressed a message to node {dest}; nodes are 0..{self.n - 1}")
-            if dest in self.excluded:
+            earlier = [k for k, (j, _) in enumerate(self.bounced[sender]) if j == dest]
+            if earlier:
+                self.bounced[sender].insert(earlier[0], (dest, data))
+            elif dest in self.excluded:
                 self.bounced[sender].append((dest, data))  # the relay's decision, not a loss: always bounced
             elif self.network.delivers(rnd, sender, dest):
                 self.mailboxes[dest].append((rnd, sender, data))
