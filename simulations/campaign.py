@@ -49,6 +49,7 @@ from flower_sparsepush.core.topology import Graph
 from flower_sparsepush.flower import protocol
 
 TOL = 1e-9
+KEEP = 20  # rounds of its own outboxes a hostile node keeps for replays
 
 
 # --------------------------------------------------------------------------- hostile replies
@@ -279,6 +280,7 @@ class Campaign:
         frames = sorted(self.rule.send(node.state, p, self.outs[p], order.round).items())
         t = Turn(msg, order.round, frames, resent, len(handed), absorbed, dict(node.sent), self.cfg.nodes, self.outs[p])
         node.done, node.pending[order.round], node.sent[order.round] = order.round, frames, frames
+        node.sent.pop(order.round - KEEP, None)  # (a replay of the last KEEP rounds is enough)
         return t
 
     def pick(self, rng: np.random.Generator, t: Turn) -> str | None:
