@@ -21,13 +21,15 @@ from flower_sparsepush.run.config import RunConfig
 from flower_sparsepush.run.schedule import compressor_at, gamma_at
 
 
-def make_rule(compressor, segments, seed: int, node: int, rnd: int, gamma: float, form: str, ref_init) -> PushSum:
+def make_rule(
+    compressor, segments, seed: int, node: int, rnd: int, gamma: float, form: str, ref_init, bound: float | None = None
+) -> PushSum:
     """The push-sum rule of one node and round: a compressor spec is built with a ``(seed, node, round)`` generator
-    (random-k draws), a compressor object is used as it is. The native run (:meth:`Setup.rule`) and the drop-in
-    strategy both build their rules here."""
+    (random-k draws), a compressor object is used as it is; ``bound`` is the value bound (core/bounds.py). The native
+    run (:meth:`Setup.rule`) and the drop-in strategy both build their rules here."""
     if isinstance(compressor, str):
         compressor = make_compressor(compressor, segments=segments, seed=seed_for(seed, node, "compress", rnd))
-    return PushSum(compressor, gamma=gamma, form=form, ref_init=ref_init)
+    return PushSum(compressor, gamma=gamma, form=form, ref_init=ref_init, bound=bound)
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,15 @@ class Setup:
         """The push-sum rule for one node and round (random-k draws from a (seed, node, round) generator)."""
         cfg = self.cfg
         return make_rule(
-            compressor_at(cfg, rnd), self.segments, cfg.seed, node, rnd, gamma_at(cfg, rnd), cfg.form, self.x0
+            compressor_at(cfg, rnd),
+            self.segments,
+            cfg.seed,
+            node,
+            rnd,
+            gamma_at(cfg, rnd),
+            cfg.form,
+            self.x0,
+            cfg.value_bound,
         )
 
     def epoch(self, rnd: int) -> float:
@@ -206,7 +216,7 @@ def make_router(cfg: RunConfig) -> Router:
 
 def reply_checks(setup: Setup) -> ReplyChecks:
     """What the relay checks every reply of this run against: the graph, the model size and form, the longest
-    message the compressor of each round makes, and the repeat-offender policy (``exclude-after``)."""
+    message the compressor of each round makes, the repeat-offender policy (``exclude-after``) and the value bound."""
     dim = int(setup.x0.numel())
     return ReplyChecks(
         graph=setup.graph,
@@ -214,4 +224,5 @@ def reply_checks(setup: Setup) -> ReplyChecks:
         form=setup.cfg.form,
         max_message_bytes=lambda rnd: message_size_limit(setup.rule(0, rnd).compressor, dim, setup.x0.dtype),
         exclude_after=setup.cfg.exclude_after,
+        value_bound=setup.cfg.value_bound,
     )
