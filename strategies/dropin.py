@@ -297,8 +297,9 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
             ids = ids[: self.num_nodes_asked]
         if self.node_order == "node-id":
             return ids
-        part_of = wait_and_register(grid, len(ids), self.register_timeout)
-        return [nid for nid, _ in sorted(part_of.items(), key=lambda kv: kv[1])]
+        reg = wait_and_register(grid, len(ids), self.register_timeout)
+        self.left_out = reg.left_out  # nodes that answered badly: not part of the run (reported in summary())
+        return [nid for nid, _ in sorted(reg.node_to_part.items(), key=lambda kv: kv[1])]
 
     def setup(self, node_ids: list[int], initial_arrays: ArrayRecord) -> None:
         """Fix the node set and give every node the initial model with weight 1 (called by :meth:`start`)."""

@@ -93,6 +93,8 @@ _REPORT_FIELDS = (
     "eval_failures",
     "messages_resent",
     "reconnected_nodes",
+    "registration_left_out",
+    "missing_partitions",
 )
 
 
