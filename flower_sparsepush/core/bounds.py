@@ -64,11 +64,15 @@ def message_excess(c: Compressed, bound: float | None) -> str | None:
     return None
 
 
+def largest_abs(v: torch.Tensor) -> float:
+    """``max |v|`` as a Python float: NaN when an entry is NaN, inf when one is infinite (one pass, no temporaries
+    of the tensor's size beyond ``abs``; several times faster than ``isfinite(v).all()`` on the CPU)."""
+    return float(v.abs().max()) if v.numel() else 0.0
+
+
 def within(v: torch.Tensor, bound: float) -> bool:
     """Whether every entry of ``v`` is finite and at most ``bound`` in magnitude."""
-    if v.numel() == 0:
-        return True
-    return bool(torch.isfinite(v).all()) and float(v.abs().max()) <= bound
+    return largest_abs(v) <= bound  # NaN compares False
 
 
 def clip(v: torch.Tensor, bound: float | None) -> torch.Tensor:
@@ -83,4 +87,10 @@ def finite(y: float, *tensors: torch.Tensor | None) -> bool:
     """Whether the weight ``y`` is finite and positive and every given tensor is all finite (None: skipped)."""
     if not (math.isfinite(y) and y > 0):
         return False
-    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+    return all(t is None or math.isfinite(largest_abs(t)) for t in tensors)
+
+
+def finite_ratio(x: torch.Tensor, y: float) -> bool:
+    """Whether ``x / y`` (a node's de-biased model) is finite in ``x``'s dtype, for finite ``x`` and ``y > 0``."""
+    limit = torch.finfo(x.dtype).max if x.is_floating_point() else math.inf
+    return largest_abs(x) / y <= limit

@@ -26,6 +26,7 @@ the subclass of ``form``:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
@@ -153,7 +154,7 @@ class PushSum:
         saved_ref = None if ref is None else ref.clone()
         self._absorb(state, sender, msg)
         state.y += msg.y
-        if bounds.finite(state.y, state.x, state.refs_in.get(sender)) and bool(torch.isfinite(state.z).all()):
+        if bounds.finite(state.y, state.x, state.refs_in.get(sender)) and bounds.finite_ratio(state.x, state.y):
             return
         state.x, state.y = x, y
         if saved_ref is None:
@@ -217,7 +218,7 @@ class PushSum:
         ``z_new`` clipped to the value bound (core/bounds.py). A non-finite ``z_new`` (a diverged step) is not
         applied: the node keeps its model. Returns whether it was applied."""
         z_new = z_new.detach()
-        if not bool(torch.isfinite(z_new).all()):
+        if not math.isfinite(bounds.largest_abs(z_new)):
             return False
         state.x = state.y * bounds.clip(z_new, bound).to(state.x.dtype)
         return True
