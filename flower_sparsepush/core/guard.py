@@ -72,10 +72,10 @@ class ReplyChecks:
 
     - ``graph``: a reply must address exactly the sender's out-neighbours of its round;
     - ``dim``, ``form``: every message (and every evaluation report) is of this model size and push-sum form;
+    - ``value_bound``: no message value (or quantization scale) beyond it (core/bounds.py; kind ``"bound"``);
     - ``max_message_bytes``: the longest message the run's compressor makes (bytes, or a function of the round when
       the compressor changes over rounds; :func:`message_size_limit`);
-    - ``exclude_after``: stop routing to and from a node after this many refused replies (0: never);
-    - ``value_bound``: no message value (or quantization scale) beyond it (core/bounds.py; kind ``"bound"``).
+    - ``exclude_after``: stop routing to and from a node after this many refused replies (0: never).
 
     The ServerApp and the in-process loop build it from the run (``run.setup.reply_checks``).
     """
@@ -83,9 +83,9 @@ class ReplyChecks:
     graph: Any = None
     dim: int | None = None
     form: str | None = None
+    value_bound: float | None = None
     max_message_bytes: int | Callable[[int], int] | None = None
     exclude_after: int = 0
-    value_bound: float | None = None
 
 
 class Guard:

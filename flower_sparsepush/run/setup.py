@@ -216,13 +216,13 @@ def make_router(cfg: RunConfig) -> Router:
 
 def reply_checks(setup: Setup) -> ReplyChecks:
     """What the relay checks every reply of this run against: the graph, the model size and form, the longest
-    message the compressor of each round makes, the repeat-offender policy (``exclude-after``) and the value bound."""
+    message the compressor of each round makes, and the repeat-offender policy (``exclude-after``)."""
     dim = int(setup.x0.numel())
     return ReplyChecks(
         graph=setup.graph,
         dim=dim,
         form=setup.cfg.form,
+        value_bound=setup.cfg.value_bound,  # core/bounds.py
         max_message_bytes=lambda rnd: message_size_limit(setup.rule(0, rnd).compressor, dim, setup.x0.dtype),
         exclude_after=setup.cfg.exclude_after,
-        value_bound=setup.cfg.value_bound,
     )
