@@ -233,6 +233,13 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         SKEWED,
         _sp(2, "topk:0.0087+q:4", 0.1, merge_bits=8, sparsity_schedule="lr", gradient_lookahead=0.5) | _MERGE | _SCSP,
     ),
+    # H = 1 (one SGD step between gossips, the paper's own setting) with the lookahead: the IID H = 1 row
+    # (sp-h1-q8m-klr, gamma 0.05 for stability at 2,110 gossip rounds) with gradient-lookahead 0.5 under label skew
+    "scsp-h1-q8m-klr-la5": (
+        "scsp",
+        SKEWED,
+        _sp(1, "topk:0.0042+q:4", 0.05, merge_bits=8, sparsity_schedule="lr", gradient_lookahead=0.5) | _MERGE | _SCSP,
+    ),
     # scsp-h2 with quasi-global momentum (its buffer diverges to NaN on this schedule: docs/algorithm.md)
     "abl-scsp-h2-qgm": ("ablation", SKEWED, _sp(2, "topk:0.005+q:4", 0.05, qgm=True) | _MERGE | _SCSP),
 }
@@ -246,7 +253,8 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "sp-h4-m1e8-ef", "sp-h4-m1e12-ef", "abl-dense-g0.3", "sp-h4-klr-layer",
             "sp-h4-klr-la8", "sp-h4-klr-la5", "sp-h4-klr-la3", "sp-h4-klr-la65", "sp-h4-q8m-1000x-la5",
             "abl-dense-g0.1-la5", "scsp-h4-m8e88-dc-la5", "scsp-h4-klr-la5",
-            "scsp-h2-q8m-klr-la5", "sp-h4-klr-q8m-2000x-la5", "sp-h8-klr-q8m-2000x-la5"]  # fmt: skip
+            "scsp-h2-q8m-klr-la5", "sp-h4-klr-q8m-2000x-la5", "sp-h8-klr-q8m-2000x-la5",
+            "scsp-h1-q8m-klr-la5"]  # fmt: skip
 # SGP against the 466x preset's row first (issue: the trade on the paper's own setting), then earlier comparisons
 CIFAR_ROWS = ["sgp", "sp-h4-klr-la5", "sp-h4-merge", "sp-h8-fg100"]
 

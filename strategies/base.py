@@ -231,6 +231,7 @@ class Report:
     nodes_not_returned: list = field(default_factory=list)
     eval_failures: list = field(default_factory=list)
     messages_resent: int = 0
+    weight_corrections: list = field(default_factory=list)  # reported weights the relay's weight ledger overruled
     reconnected_nodes: list = field(default_factory=list)
     mailbox_messages: int = 0
     mailbox_bits: int = 0

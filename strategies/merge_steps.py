@@ -25,6 +25,7 @@ from flwr.supercore import log
 from flower_sparsepush.core.codec import decode
 from flower_sparsepush.core.guard import BadReply
 from flower_sparsepush.core.merge_relay import count
+from flower_sparsepush.core.weights import close, taken
 from flower_sparsepush.flower import protocol
 
 
@@ -89,6 +90,8 @@ class MergeSteps:
             targets = [(p, {"orders": segs}) for p, segs in sorted(self._merge_orders.items())]
         else:
             self._outcome = outcome = self.merges.close()
+            if self.guard.weights is not None and outcome.averages is not None:
+                self.guard.weights.merged(outcome.participants, self.merges.mean_weight())
             for p in range(self.num_nodes):
                 if p not in outcome.participants and not self.guard.is_excluded(p):
                     self.merges.owe(p, outcome)
@@ -137,7 +140,14 @@ class MergeSteps:
 
     def _take_merge_reply(self, phase: str, t: int, sender: int, reply: protocol.MergeReply) -> None:
         if phase == "give":
+            w = self.guard.weights
+            if w is not None:  # it took back its bounces and absorbed what it was handed: the ledger's weight
+                held = w.absorb(w.y[sender], *taken(self._batches(sender)))
+                if not close(reply.y, held, w.rtol):
+                    raise BadReply("weight", f"gives with y={reply.y!r}; by the weight ledger it holds {held!r}")
             self.merges.give(sender, reply.frames, reply.y)
+            if w is not None:
+                w.commit(sender, held)
         elif phase == "reduce":
             self.merges.take_average(sender, reply.frames)
         else:

@@ -25,6 +25,7 @@ node is a straggler for that round; messages a receiver refused are bounced to t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from logging import INFO, WARNING
 from typing import Any
 
@@ -37,6 +38,7 @@ from flower_sparsepush.core.guard import BadReply, Guard, Outbox, ReplyChecks
 from flower_sparsepush.core.ledger import DeliveryLedger
 from flower_sparsepush.core.merge_relay import MergeRelay
 from flower_sparsepush.core.router import Network, Router
+from flower_sparsepush.core.weights import taken
 from flower_sparsepush.flower import protocol
 
 from .base import EvalReport, PushSumStrategy, Report, eval_report
@@ -225,6 +227,7 @@ class RoutingStrategy(MergeSteps, PushSumStrategy):
             "rejected": list(self.rejected),
             "sample_rng": self._rng.getstate(),
             "merges": self.merges.state_dict() if self.merges is not None else {},
+            "weights": self.guard.weights.state_dict() if self.guard.weights is not None else {},
         }
 
     def load_state_dict(self, d: dict[str, Any], done: int) -> None:
@@ -238,6 +241,12 @@ class RoutingStrategy(MergeSteps, PushSumStrategy):
         self._rng.setstate(_rng_state(d["sample_rng"]))
         if self.merges is not None:
             self.merges.load_state_dict(d.get("merges", {}))
+        if self.guard.weights is not None:
+            if not d.get("weights"):
+                raise ValueError(
+                    "the checkpoint has no weight ledger (written by an older version): start the run anew"
+                )
+            self.guard.weights.load_state_dict(d["weights"])
         self.round_offset = done
         self.restore_round = done
         self.to_restore = set(range(self.num_nodes))
@@ -339,27 +348,63 @@ class RoutingStrategy(MergeSteps, PushSumStrategy):
             self._straggler(server_round, sender, f"error: {r.error.reason}")
             return None
         try:
-            reply, resent = self._checked(sender, rnd, r.content)
+            reply, resent, y = self._checked(sender, rnd, r.content)
         except BadReply as err:
             self._refuse(server_round, sender, err)
             return None
         self._route(sender, rnd, sorted(resent) + [(rnd, reply.frames)])
+        if y is not None:
+            self.guard.weights.commit(sender, y)
         self.ledger.acknowledge(sender, rnd, keep_handed=bool(reply.rejected))
         self.to_restore.discard(sender)
         if self.merges is not None:
             self._owed_confirmed(sender)
         return sender, reply
 
-    def _checked(self, sender: int, rnd: int, content) -> tuple[protocol.TrainReply, list[tuple[int, protocol.Frames]]]:
-        """The reply of ``sender`` for round ``rnd`` and its resent outboxes the relay has not routed yet, each
-        checked (:class:`BadReply` when anything fails)."""
+    def _checked(
+        self, sender: int, rnd: int, content
+    ) -> tuple[protocol.TrainReply, list[tuple[int, protocol.Frames]], float | None]:
+        """The reply of ``sender`` for round ``rnd``, its resent outboxes and the weight the node then holds by the
+        weight ledger (None without one), each checked (:class:`BadReply` when anything fails).
+
+        A reply longer than an honest one can be (:meth:`_cost_cap`) is refused unread. Every resent outbox must be
+        of a distinct round the node was handed a train message in since its last good reply (each routed once),
+        and passes the checks of a fresh one; then the weight ledger replays the node's rounds (weights.py)."""
+        batches = self._batches(sender)
+        handed_rounds = self.ledger.resendable(sender, rnd)
+        inbox_size = len(self.ledger.handed(sender))
+        cap, size = self._cost_cap(sender, [*handed_rounds, rnd], inbox_size), protocol.reply_bytes(content)
+        if cap is not None and size > cap:
+            raise BadReply("size", f"a {size}-byte reply; an honest one holds at most {cap} bytes in round {rnd}")
         reply = protocol.read_train_reply(content)
-        resent = self.ledger.unrouted(sender, reply.resent, rnd)
+        rounds = [k for k, _ in reply.resent]
+        if len(set(rounds)) != len(rounds) or not set(rounds) <= set(handed_rounds):
+            raise BadReply(
+                "round",
+                f"resent outboxes of rounds {sorted(rounds)[:8]}; it may resend each of rounds "
+                f"{sorted(handed_rounds)[:8]} once (those it was handed since its last good reply)",
+            )
+        resent = sorted(reply.resent)
         for k, frames in resent:
             self.guard.check(sender, k, Outbox(k, frames, []), 0)
-        inbox_size = len(self.ledger.handed(sender))
         self.guard.check(sender, rnd, Outbox(reply.round, reply.frames, reply.rejected), inbox_size)
-        return reply, resent
+        y = self.guard.check_weights(sender, [*resent, (rnd, reply.frames)], batches, reply.rejected)
+        return reply, resent, y
+
+    def _batches(self, p: int) -> list:
+        """What ``p`` was handed since its last good reply, as the weight ledger reads it: a merge's give batch
+        (absorbed at the give, or else before anything of the next round) is labelled -1."""
+        return [(-1 if r >= protocol.MERGE_BATCH else r, i, b) for r, i, b in self.ledger.unacked[p]]
+
+    def _cost_cap(self, p: int, rounds: list[int], inbox_size: int) -> int | None:
+        """The most bytes of frames and positions an honest reply of ``p`` can hold: for each of ``rounds`` (the
+        one asked, and those it may resend) one message per out-neighbour of at most the compressor's longest,
+        with the frame headers, and one position per message it was handed. None when not checked."""
+        g = self.guard
+        if g.graph is None or g.max_message_bytes is None:
+            return None
+        head = protocol.FRAME_BYTES
+        return 4 * inbox_size + sum(head + len(g.out_neighbours(k, p)) * (head + g.size_limit(k)) for k in rounds)
 
     def _route(self, sender: int, rnd: int, outboxes: list[tuple[int, protocol.Frames]]) -> None:
         """Post ``sender``'s ``(round, frames)`` outboxes to the router, counted as sent (dropped or not)."""
@@ -436,6 +481,7 @@ class RoutingStrategy(MergeSteps, PushSumStrategy):
         reps = self._eval_reports(server_round, replies)
         if not reps:
             return None
+        self._vouch(server_round, reps)
         parts = sorted(reps)
         # handed but not absorbed: the batches of rounds the node had not finished when it reported
         y_unabsorbed = self.ledger.unabsorbed_weight({p: reps[p].done for p in parts})
@@ -453,6 +499,21 @@ class RoutingStrategy(MergeSteps, PushSumStrategy):
         ev = self.last_eval
         keys = ("acc_node_mean", "acc_node_min", "consensus_distance", "y_nodes", "y_pending", "y_mailboxes")
         return MetricRecord({k: float(getattr(ev, k)) for k in keys})
+
+    def _vouch(self, server_round: int, reps: dict[int, protocol.EvalReply]) -> None:
+        """Replace a reported weight the weight ledger disagrees with by the ledger's (recorded in
+        ``weight_corrections``). A node holds, with its unacknowledged outboxes (``y_pending``), the weight the
+        ledger had for it at its last good reply plus every batch handed since that it says it absorbed (those of
+        the rounds up to ``done``; the others count as in the relay's mailboxes)."""
+        w = self.guard.weights
+        if w is None:
+            return
+        for p in sorted(reps):
+            rep = reps[p]
+            due = [b for b in self.ledger.unacked[p] if not protocol.absorbs(b[0], rep.done, rep.absorbed)]
+            held = w.absorb(w.y[p], *taken(due))
+            if w.vouch(server_round, p, rep.y + rep.y_pending, held) != rep.y + rep.y_pending:
+                reps[p] = replace(rep, y=held, y_pending=0.0)
 
     def _eval_reports(self, server_round: int, replies: Iterable[Message]) -> dict[int, protocol.EvalReply]:
         reps: dict[int, protocol.EvalReply] = {}
@@ -487,6 +548,7 @@ class RoutingStrategy(MergeSteps, PushSumStrategy):
             nodes_not_returned=self.ledger.not_returned(),
             eval_failures=list(self.eval_failures),
             messages_resent=self.messages_resent,
+            weight_corrections=list(g.weights.corrections) if g.weights is not None else [],
             reconnected_nodes=list(self.reconnected),
             mailbox_messages=sum(len(b) for b in self.router.mailboxes),
             mailbox_bits=sum(8 * len(d) for b in self.router.mailboxes for _, _, d in b),

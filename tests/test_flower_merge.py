@@ -88,6 +88,8 @@ def test_flower_merges_equal_the_inprocess_ones(runs, name):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bits_sent_by_node"] == ref.bits_sent
     assert summary["bits_received_by_node"] == ref.bits_received
+    # the relay's weight ledger followed every merge: no reply refused, no reported weight overruled
+    assert summary["rejected_replies"] == [] and summary["weight_corrections"] == []
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == [r["round"] for r in ref.history] == list(range(1, cfg.num_rounds + 1))
     for a, b in zip(rows, ref.history):  # one row per training round, the merges' message rounds in none
@@ -143,6 +145,7 @@ def test_a_lost_give_reply_and_a_refused_average_lose_no_mass(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [e["node"] for e in summary["straggler_events"]] == [2, 0]
     assert [(r["node"], r["kind"]) for r in summary["rejected_replies"]] == [(0, "weight")]
+    assert summary["weight_corrections"] == []  # the lost give: the ledger counts its batch absorbed once
     rows = read_metrics(out / "metrics.jsonl")
     assert all(_mass(r) == pytest.approx(cfg.num_nodes, abs=1e-9) for r in rows)
     assert rows[1]["consensus_distance"] > 1e-6  # node 2 was left out of the merge after round 2

@@ -60,6 +60,8 @@ def test_resumed_flower_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     assert all(np.array_equal(a[k], b[k]) for k in a.files)
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["resumed_from_round"] == 2
+    # the relay's weight ledger came back with the checkpoint: every node's weight checked, none refused
+    assert summary["rejected_replies"] == [] and summary["weight_corrections"] == []
     assert summary["bits_sent_by_node"] == json.loads((full / "summary.json").read_text())["bits_sent_by_node"]
 
 

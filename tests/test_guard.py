@@ -26,7 +26,7 @@ from flower_sparsepush.core.guard import KINDS, ReplyChecks, message_size_limit
 from flower_sparsepush.core.pushsum import PushSum
 from flower_sparsepush.core.router import Network
 from flower_sparsepush.core.topology import Graph
-from flower_sparsepush.flower.protocol import pack_frames, unpack_frames
+from flower_sparsepush.flower.protocol import pack_frames, pack_groups, unpack_frames
 
 torch.set_num_threads(1)
 
@@ -73,7 +73,7 @@ def reencode(data: bytes, **change) -> bytes:
 class Scenario:
     """A routing strategy with its checks on, and the nodes' push-sum states (gossip only, no training)."""
 
-    def __init__(self, outs=OUTS, exclude_after=0, network=None, rule=RULE):
+    def __init__(self, outs=OUTS, exclude_after=0, network=None, rule=RULE, ledger=True):
         n = len(outs)
         self.rule = rule
         self.s = RoutingStrategy(
@@ -84,6 +84,7 @@ class Scenario:
                 form=rule.form,
                 max_message_bytes=message_size_limit(rule.compressor, D, torch.float64),
                 exclude_after=exclude_after,
+                gamma=rule.gamma if ledger else None,  # the weight ledger (weights.py), as the ServerApp runs it
             ),
             network=network,
         )
@@ -210,8 +211,9 @@ BAD = {
         "out-neighbours",
     ),
     "destinations: one missing": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, f[:1])]), "out-neighbours"),
-    "destinations: twice": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, [*f, f[0]])]), "same node"),
-    "destinations: no such node": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, [*f, (7, f[0][1])])]), "0..4"),
+    # (one message more than its out-degree can exceed the reply's cost cap: test_weights.py)
+    "destinations: twice": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, [f[0], (f[0][0], f[1][1])])]), "same node"),
+    "destinations: no such node": (_with(lambda sc, tm, f: [reply(tm, sc.rnd, [f[0], (7, f[1][1])])]), "0..4"),
     "size: dense": (
         _with(
             lambda sc, tm, f: [
@@ -309,7 +311,12 @@ MUTATION = st.one_of(
     st.tuples(st.just("add-frame"), st.integers(0, 6), st.binary(max_size=120)),
     st.tuples(st.just("flip"), st.integers(0, 1), st.integers(0, 10**6), st.integers(1, 255)),
     st.tuples(st.just("truncate"), st.integers(0, 1), st.integers(0, 10**6)),
-    st.tuples(st.just("reencode"), st.integers(0, 1), st.sampled_from(["sender", "round", "form"]), st.integers(0, 6)),
+    st.tuples(
+        st.just("reencode"),
+        st.integers(0, 1),
+        st.sampled_from(["sender", "round", "form", "y", "a"]),
+        st.integers(0, 6),
+    ),
     st.tuples(st.just("dense"), st.integers(0, 1)),
     st.tuples(st.just("positions"), st.binary(max_size=12)),
     st.tuples(st.just("record"), st.sampled_from(["out", "metrics", "extra"]), st.sampled_from(["config", "metric"])),
@@ -371,7 +378,13 @@ def _mutate_frame(frames: list, op: str, *arg) -> None:
         elif op == "dense":
             frames[i] = (dest, reencode(data, payload=Identity()(torch.randn(D, dtype=torch.float64))))
         elif op == "reencode":
-            new = {"sender": arg[2], "round": arg[2], "form": ["ef", "ref", "ref-x"][arg[2] % 3]}[arg[1]]
+            new = {
+                "sender": arg[2],
+                "round": arg[2],
+                "form": ["ef", "ref", "ref-x"][arg[2] % 3],
+                "y": decode(data).y * (1 + arg[2] * 1e-9),  # from a billionth more weight to none at all
+                "a": (arg[2] + 1) / 8,
+            }[arg[1]]
             frames[i] = (dest, reencode(data, **{arg[1]: new}))
 
 
@@ -385,6 +398,10 @@ def _reference() -> tuple[list, float]:
         sc.play()
         sc.play(bad={H: lambda sc, tm: []})
         _REFERENCE["held"], _REFERENCE["mass"] = sc.held(H), sc.honest_mass()
+        honest = Scenario()
+        honest.play()
+        honest.play()
+        _REFERENCE["h_weights"] = {(decode(d).a, decode(d).y) for s, _, d in honest.held() if s == H}.pop()
     return _REFERENCE["held"], _REFERENCE["mass"]
 
 
@@ -416,6 +433,7 @@ def test_arbitrary_replies_never_raise_nor_change_honest_mass(mutations, copies,
     for _, _, data in routed:  # what was routed from node 4 passed every check an honest receiver makes
         msg = decode(data, expected_dim=D)
         assert (msg.sender, msg.round, msg.form) == (H, 1, "ref") and len(data) <= LIMIT
+        assert (msg.a, msg.y) == _REFERENCE["h_weights"]  # and carries exactly its share (the weight ledger)
     assert sorted(dest for _, dest, _ in routed) in ([], OUTS[H])
     records = [r for r in sc.s.guard.rejected_replies if r["round"] == 2]
     assert all(r["kind"] in KINDS and r["reason"] for r in records)
@@ -480,3 +498,189 @@ def test_messages_a_receiver_rejects_go_home_exactly():
     for i, outs_i in enumerate(outs):
         for j in outs_i:
             assert sc.in_step(i, j), (i, j)
+
+
+# --------------------------------------------------------------------------- the weight ledger (weights.py)
+
+
+def _weights(y=None, a=None, keep=None):
+    """Node H's honest frames with every message's weight (or mixing factor) replaced; the honest frames go to
+    ``keep`` (what the node keeps and resends)."""
+    change = {k: v for k, v in (("y", y), ("a", a)) if v is not None}
+
+    def bad(sc, tm, f):
+        if keep is not None:
+            keep[sc.rnd] = f
+        return [reply(tm, sc.rnd, [(d, reencode(m, **change)) for d, m in f])]
+
+    return _with(bad)
+
+
+def total_mass(sc: Scenario) -> float:
+    """Every node's weight (node H by the ledger: it may hold more than it can ever send) plus what the relay
+    holds: the router's mail and bounces, and what it handed H and holds until H acknowledges it."""
+    w = sc.s.guard.weights
+    held = sum(decode(d).y for _, i, b in sc.s.ledger.unacked[H] for _, d in [*i, *b])
+    honest = sum(st.y for p, st in enumerate(sc.states) if p != H)
+    return honest + w.y[H] + held + sc.s.router.in_transit_mass()
+
+
+WEIGHT_ATTACKS = {"y=1e308": {"y": 1e308}, "y=1e9": {"y": 1e9}, "y=1e-300": {"y": 1e-300}, "a=0.9": {"a": 0.9}}
+
+
+@pytest.mark.parametrize("attack", list(WEIGHT_ATTACKS))
+def test_a_message_whose_weight_is_not_its_share_is_refused_at_its_sender(attack):
+    """Weights that create (1e308, 1e9) or destroy (1e-300) mass, or a mixing factor other than the rule's: refused
+    whole at the relay, charged to node H; the honest nodes are exactly where they are when H is silent, and the
+    mass is exact."""
+    sc = Scenario()
+    sc.play()
+    kept: dict = {}
+    sc.play(bad={H: _weights(**WEIGHT_ATTACKS[attack], keep=kept)})
+    last = sc.s.guard.rejected_replies[-1]
+    assert (last["node"], last["kind"]) == (H, "weight") and sc.s.guard.offences == {H: 1}
+    held, mass = _reference()
+    assert sc.held(H) == held and sc.honest_mass() == mass
+    assert total_mass(sc) == pytest.approx(N, abs=1e-9)
+    # the run goes on: H (now honest) resends its outbox of the refused round, as a node does, and it passes
+    resend = _with(lambda sc, tm, f: [reply(tm, sc.rnd, f, out={"resent": pack_groups(sorted(kept.items()))})])
+    sc.play(bad={H: resend})
+    sc.play()
+    assert sc.s.guard.offences == {H: 1} and total_mass(sc) == pytest.approx(N, abs=1e-9)
+
+
+def test_a_re_stamped_old_message_is_refused():
+    """Node H keeps its messages of round 0 and sends them again in round 2 with the round rewritten: node H's
+    weight has changed since (it sent a third of it twice), so the weight is not the share of round 2."""
+    sc = Scenario()
+    old: list = []
+    sc.play(bad={H: lambda sc, tm: [reply(tm, sc.rnd, old.extend(_h_frames(sc)) or old)]})
+    sc.play()
+    restamp = lambda sc, tm: [reply(tm, sc.rnd, [(d, reencode(m, round=sc.rnd)) for d, m in old])]  # noqa: E731
+    sc.frames(H)  # (it does its round, and keeps it to itself)
+    sc.play(bad={H: restamp})
+    last = sc.s.guard.rejected_replies[-1]
+    assert (last["node"], last["kind"], last["round"]) == (H, "weight", 3) and "carries y=" in last["reason"]
+    assert sc.s.guard.offences == {H: 1}
+
+
+def _lost_then(resend):
+    """Node H does round 1 but its reply is lost; in round 2 it replies with ``resend(frames of round 1)`` as its
+    resent outboxes. Returns the scenario after round 2."""
+    sc = Scenario()
+    sc.play()
+    kept = {}
+    sc.play(bad={H: lambda sc, tm: kept.setdefault(1, _h_frames(sc)) and []})
+    resent = pack_groups(resend(kept[1]))
+    sc.play(bad={H: _with(lambda sc, tm, f: [reply(tm, sc.rnd, f, out={"resent": resent})])})
+    return sc
+
+
+def test_a_resent_outbox_is_routed_once_and_checked_like_a_fresh_one():
+    sc = _lost_then(lambda f: [(1, f)])  # honest: resent once
+    assert sc.s.guard.rejected_replies == [] and sc.s.messages_resent == 2
+    assert total_mass(sc) == pytest.approx(N, abs=1e-9)
+    for case, groups, kind in (
+        ("twice", lambda f: [(1, f), (1, f)], "size"),  # more than an honest reply can hold: refused unread
+        ("twice, once empty", lambda f: [(1, []), (1, f)], "round"),
+        ("a routed round", lambda f: [(0, []), (1, f)], "round"),
+        ("a round it never ran", lambda f: [(1, f), (2, [])], "round"),
+        ("more weight", lambda f: [(1, [(d, reencode(m, y=decode(m).y * 2)) for d, m in f])], "weight"),
+    ):
+        sc = _lost_then(groups)
+        last = sc.s.guard.rejected_replies[-1]
+        assert (last["node"], last["kind"]) == (H, kind), (case, last)
+        assert sc.s.guard.offences == {H: 1} and sc.s.messages_resent == 0, case
+        assert not [m for m in sc.held() if m[0] == H], case  # nothing of it was routed
+        assert total_mass(sc) == pytest.approx(N, abs=1e-9), case
+
+
+def test_50_mb_of_empty_resent_groups_are_refused_unread():
+    """A reply far longer than an honest one can be (one message per out-neighbour of at most the compressor's
+    longest, per round it may carry) is refused before anything of it is unpacked."""
+    import time
+
+    sc = Scenario()
+    sc.play()
+    junk = b"\x00" * 50_000_000  # 6.25 million empty resent groups
+    t0 = time.perf_counter()
+    sc.play(bad={H: _with(lambda sc, tm, f: [reply(tm, sc.rnd, f, out={"resent": junk})])})
+    elapsed = time.perf_counter() - t0
+    last = sc.s.guard.rejected_replies[-1]
+    assert (last["node"], last["kind"]) == (H, "size") and "50000" in last["reason"] and "at most" in last["reason"]
+    assert elapsed < 2.0, elapsed  # unpacking them took about 9 s
+    held, mass = _reference()
+    assert sc.held(H) == held and sc.honest_mass() == mass
+
+
+def test_claiming_to_reject_what_it_absorbed_creates_no_mass():
+    """Node H (now with node 0 sending to it) absorbs everything it is handed and claims it rejected all of it:
+    the ledger credits it nothing of what it says it rejected, so its messages carry more than its share and the
+    reply is refused (charged to H); nothing goes home twice, the mass stays exact, and no honest node is refused."""
+    outs = [[1, 4], [2], [3], [0], [0, 2]]
+    sc = Scenario(outs=outs)
+    sc.play()
+
+    def liar(sc, tm):
+        frames, _ = sc.frames(H)
+        n = len(unpack_frames(tm.content["inbox"]["frames"]))
+        assert n > 0
+        return [reply(tm, sc.rnd, frames, rejected=list(range(n)))]
+
+    for _ in range(3):
+        sc.play(bad={H: liar})
+    refused = sc.s.guard.rejected_replies
+    assert [(r["node"], r["kind"]) for r in refused] == [(H, "weight")] * 3
+    assert sc.s.guard.bounced_rejected == 0 and sc.s.messages_rejected == 0
+    assert total_mass(sc) == pytest.approx(N, abs=1e-9)
+
+
+def test_only_the_attacker_is_excluded():
+    sc = Scenario(exclude_after=2)
+    sc.play()
+    for _ in range(4):
+        sc.play(bad={H: _weights(y=1e9)})
+    assert sc.s.guard.excluded == [{"round": 3, "node": H, "replies_rejected": 2}]
+    assert {r["node"] for r in sc.s.guard.rejected_replies} == {H}
+    assert sc.s.ledger.stragglers and {e["node"] for e in sc.s.ledger.stragglers} == {H}
+
+
+def test_the_weight_ledger_is_kept_in_checkpoints(tmp_path):
+    """The relay's checkpoint (torch.save, loadable with weights_only) holds the ledger, so a resumed run checks the
+    nodes against the weights they hold (a Flower run resumed through it: test_flower_state.py); a checkpoint
+    without one is refused rather than resumed with every weight back at 1."""
+    sc = Scenario()
+    for _ in range(3):
+        sc.play()
+    torch.save(sc.s.state_dict(), tmp_path / "ck.pt")
+    d = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert d["weights"]["y"] == [st.y for st in sc.states] and len(set(d["weights"]["y"])) > 1
+    resumed = Scenario()
+    resumed.s.load_state_dict(d, done=3)
+    assert resumed.s.guard.weights.y == sc.s.guard.weights.y
+    with pytest.raises(ValueError, match="no weight ledger"):
+        Scenario().s.load_state_dict({k: v for k, v in d.items() if k != "weights"}, done=3)
+
+
+def test_a_reported_weight_the_ledger_disagrees_with_is_overruled_and_counted():
+    """Evaluation: node H reports y = 9.34 (and some pending weight): the relay accounts for it at the ledger's
+    weight, records the correction, and the reported mass is exact; the honest reports stand as they are."""
+    from flower_sparsepush.flower.protocol import eval_reply_content
+
+    sc = Scenario()
+    for _ in range(3):
+        sc.play()
+    with flower_task():
+        asks = sc.s.configure_evaluate(sc.server_round, ArrayRecord(), ConfigRecord(), grid=None)
+        replies = []
+        for m in asks:
+            p = sc.s.node_to_part[m.metadata.dst_node_id]
+            y, pending = (9.34, 0.5) if p == H else (sc.states[p].y, 0.0)
+            z = sc.states[p].z.numpy().astype(np.float32)
+            replies.append(Message(eval_reply_content(z, 0.5, 1.0, y, pending, sc.rnd), reply_to=m))
+        sc.s.aggregate_evaluate(sc.server_round, replies)
+    ev, w = sc.s.last_eval, sc.s.guard.weights
+    assert w.corrections == [{"round": 3, "node": H, "reported": 9.34 + 0.5, "ledger": sc.states[H].y}]
+    assert ev.y_by_node == {p: st.y for p, st in enumerate(sc.states)}
+    assert ev.y_nodes + ev.y_pending + ev.y_mailboxes == pytest.approx(N, abs=1e-12)
+    assert sc.s.report().weight_corrections == w.corrections

@@ -38,11 +38,16 @@ def test_what_a_node_was_handed_is_held_and_handed_again_until_it_acknowledges()
 
 
 def test_resent_outboxes_are_routed_once():
+    """A node may resend the outboxes of the rounds it was handed since its last good reply, before the reply's
+    own round; once routed (acknowledged) none of them again (the relay refuses a reply that does: test_guard.py)."""
     led = DeliveryLedger(2)
-    resent = [(0, [(1, b"a")]), (1, [(1, b"b")]), (2, [(1, b"c")]), (3, [(1, b"d")])]
-    assert led.unrouted(0, resent, 3) == resent[:3]  # not the reply's own round, nor later ones
+    for server_round, rnd in ((1, 0), (2, 1), (3, 2), (5, 4)):  # (offline in round 3: no train message)
+        led.hand(0, server_round, rnd, [], [])
+    assert led.resendable(0, 4) == [0, 1, 2]  # not the reply's own round, nor rounds it was not handed
     led.acknowledge(0, 1)
-    assert led.unrouted(0, resent, 3) == [resent[2]]
+    led.hand(0, 6, 5, [], [])
+    assert led.resendable(0, 5) == []
+    assert led.resendable(1, 5) == []
 
 
 def test_one_answer_per_train_message_and_the_silent_ones():

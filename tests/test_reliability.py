@@ -413,3 +413,88 @@ def test_hostile_node_through_flower(inprocess_runs, tmp_path):
     mass = summary["mass"]
     honest_y = sum(y for p, y in mass["y_by_node"].items() if int(p) != HOSTILE)
     assert honest_y + mass["y_mailboxes"] + sum(e["y_inbox"] for e in events) == pytest.approx(len(honest), abs=1e-9)
+
+
+# --------------------------------------------------------------------------- the weight ledger, through Flower
+
+# random out-neighbours, so the weights differ from round to round (on a regular graph every y stays 1, and an old
+# message re-stamped with the current round carries the right weight: docs/reliability.md)
+LEDGER_RUN = HOSTILE_RUN | {"num-nodes": 8, "graph": "random-out:2", "exclude-after": 0, "eval-every": 8}
+# what node HOSTILE does wrong in rounds 0, 1, ... (issue 27's table); every reply of it is refused
+LEDGER_ATTACKS = ("y=1e308", "y=1e9", "y=1e-300", "re-stamped", "resent twice", "2 MB of resent", "false rejections")
+
+
+def ledger_mod(msg, context, call_next):
+    """Flower client mod: node HOSTILE runs its rounds honestly (so it keeps and resends its real outboxes) and
+    replies with one attack of LEDGER_ATTACKS per round instead."""
+    reply_msg = call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN or int(context.node_config["partition-id"]) != HOSTILE:
+        return reply_msg
+    out = dict(reply_msg.content["out"])
+    rnd, frames = int(out["round"]), unpack_frames(out["frames"])
+    if rnd == 0:  # kept for a replay
+        context.state["hostile-old"] = ConfigRecord({"frames": out["frames"]})
+    attack = LEDGER_ATTACKS[rnd % len(LEDGER_ATTACKS)]
+    if attack.startswith("y="):
+        frames = [(d, _reencode(m, y=float(attack[2:]))) for d, m in frames]
+    elif attack == "re-stamped":  # its round-0 messages, re-addressed to this round's out-neighbours
+        old = unpack_frames(context.state["hostile-old"]["frames"])
+        frames = [(d, _reencode(m, round=rnd)) for (d, _), (_, m) in zip(frames, old)]
+    elif attack == "resent twice":
+        out["resent"] = out.get("resent", b"") * 2
+    elif attack == "2 MB of resent":
+        out["resent"] = b"\x00" * 2_000_000
+    elif attack == "false rejections":
+        n = len(unpack_frames(msg.content["inbox"]["frames"]))
+        out["rejected"] = np.arange(n, dtype="<u4").tobytes()
+    out["frames"] = pack_frames(frames)
+    content = RecordDict({"out": ConfigRecord(out), "metrics": reply_msg.content["metrics"]})
+    return Message(content, reply_to=msg)
+
+
+def silent_mod(msg, context, call_next):
+    """Flower client mod: node HOSTILE never runs a round and answers every train message with an error."""
+    from flwr.app import Error
+
+    if msg.metadata.message_type != MessageType.TRAIN or int(context.node_config["partition-id"]) != HOSTILE:
+        return call_next(msg, context)
+    return Message(Error(code=0, reason="silent"), reply_to=msg)
+
+
+def test_a_hostile_clientapp_is_stopped_by_the_weight_ledger(tmp_path):
+    """Node HOSTILE among 8, through Flower's simulation engine with the real ServerApp: forged weights, a
+    re-stamped replay, duplicated and oversized resends and false rejections are each refused at it, with their
+    kind, and counted against it only; the run finishes, the reported mass is exact, and the honest nodes end bit
+    for bit where they end when node HOSTILE is silent."""
+    import sys
+
+    import ray.cloudpickle
+
+    from flower_sparsepush.flower.launch import simulate
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    runs = {}
+    for name, mod in (("hostile", ledger_mod), ("silent", silent_mod)):
+        cfg = validate(LEDGER_RUN | {"out-dir": str(tmp_path), "run-name": name})
+        out = simulate(cfg, client_mods=[mod])
+        runs[name] = json.loads((out / "summary.json").read_text()), np.load(out / "nodes.npz")
+    summary, nodes = runs["hostile"]
+    rounds = LEDGER_RUN["num-rounds"]
+    kinds = [r["kind"] for r in summary["rejected_replies"]]
+    assert {r["node"] for r in summary["rejected_replies"]} == {HOSTILE}
+    # y=1e308, 1e9, 1e-300 and the replay carry the wrong weight; two copies of its resends exceed what an honest
+    # reply holds, as 2 MB does (both refused unread); its claimed rejections leave it more than its share
+    want = ["weight", "weight", "weight", "weight", "size", "size", "weight", "weight"]
+    assert kinds == want[:rounds], kinds
+    assert summary["replies_rejected_by_node"] == {str(HOSTILE): rounds}
+    assert summary["excluded_nodes"] == [] and summary["nodes_not_returned"] == []
+    assert {e["node"] for e in summary["straggler_events"]} == {HOSTILE}
+    assert summary["messages_rejected"] == 0 and summary["messages_resent"] == 0  # nothing of it went anywhere
+    mass = summary["mass"]
+    assert mass["y_nodes"] + mass["y_pending"] + mass["y_mailboxes"] == pytest.approx(8, abs=1e-9)
+    quiet, quiet_nodes = runs["silent"]
+    assert quiet["rejected_replies"] == [] and summary["weight_corrections"] == []
+    honest = [f"z{i}" for i in range(8) if i != HOSTILE]
+    assert all(np.array_equal(nodes[k], quiet_nodes[k]) for k in honest)  # bit for bit
+    honest_y = {p: y for p, y in mass["y_by_node"].items() if int(p) != HOSTILE}
+    assert honest_y == {p: y for p, y in quiet["mass"]["y_by_node"].items() if int(p) != HOSTILE}

@@ -28,6 +28,7 @@ import torch
 from flower_sparsepush.core.bounds import message_excess
 from flower_sparsepush.core.codec import CodecError, decode, max_size
 from flower_sparsepush.core.router import Router
+from flower_sparsepush.core.weights import WeightError, WeightLedger
 
 # the kinds of refused replies (what the ServerApp records as "kind")
 KINDS = ("unknown node", "unexpected", "schema", "round", "destinations", "size", "message", "sender", "weight")
@@ -75,7 +76,9 @@ class ReplyChecks:
     - ``value_bound``: no message value (or quantization scale) beyond it (core/bounds.py; kind ``"bound"``);
     - ``max_message_bytes``: the longest message the run's compressor makes (bytes, or a function of the round when
       the compressor changes over rounds; :func:`message_size_limit`);
-    - ``exclude_after``: stop routing to and from a node after this many refused replies (0: never).
+    - ``exclude_after``: stop routing to and from a node after this many refused replies (0: never);
+    - ``gamma``: the run's consensus step size (a number, or a function of the round); when set, the relay keeps
+      the weight ledger (weights.py) and refuses a message whose weight is not the share the rule gives.
 
     The ServerApp and the in-process loop build it from the run (``run.setup.reply_checks``).
     """
@@ -86,6 +89,7 @@ class ReplyChecks:
     value_bound: float | None = None
     max_message_bytes: int | Callable[[int], int] | None = None
     exclude_after: int = 0
+    gamma: float | Callable[[int], float] | None = None
 
 
 class Guard:
@@ -111,6 +115,9 @@ class Guard:
         self.excluded: list[dict] = []  # {"round", "node", "replies_rejected"}
         self.rejected_by_sender: dict[int, int] = {}  # sender -> its messages that receivers rejected
         self.bounced_rejected = 0  # messages bounced to their senders after a receiver rejected them
+        self.weights = None  # the weight ledger (weights.py), when the checks name the run's gamma
+        if checks.gamma is not None:
+            self.weights = WeightLedger(self.n, checks.gamma)
         self._outs: tuple[int, list[list[int]]] | None = None
         self._limit: tuple[int, int] | None = None
 
@@ -176,6 +183,16 @@ class Guard:
             raise BadReply(
                 "schema", f"rejected positions {idx[:8]} are not distinct positions of its {inbox_size} messages"
             )
+
+    def check_weights(self, sender: int, outboxes, batches, rejected=()) -> float | None:
+        """The weight ``sender`` holds after its ``(round, frames)`` outboxes by the ledger (weights.py), or None
+        without a ledger; :class:`BadReply` (``weight``) when a message carries another weight than its share."""
+        if self.weights is None:
+            return None
+        try:
+            return self.weights.replay(sender, outboxes, batches, rejected)
+        except WeightError as err:
+            raise BadReply("weight", str(err)) from None
 
     def reject(self, server_round: int, node: int | None, kind: str, reason: str, offence: bool = True) -> bool:
         """Record a refused reply; returns True when it makes ``node`` an excluded repeat offender (from now on the

@@ -8,7 +8,8 @@ reply, which can be lost. The ledger keeps, per node ``p``:
   (``redo``): the node absorbs a batch only for a round it has not finished, so nothing is absorbed twice;
 - ``acked[p]``: the last round whose outbox of ``p`` was routed. A good reply for round ``t``
   (:meth:`acknowledge`) empties ``unacked[p]`` and sets ``acked[p] = t``. The node resends its outboxes of the
-  rounds after ``acked[p]``; the relay routes those of rounds ``acked[p] < k < t`` (:meth:`unrouted`), each once;
+  rounds after ``acked[p]``; the relay routes those of the rounds it handed since, before ``t`` (:meth:`resendable`),
+  each once, and refuses a reply that resends any other;
 - ``awaiting``: the nodes whose latest train message has no answer yet (an error reply is no answer), with its
   server round. A node still awaiting at the end of a run did not come back (:meth:`not_returned`);
 - ``stragglers``: one event per train message with no good reply (:meth:`straggle`): no reply, an error or a
@@ -92,10 +93,10 @@ class DeliveryLedger:
         answered = self._answers(server_round)
         return [p for p, asked in self.awaiting.items() if asked == server_round and p not in answered]
 
-    def unrouted(self, node: int, outboxes: list[tuple[int, Frames]], rnd: int) -> list[tuple[int, Frames]]:
-        """Of the ``(round, frames)`` outboxes ``node`` resent with its reply for round ``rnd``, those the relay has
-        not routed: rounds after ``acked[node]`` and before ``rnd``."""
-        return [(k, f) for k, f in outboxes if self.acked[node] < k < rnd]
+    def resendable(self, node: int, rnd: int) -> list[int]:
+        """The rounds whose outboxes ``node`` may resend with its reply for round ``rnd``, each once: those it was
+        handed a train message for since its last good reply (all after ``acked[node]``), before ``rnd``."""
+        return [r for r, _, _ in self.unacked[node] if 0 <= r < rnd]
 
     def acknowledge(self, node: int, rnd: int, keep_handed: bool = False) -> None:
         """A good reply of ``node`` for round ``rnd``: it absorbed everything it was handed, and its outboxes up to

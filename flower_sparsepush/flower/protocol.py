@@ -57,6 +57,7 @@ from flower_sparsepush.core.guard import BadReply
 from flower_sparsepush.core.merge_relay import Outcome
 
 _FRAME = struct.Struct("<II")
+FRAME_BYTES = _FRAME.size  # the header of one packed frame: (peer or round, length)
 Frames = list[tuple[int, bytes]]
 
 # record and field names
@@ -197,6 +198,17 @@ def train_reply_content(
 
 def _number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def reply_bytes(content: object) -> int:
+    """The bytes of a train reply's ``out.frames``, ``out.resent`` and ``out.rejected``, read without unpacking
+    anything (0 for what is missing or not bytes: :func:`read_train_reply` refuses that)."""
+    try:
+        out = content[OUT]
+        fields = [out.get(k) for k in ("frames", "resent", "rejected")]
+    except (KeyError, TypeError, AttributeError):
+        return 0
+    return sum(len(v) for v in fields if isinstance(v, bytes))
 
 
 def read_train_reply(content: object) -> TrainReply:

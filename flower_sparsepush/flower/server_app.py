@@ -92,6 +92,7 @@ _REPORT_FIELDS = (
     "nodes_not_returned",
     "eval_failures",
     "messages_resent",
+    "weight_corrections",
     "reconnected_nodes",
     "registration_left_out",
     "missing_partitions",

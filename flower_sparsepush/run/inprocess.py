@@ -5,7 +5,7 @@ reply checks as the Flower paths, which are tested against it. Also the in-proce
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -71,7 +71,9 @@ class _Loop:
         self.setup = setup = get_setup(cfg)
         n = setup.n
         self.router = make_router(cfg)
-        self.guard = Guard(self.router, reply_checks(setup))  # the ServerApp's checks: a bad outbox is refused here
+        # the ServerApp's checks: a bad outbox is refused here; the weight ledger is the Flower relay's only (its
+        # nodes here are this loop's own code, and a refused outbox's mass is lost here, not resent)
+        self.guard = Guard(self.router, replace(reply_checks(setup), gamma=None))
         self.states = [init_state(setup) for _ in range(n)]
         self.sent = [0] * n
         self.history: list[dict[str, float]] = []

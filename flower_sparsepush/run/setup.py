@@ -216,7 +216,8 @@ def make_router(cfg: RunConfig) -> Router:
 
 def reply_checks(setup: Setup) -> ReplyChecks:
     """What the relay checks every reply of this run against: the graph, the model size and form, the longest
-    message the compressor of each round makes, and the repeat-offender policy (``exclude-after``)."""
+    message the compressor of each round makes, the repeat-offender policy (``exclude-after``) and the consensus step
+    size of each round (the weight ledger's share rule)."""
     dim = int(setup.x0.numel())
     return ReplyChecks(
         graph=setup.graph,
@@ -225,4 +226,5 @@ def reply_checks(setup: Setup) -> ReplyChecks:
         value_bound=setup.cfg.value_bound,  # core/bounds.py
         max_message_bytes=lambda rnd: message_size_limit(setup.rule(0, rnd).compressor, dim, setup.x0.dtype),
         exclude_after=setup.cfg.exclude_after,
+        gamma=lambda rnd: gamma_at(setup.cfg, rnd),
     )
