@@ -2,8 +2,10 @@
 ServerApp reads (instead of the strategy's attributes).
 
 - Registration: wait until the run's nodes are connected, then ask each for its partition id (one query message).
-  A node id that appears later (a SuperNode that restarted and reconnected) is asked too, and takes over its
-  partition (:meth:`PushSumStrategy.refresh`).
+  A node that answers badly (an error, no ``info``, an id out of range, an id another node claims too) is left out
+  and reported, never stops the run; the run starts when more than half of the partitions have a node
+  (:func:`quorum`), the others are absent for the whole run. A node id that appears later (a SuperNode that
+  restarted and reconnected) is asked too, and takes over its partition (:meth:`PushSumStrategy.refresh`).
 - Sampling: :meth:`PushSumStrategy.sample` is Flower's rule (``int(fraction * n)``, at least ``minimum``), seeded.
 - Traffic: ``bits_sent`` / ``bits_received`` per node, 8 x the bytes of every peer-to-peer message.
 """
@@ -25,28 +27,81 @@ from flwr.supercore import log
 from flower_sparsepush.flower import protocol
 
 
-def query_partitions(grid: Grid, node_ids: list[int], timeout: float, strict: bool = True) -> dict[int, int]:
-    """Ask each node for its partition id: ``{node_id: partition_id}``. A node that answers with an error stops the
-    run when ``strict``; otherwise it is left out (asked again next time)."""
+def query_partitions(grid: Grid, node_ids: list[int], timeout: float) -> dict[int, int | str]:
+    """Ask each node for its partition id: ``{node_id: partition_id}``, or ``{node_id: reason}`` (a string) for a
+    node that answered with an error, without ``info`` or without a whole-number ``partition-id``. Nodes that do not
+    answer within ``timeout`` are absent from the result."""
     msgs = [
         Message(
             RecordDict({"q": ConfigRecord({"what": "partition-id"})}), dst_node_id=nid, message_type=MessageType.QUERY
         )
         for nid in node_ids
     ]
-    mapping = {}
+    claims: dict[int, int | str] = {}
     for r in grid.send_and_receive(msgs, timeout=timeout):
+        nid = r.metadata.src_node_id
         if r.has_error():
-            if not strict:
-                log(WARNING, "node %s did not answer the partition query (%s)", r.metadata.src_node_id, r.error.reason)
-                continue
-            raise RuntimeError(f"node {r.metadata.src_node_id} failed the registration query: {r.error.reason}")
-        mapping[r.metadata.src_node_id] = int(r.content[protocol.INFO]["partition-id"])
-    return mapping
+            claims[nid] = f"answered the partition query with an error ({r.error.reason})"
+            continue
+        try:
+            p = r.content[protocol.INFO]["partition-id"]
+        except (KeyError, TypeError, AttributeError):
+            claims[nid] = f"its answer has no {protocol.INFO}.partition-id"
+            continue
+        ok = isinstance(p, int) and not isinstance(p, bool)
+        claims[nid] = p if ok else f"its partition-id {p!r} is not a whole number"
+    return claims
 
 
-def wait_and_register(grid: Grid, num_nodes: int, timeout: float, poll: float = 0.2) -> dict[int, int]:
-    """Wait until ``num_nodes`` nodes are connected, then ask each for its partition id: {node_id: partition_id}."""
+def quorum(num_nodes: int) -> int:
+    """How many partitions must be held by a node for a run to start: more than half of them. A minority of broken
+    or hostile nodes cannot stop a run; a run that lost half of its nodes at the start does not pretend to be the
+    run that was asked for."""
+    return num_nodes // 2 + 1
+
+
+@dataclass
+class Registration:
+    """Who holds which partition, and the nodes left out with the reason (``{"node", "reason"}``)."""
+
+    node_to_part: dict[int, int]
+    left_out: list[dict] = field(default_factory=list)
+
+    def missing(self, num_nodes: int) -> list[int]:
+        """The partitions no node holds."""
+        return sorted(set(range(num_nodes)) - set(self.node_to_part.values()))
+
+
+def resolve_claims(claims: dict[int, int | str], node_ids: list[int], num_nodes: int) -> Registration:
+    """The partitions of the nodes that answered with a valid, uncontested id in ``0..num_nodes-1``. Left out (with
+    the reason): nodes that did not answer, answered badly (a string in ``claims``), claimed an id out of range,
+    or claimed the same id as another node. Two nodes with one id cannot both be right and the relay cannot tell
+    which is, so both are left out: a node that lies about its id loses its own partition and at most one other."""
+    left, valid = [], {}
+    for nid in node_ids:
+        c = claims.get(nid, "did not answer the partition query")
+        if isinstance(c, str):
+            left.append({"node": nid, "reason": c})
+        elif not 0 <= c < num_nodes:
+            left.append({"node": nid, "reason": f"claimed partition {c}, outside 0..{num_nodes - 1}"})
+        else:
+            valid[nid] = c
+    holders: dict[int, list[int]] = {}
+    for nid, p in valid.items():
+        holders.setdefault(p, []).append(nid)
+    mapping = {}
+    for p, nids in sorted(holders.items()):
+        if len(nids) == 1:
+            mapping[nids[0]] = p
+            continue
+        for nid in nids:
+            left.append({"node": nid, "reason": f"claimed partition {p}, as node(s) {sorted(set(nids) - {nid})} did"})
+    return Registration(mapping, sorted(left, key=lambda e: e["node"]))
+
+
+def wait_and_register(grid: Grid, num_nodes: int, timeout: float, poll: float = 0.2) -> Registration:
+    """Wait until ``num_nodes`` nodes are connected, then ask each for its partition id (:func:`resolve_claims`).
+    Nodes left out are logged; the run stops only when fewer than :func:`quorum` partitions are held."""
     end = time.time() + timeout
     while True:
         ids = sorted(grid.get_node_ids())
@@ -58,11 +113,15 @@ def wait_and_register(grid: Grid, num_nodes: int, timeout: float, poll: float = 
                 "(num-nodes must equal the federation's num-supernodes)"
             )
         time.sleep(poll)
-    mapping = query_partitions(grid, ids, timeout)
-    parts = sorted(mapping.values())
-    if parts != list(range(num_nodes)):
-        raise RuntimeError(f"expected partition ids 0..{num_nodes - 1}, nodes reported {parts}")
-    return mapping
+    reg = resolve_claims(query_partitions(grid, ids, timeout), ids, num_nodes)
+    for e in reg.left_out:
+        log(WARNING, "registration: node %s is left out of the run: %s", e["node"], e["reason"])
+    if len(reg.node_to_part) < quorum(num_nodes):
+        raise RuntimeError(
+            f"only {len(reg.node_to_part)} of {num_nodes} partitions have a node (at least {quorum(num_nodes)} "
+            f"needed); left out: {reg.left_out}"
+        )
+    return reg
 
 
 GRID_POLL_ENV = "SPARSEPUSH_GRID_POLL"  # seconds between reply pulls on the Deployment Engine; default 0.05
@@ -176,6 +235,8 @@ class Report:
     reconnected_nodes: list = field(default_factory=list)
     mailbox_messages: int = 0
     mailbox_bits: int = 0
+    registration_left_out: list = field(default_factory=list)  # {"node", "reason"} (base.resolve_claims)
+    missing_partitions: list = field(default_factory=list)  # partitions no node held at registration
 
 
 class PushSumStrategy(Strategy):
@@ -190,6 +251,8 @@ class PushSumStrategy(Strategy):
         self.bits_sent = [0] * num_nodes
         self.bits_received = [0] * num_nodes
         self.reconnected: list[dict] = []  # {"partition", "old", "new"} per SuperNode that came back
+        self.left_out: list[dict] = []  # {"node", "reason"}: nodes left out at registration (never asked again)
+        self.missing_partitions: list[int] = []  # partitions no node holds: excluded from the start
 
     def start(self, grid: Grid, *args, **kwargs):
         return super().start(polling_grid(grid), *args, **kwargs)
@@ -197,17 +260,28 @@ class PushSumStrategy(Strategy):
     def register(self, grid: Grid) -> None:
         """First query round: learn node id -> partition id, after waiting for every node to connect."""
         if not self.node_to_part:
-            self.node_to_part = wait_and_register(grid, self.num_nodes, self.register_timeout)
+            reg = wait_and_register(grid, self.num_nodes, self.register_timeout)
+            self.node_to_part, self.left_out = reg.node_to_part, reg.left_out
             self.part_to_node = {p: nid for nid, p in self.node_to_part.items()}
+            self.missing_partitions = reg.missing(self.num_nodes)
+            for p in self.missing_partitions:
+                self.leave_out(p)
+
+    def leave_out(self, partition: int) -> None:
+        """A partition no node holds at registration: the strategy treats it as absent for the whole run."""
 
     def refresh(self, grid: Grid, server_round: int) -> None:
         """Register node ids that connected since: a restarted SuperNode takes over its partition."""
-        new = [nid for nid in grid.get_node_ids() if nid not in self.node_to_part]
+        refused = {e["node"] for e in self.left_out}
+        new = [nid for nid in grid.get_node_ids() if nid not in self.node_to_part and nid not in refused]
         if not new:
             return
         # a node that connected but cannot answer yet (or died again) is asked again at the next round
-        for nid, p in query_partitions(grid, sorted(new), self.register_timeout, strict=False).items():
-            if not 0 <= p < self.num_nodes:
+        for nid, p in query_partitions(grid, sorted(new), self.register_timeout).items():
+            if isinstance(p, str):
+                log(WARNING, "node %s did not register: %s", nid, p)
+                continue
+            if not 0 <= p < self.num_nodes or p in self.missing_partitions:
                 continue
             old = self.part_to_node.get(p)
             self.node_to_part.pop(old, None)

@@ -51,6 +51,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
+from flower_sparsepush.core import bounds
 from flower_sparsepush.core.merge_relay import MergeRelay
 from flower_sparsepush.core.node import Node
 from flower_sparsepush.core.pushsum import NodeState, PushSum
@@ -64,6 +65,7 @@ from flower_sparsepush.run.setup import make_rule
 from .base import EvalReport, PushSumStrategy, wait_and_register
 from .dropin_checks import MERGE_ARGS, check_callables, check_gossip, check_sampling, check_schedules, merge_config
 from .dropin_options import compressor_of_round, resolve
+from .dropin_reply import BadDropinReply, reply_arrays
 from .dropin_state import DropinStates
 
 MetricsAggr = Callable[[list[RecordDict], str], MetricRecord]
@@ -164,6 +166,9 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
         round's federated evaluation; its metrics are merged into the evaluation metrics.
     register_timeout : float (default: 120.0)
         Seconds to wait for the nodes to connect (and answer the partition-id query).
+    value_bound : float (default: 1e6, core.bounds.DEFAULT)
+        The run-config key ``value-bound``: a reply with a model value beyond it (after the cast to float32) is a
+        failure of that node, and the nodes' messages are clipped to it (core/bounds.py; 3.4e38 = off).
     """
 
     def __init__(
@@ -198,6 +203,7 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
         network: Network | None = None,
         evaluate_nodes_fn: NodesEval | None = None,
         register_timeout: float = 120.0,
+        value_bound: float = bounds.DEFAULT,
     ) -> None:
         keys = (weighted_by_key, arrayrecord_key, configrecord_key)
         check_sampling(
@@ -213,6 +219,10 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
         check_gossip(graph, compressor, gamma, form, seed, num_nodes, min_available_nodes, node_order, network)
         check_schedules(opts)
         merge_config(opts)
+        try:
+            value_bound = bounds.check_bound(value_bound)
+        except ValueError as err:
+            raise ValueError(f"value_bound: {err}") from None
         check_callables(
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
@@ -248,6 +258,7 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
         self.network = network or Network()
         self.evaluate_nodes_fn = evaluate_nodes_fn
         self.register_timeout = float(register_timeout)
+        self.value_bound = value_bound
 
         # filled in by start()
         self.node_ids: list[int] = []  # node index i -> Flower node id
@@ -286,8 +297,9 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
             ids = ids[: self.num_nodes_asked]
         if self.node_order == "node-id":
             return ids
-        part_of = wait_and_register(grid, len(ids), self.register_timeout)
-        return [nid for nid, _ in sorted(part_of.items(), key=lambda kv: kv[1])]
+        reg = wait_and_register(grid, len(ids), self.register_timeout)
+        self.left_out = reg.left_out  # nodes that answered badly: not part of the run (reported in summary())
+        return [nid for nid, _ in sorted(reg.node_to_part.items(), key=lambda kv: kv[1])]
 
     def setup(self, node_ids: list[int], initial_arrays: ArrayRecord) -> None:
         """Fix the node set and give every node the initial model with weight 1 (called by :meth:`start`)."""
@@ -374,7 +386,7 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
             spec = compressor_of_round(
                 self.compressor, self.sparsity_schedule, self.lr_schedule, self.num_rounds_planned, t
             )
-            return make_rule(spec, self.segments, self.seed, node, g, self.gamma, self.form, self.x0)
+            return make_rule(spec, self.segments, self.seed, node, g, self.gamma, self.form, self.x0, self.value_bound)
 
         return rule
 
@@ -428,12 +440,12 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
                 continue
             try:
                 record = r.content[self.arrayrecord_key]
-                z_new = self._flatten(record, who=f"node {i}'s reply")
-            except (KeyError, ValueError, TypeError) as err:
+                z_new, fixed = reply_arrays(record, self.layout, self.value_bound, f"node {i}'s reply")
+            except (KeyError, BadDropinReply) as err:
                 self._fail(server_round, i, f"bad reply: {err}")
                 continue
             self.flower_bits_up[i] += 8 * sum(a.numpy().nbytes for a in record.values())
-            self.fixed[i] = {k: np.array(record[k].numpy()) for k, *_, m in self.layout if not m}
+            self.fixed[i] = fixed
             if i in self._offsets:  # the node moved from the shifted point: apply that change to z_i
                 z_new = z_new - self._offsets[i]
             trained.append((i, z_new))

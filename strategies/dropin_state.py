@@ -103,6 +103,7 @@ class DropinStates:
             last_eval=self.last_eval,
             messages_dropped=self.router.dropped if self.router else 0,
             straggler_events=list(self.failures),
+            registration_left_out=list(self.left_out),
         )
 
     def traffic(self) -> dict[str, float]:

@@ -33,20 +33,21 @@ class CountingFedAvg(FedAvg):
         self.register_timeout = 120.0
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kw):
-        self.node_to_part = wait_and_register(grid, self.num_nodes, self.register_timeout)
+        self.node_to_part = wait_and_register(grid, self.num_nodes, self.register_timeout).node_to_part
         return super().start(grid, initial_arrays, num_rounds=num_rounds, **kw)
 
     def configure_train(self, server_round, arrays, config, grid):
         msgs = list(super().configure_train(server_round, arrays, config, grid))
         size = 8 * sum(a.numpy().nbytes for a in arrays.values())
         for m in msgs:
-            self.bits_received[self.node_to_part[m.metadata.dst_node_id]] += size
+            if m.metadata.dst_node_id in self.node_to_part:  # a node left out at registration is not counted
+                self.bits_received[self.node_to_part[m.metadata.dst_node_id]] += size
         return msgs
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
         for r in replies:
-            if not r.has_error():
+            if not r.has_error() and r.metadata.src_node_id in self.node_to_part:
                 size = 8 * sum(a.numpy().nbytes for a in r.content["arrays"].values())
                 self.bits_sent[self.node_to_part[r.metadata.src_node_id]] += size
             else:

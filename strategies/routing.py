@@ -200,6 +200,12 @@ class RoutingStrategy(MergeSteps, PushSumStrategy):
         fractions = (self.fraction_train, self.fraction_evaluate, self.eval_every)
         log(INFO, "\t├── fraction_train %.2f, fraction_evaluate %.2f, eval every %d rounds", *fractions)
 
+    def leave_out(self, partition: int) -> None:
+        """A partition no node holds at registration is absent for the whole run, as an excluded node: every
+        message to it bounces back to its sender at once; its initial weight is not in the run."""
+        self.router.exclude(partition)
+        self.ledger.exclude(partition)
+
     def _restore_for(self, p: int) -> int:
         return self.restore_round if p in self.to_restore else -1
 
@@ -546,6 +552,8 @@ class RoutingStrategy(MergeSteps, PushSumStrategy):
             reconnected_nodes=list(self.reconnected),
             mailbox_messages=sum(len(b) for b in self.router.mailboxes),
             mailbox_bits=sum(8 * len(d) for b in self.router.mailboxes for _, _, d in b),
+            registration_left_out=list(self.left_out),
+            missing_partitions=list(self.missing_partitions),
         )
 
 

@@ -71,7 +71,7 @@ EVERY_KEY = {
     "data-dir": "/data/x y", "image-column": "", "label-column": "", "partition": "dirichlet:0.5", "model": "mlp",
     "norm": "group", "seed": 11, "eval-every": 3, "eval-node-samples": 50, "out-dir": "/tmp/some where",
     "run-name": "every-key", "save-nodes": True, "drop": 0.1, "link-down": 0.1, "down-span": 3, "churn": 0.1,
-    "bounce": False, "round-timeout": 120.5, "exclude-after": 2, "checkpoint-every": 2, "resume": True,
+    "bounce": False, "round-timeout": 120.5, "exclude-after": 2, "value-bound": 1e5, "checkpoint-every": 2, "resume": True,
     "node-store": "/tmp/store dir", "preset": "",
 }  # fmt: skip
 

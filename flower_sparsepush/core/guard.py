@@ -25,12 +25,14 @@ from typing import Any
 
 import torch
 
+from flower_sparsepush.core.bounds import message_excess
 from flower_sparsepush.core.codec import CodecError, decode, max_size
 from flower_sparsepush.core.router import Router
 from flower_sparsepush.core.weights import WeightError, WeightLedger
 
 # the kinds of refused replies (what the ServerApp records as "kind")
 KINDS = ("unknown node", "unexpected", "schema", "round", "destinations", "size", "message", "sender", "weight")
+KINDS += ("bound",)  # a message value beyond the run's value bound (core/bounds.py)
 
 
 class BadReply(ValueError):
@@ -71,6 +73,7 @@ class ReplyChecks:
 
     - ``graph``: a reply must address exactly the sender's out-neighbours of its round;
     - ``dim``, ``form``: every message (and every evaluation report) is of this model size and push-sum form;
+    - ``value_bound``: no message value (or quantization scale) beyond it (core/bounds.py; kind ``"bound"``);
     - ``max_message_bytes``: the longest message the run's compressor makes (bytes, or a function of the round when
       the compressor changes over rounds; :func:`message_size_limit`);
     - ``exclude_after``: stop routing to and from a node after this many refused replies (0: never);
@@ -83,6 +86,7 @@ class ReplyChecks:
     graph: Any = None
     dim: int | None = None
     form: str | None = None
+    value_bound: float | None = None
     max_message_bytes: int | Callable[[int], int] | None = None
     exclude_after: int = 0
     gamma: float | Callable[[int], float] | None = None
@@ -105,6 +109,7 @@ class Guard:
         self.form = form
         self.max_message_bytes = max_message_bytes
         self.exclude_after = exclude_after
+        self.value_bound = checks.value_bound
         self.rejected_replies: list[dict] = []  # {"round", "node", "kind", "reason"}
         self.offences: dict[int, int] = {}  # node -> refused replies
         self.excluded: list[dict] = []  # {"round", "node", "replies_rejected"}
@@ -170,6 +175,9 @@ class Guard:
                 raise BadReply("sender", f"message to node {dest} says it is from node {msg.sender}")
             if msg.round != rnd:
                 raise BadReply("round", f"message to node {dest} says round {msg.round}, the relay asked for {rnd}")
+            excess = message_excess(msg.payload, self.value_bound)
+            if excess:
+                raise BadReply("bound", f"message to node {dest}: {excess}")
         idx = list(outbox.rejected)
         if not all(_is_int(i) and 0 <= i < inbox_size for i in idx) or len(set(idx)) != len(idx):
             raise BadReply(

@@ -78,10 +78,12 @@ class Node:
         return rule.receive(self.state, list(inbox))
 
     def finish(self, rnd: int, z_new: torch.Tensor | None = None) -> dict[int, bytes]:
-        """Set the de-biased model to ``z_new`` when given (a local update), then send this round's messages."""
+        """Set the de-biased model to ``z_new`` when given (a local update, clipped to the rule's value bound), then
+        send this round's messages."""
+        rule = self.rule(rnd)
         if z_new is not None:
-            PushSum.local_update(self.state, z_new)
-        return self.rule(rnd).send(self.state, self.id, self._outs(rnd), rnd)
+            PushSum.local_update(self.state, z_new, rule.bound)
+        return rule.send(self.state, self.id, self._outs(rnd), rnd)
 
     def round(
         self,

@@ -26,11 +26,13 @@ the subclass of ``form``:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 import torch
 
+from flower_sparsepush.core import bounds
 from flower_sparsepush.core.codec import FORMS, CodecError, Message, decode, encode
 from flower_sparsepush.core.compression import Identity, compress_with_feedback
 
@@ -83,13 +85,18 @@ class PushSum:
 
     form: ClassVar[str]
 
-    def __new__(cls, compressor=None, gamma: float = 1.0, form: str | None = None, ref_init=None):
+    def __new__(cls, compressor=None, gamma: float = 1.0, form: str | None = None, ref_init=None, bound=None):
         if cls is PushSum:
             cls = rule_class("ref" if form is None else form)
         return super().__new__(cls)
 
     def __init__(
-        self, compressor=None, gamma: float = 1.0, form: str | None = None, ref_init: torch.Tensor | None = None
+        self,
+        compressor=None,
+        gamma: float = 1.0,
+        form: str | None = None,
+        ref_init: torch.Tensor | None = None,
+        bound: float | None = None,
     ):
         if form is not None and form != self.form:
             raise ValueError(f"{type(self).__name__} is the {self.form!r} form, got form={form!r}")
@@ -98,6 +105,12 @@ class PushSum:
         self.compressor = compressor or Identity()
         self.gamma = float(gamma)
         self.ref_init = ref_init
+        self.bound = None if bound is None else bounds.check_bound(bound)
+
+    def _compress(self, v: torch.Tensor):
+        """The compressor applied to ``v`` clipped to the value bound (core/bounds.py): no message of this node
+        carries a value beyond it."""
+        return self.compressor(bounds.clip(v, self.bound))
 
     def init_state(self, x0: torch.Tensor) -> NodeState:
         """A node that starts from model ``x0`` with weight 1."""
@@ -116,9 +129,10 @@ class PushSum:
     def receive(self, state: NodeState, messages: list[tuple[int, bytes]]) -> list[Rejection]:
         """Credit the mass of received messages, given as ``(sender, bytes)`` with the sender the router names.
 
-        A message is rejected, changing nothing, when it does not decode for this model, is of another form, or
-        says it comes from another node than the router delivered it from (the per-edge reference is chosen by the
-        router's sender, never by the bytes). After a rejection, the later messages from the same sender in this
+        A message is rejected, changing nothing, when it does not decode for this model, is of another form, says it
+        comes from another node than the router delivered it from (the per-edge reference is chosen by the router's
+        sender, never by the bytes), carries a value beyond the value bound, or would make this node's state
+        non-finite (it is applied, checked and undone from a copy; core/bounds.py). After a rejection, the later messages from the same sender in this
         batch are rejected too, so that sender's edge reference stays in step: the relay bounces them all back
         (router.py, ``Router.bounce_rejected``). Returns what was rejected, with the reasons.
         """
@@ -127,13 +141,27 @@ class PushSum:
         for pos, (sender, data) in enumerate(messages):
             try:
                 msg = self._accept(state, sender, data, refused)
+                self._apply(state, sender, msg)
             except CodecError as err:
                 rejected.append(Rejection(pos, sender, str(err)))
                 refused.add(sender)
-                continue
-            self._absorb(state, sender, msg)
-            state.y += msg.y
         return rejected
+
+    def _apply(self, state: NodeState, sender: int, msg: Message) -> None:
+        """Credit ``msg``; if that leaves the state non-finite, put the state back as it was and raise
+        :class:`CodecError` (what the message touches: ``x``, ``y`` and the in-edge reference of ``sender``)."""
+        x, y, ref = state.x.clone(), state.y, state.refs_in.get(sender)
+        saved_ref = None if ref is None else ref.clone()
+        self._absorb(state, sender, msg)
+        state.y += msg.y
+        if bounds.finite(state.y, state.x, state.refs_in.get(sender)) and bounds.finite_ratio(state.x, state.y):
+            return
+        state.x, state.y = x, y
+        if saved_ref is None:
+            state.refs_in.pop(sender, None)
+        else:
+            state.refs_in[sender] = saved_ref
+        raise CodecError("applying it would make this node's state non-finite")
 
     def _accept(self, state: NodeState, sender: int, data: bytes, refused: set[int]) -> Message:
         """The decoded message, or :class:`CodecError` with the reason this node refuses it."""
@@ -144,6 +172,9 @@ class PushSum:
             raise CodecError(f"message of the {msg.form!r} form sent to a {self.form!r} node")
         if msg.sender != sender:
             raise CodecError(f"message says it is from node {msg.sender} but came from node {sender}")
+        excess = bounds.message_excess(msg.payload, self.bound)
+        if excess:
+            raise CodecError(excess)
         return msg
 
     def bounce(self, state: NodeState, dest: int, data: bytes) -> None:
@@ -182,9 +213,15 @@ class PushSum:
         return (copies - state.z.to(torch.float32)) * c
 
     @staticmethod
-    def local_update(state: NodeState, z_new: torch.Tensor) -> None:
-        """Apply a local training step that moved the de-biased model to ``z_new``: ``x += y * (z_new - z)``."""
-        state.x = state.y * z_new.detach().to(state.x.dtype)
+    def local_update(state: NodeState, z_new: torch.Tensor, bound: float | None = None) -> bool:
+        """Apply a local training step that moved the de-biased model to ``z_new``: ``x += y * (z_new - z)``, with
+        ``z_new`` clipped to the value bound (core/bounds.py). A non-finite ``z_new`` (a diverged step) is not
+        applied: the node keeps its model. Returns whether it was applied."""
+        z_new = z_new.detach()
+        if not math.isfinite(bounds.largest_abs(z_new)):
+            return False
+        state.x = state.y * bounds.clip(z_new, bound).to(state.x.dtype)
+        return True
 
 
 class ErrorFeedbackPushSum(PushSum):
@@ -193,7 +230,7 @@ class ErrorFeedbackPushSum(PushSum):
     form = "ef"
 
     def _send(self, state, sender, out_neighbours, rnd, a, y_sent):
-        c, state.error = compress_with_feedback(self.compressor, state.x, state.error)
+        c, state.error = compress_with_feedback(self._compress, state.x, state.error)
         if isinstance(self.compressor, Identity):
             state.error = None  # nothing is ever left out
         data = encode(Message(sender, rnd, a, y_sent, c, form=self.form))
@@ -233,7 +270,7 @@ class _EdgeReferencePushSum(PushSum):
             ref = state.refs_out.get(j)
             if ref is None:
                 ref = state.refs_out[j] = self._new_ref(target)
-            c = self.compressor(target - ref)
+            c = self._compress(target - ref)
             c.add_to_(ref)
             state.x.sub_(ref, alpha=self._moved(a, y_sent))
             out[j] = encode(Message(sender, rnd, a, y_sent, c, form=self.form))

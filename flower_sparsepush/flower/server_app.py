@@ -94,6 +94,8 @@ _REPORT_FIELDS = (
     "messages_resent",
     "weight_corrections",
     "reconnected_nodes",
+    "registration_left_out",
+    "missing_partitions",
 )
 
 

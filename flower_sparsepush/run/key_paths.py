@@ -152,6 +152,12 @@ WHERE: dict[str, tuple[str, str, str, str]] = {
         CARRIED,
         NO_FEATURE,
     ),
+    "value-bound": (
+        "test:tests/test_bounds.py::test_huge_values_are_charged_to_the_attacker_in_process",
+        "test:tests/test_bounds.py::test_huge_values_through_flower_are_refused_at_the_attacker",
+        CARRIED,
+        "arg:value_bound",
+    ),
     "checkpoint-every": (
         "test:tests/test_reliability.py::test_same_seed_identical_and_resume_equals_uninterrupted",
         "test:tests/test_flower_state.py::test_resumed_flower_run_equals_an_uninterrupted_one",

@@ -177,6 +177,16 @@ KEYS: dict[str, Key] = {
         0,
         10_000_000,
     ),
+    "value-bound": Key(
+        1e6,
+        float,
+        "largest magnitude a push-sum message value (or quantization scale) and a node's model may have; the relay "
+        "refuses a message beyond it (charged to its sender), receivers refuse it, senders clip to it "
+        "(core/bounds.py; 3.4e38 = off)",
+        0.0,
+        3.4e38,
+        lo_open=True,
+    ),
     "checkpoint-every": Key(
         0,
         int,

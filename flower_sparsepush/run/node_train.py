@@ -163,7 +163,7 @@ def train(setup: Setup, state: NodeState, node: int, rnd: int) -> float:
     z_new, state.momentum, loss = local_sgd(
         setup, state.z, state.momentum, node, rnd, qgm=qgm, drift=state.drift, grad_sum=state.grad_sum, offset=offset
     )
-    PushSum.local_update(state, z_new)
+    PushSum.local_update(state, z_new, setup.cfg.value_bound)
     return loss
 
 
@@ -215,7 +215,7 @@ def train_batched(setup: Setup, engine, states: list[NodeState], nodes: list[int
     mom_new = None if mom_new is None else mom_new.cpu()
     for k, state in enumerate(states):
         state.momentum = None if mom_new is None else mom_new[k].clone()
-        PushSum.local_update(state, z_new[k])
+        PushSum.local_update(state, z_new[k], cfg.value_bound)
     return losses.cpu().tolist()
 
 

@@ -21,13 +21,15 @@ from flower_sparsepush.run.config import RunConfig
 from flower_sparsepush.run.schedule import compressor_at, gamma_at
 
 
-def make_rule(compressor, segments, seed: int, node: int, rnd: int, gamma: float, form: str, ref_init) -> PushSum:
+def make_rule(
+    compressor, segments, seed: int, node: int, rnd: int, gamma: float, form: str, ref_init, bound: float | None = None
+) -> PushSum:
     """The push-sum rule of one node and round: a compressor spec is built with a ``(seed, node, round)`` generator
-    (random-k draws), a compressor object is used as it is. The native run (:meth:`Setup.rule`) and the drop-in
-    strategy both build their rules here."""
+    (random-k draws), a compressor object is used as it is; ``bound`` is the value bound (core/bounds.py). The native
+    run (:meth:`Setup.rule`) and the drop-in strategy both build their rules here."""
     if isinstance(compressor, str):
         compressor = make_compressor(compressor, segments=segments, seed=seed_for(seed, node, "compress", rnd))
-    return PushSum(compressor, gamma=gamma, form=form, ref_init=ref_init)
+    return PushSum(compressor, gamma=gamma, form=form, ref_init=ref_init, bound=bound)
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,15 @@ class Setup:
         """The push-sum rule for one node and round (random-k draws from a (seed, node, round) generator)."""
         cfg = self.cfg
         return make_rule(
-            compressor_at(cfg, rnd), self.segments, cfg.seed, node, rnd, gamma_at(cfg, rnd), cfg.form, self.x0
+            compressor_at(cfg, rnd),
+            self.segments,
+            cfg.seed,
+            node,
+            rnd,
+            gamma_at(cfg, rnd),
+            cfg.form,
+            self.x0,
+            cfg.value_bound,
         )
 
     def epoch(self, rnd: int) -> float:
@@ -213,6 +223,7 @@ def reply_checks(setup: Setup) -> ReplyChecks:
         graph=setup.graph,
         dim=dim,
         form=setup.cfg.form,
+        value_bound=setup.cfg.value_bound,  # core/bounds.py
         max_message_bytes=lambda rnd: message_size_limit(setup.rule(0, rnd).compressor, dim, setup.x0.dtype),
         exclude_after=setup.cfg.exclude_after,
         gamma=lambda rnd: gamma_at(setup.cfg, rnd),
