@@ -47,6 +47,7 @@ from flower_sparsepush.core.pushsum import PushSum
 from flower_sparsepush.core.router import Network
 from flower_sparsepush.core.topology import Graph
 from flower_sparsepush.flower import protocol
+from flower_sparsepush.run.keys import KEYS
 
 TOL = 1e-9
 KEEP = 20  # rounds of its own outboxes a hostile node keeps for replays
@@ -132,6 +133,8 @@ class Attack:
     ready: Callable[[Turn], bool] | None = None
 
 
+VALUE_BOUND = KEYS["value-bound"].default  # the run's value bound at its default (core/bounds.py)
+
 ATTACKS: dict[str, Attack] = {
     "forged y=1e308": Attack(("weight",), _each(y=1e308)),
     "forged y=1e9": Attack(("weight",), _each(y=1e9)),
@@ -155,6 +158,13 @@ ATTACKS: dict[str, Attack] = {
         ("message",), _each(payload=lambda t: replace(decode(t.frames[0][1]).payload, scale=float("nan")))
     ),
     "y=inf": Attack(("message",), _each(y=float("inf"))),
+    # finite but huge values (the run's value bound, core/bounds.py): once the receivers' models overflowed
+    "huge values 1e30": Attack(
+        ("bound",), _each(payload=lambda t: replace(decode(t.frames[0][1]).payload, scale=1e30))
+    ),
+    "huge values 3e38": Attack(
+        ("bound",), _each(payload=lambda t: replace(decode(t.frames[0][1]).payload, scale=3e38))
+    ),
     "oversized frame": Attack(("size",), _first(lambda t, d, m: (d, b"SP" * 50_000))),
     "dense payload": Attack(
         ("size",), _each(payload=lambda t: Identity()(torch.ones(decode(t.frames[0][1]).payload.dim)))
@@ -245,6 +255,7 @@ class Campaign:
                 form=self.rule.form,
                 max_message_bytes=message_size_limit(self.rule.compressor, cfg.dim, torch.float64),
                 gamma=cfg.gamma if cfg.ledger else None,
+                value_bound=VALUE_BOUND,
             ),
             network=net,
         )
