@@ -275,7 +275,7 @@ DEMO = {
     "eval-node-samples": 1000,
 }
 SPARSE_PUSH = {
-    "compressor": "topk:0.01+q:4",
+    "compressor": "topk:0.0125+q:4",
     "gamma": 0.1,
     "sparsity-schedule": "lr",
     "gradient-lookahead": 0.5,
