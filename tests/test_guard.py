@@ -14,6 +14,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from flower_sparsepush.simulations.campaign import flower_task  # Messages are built inside a Flower task
 from flower_sparsepush.strategies.routing import RoutingStrategy
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from hypothesis import given, settings
@@ -34,20 +35,6 @@ N, D, H = 5, 40, 4  # five nodes, 40 parameters, node 4 is the one that misbehav
 OUTS = [[1, 2], [2], [3], [0], [0, 2]]  # node 4 sends to 0 and 2; nobody sends to it, so it is handed no mass
 RULE = PushSum(make_compressor("topk:0.25+q:4"), 0.5, "ref")
 LIMIT = message_size_limit(RULE.compressor, D, torch.float64)
-
-
-@contextlib.contextmanager
-def flower_task():
-    """Flower builds Messages only inside a task, whose identity Flower sets; the routing logic does not depend on
-    it, so the tests set one while they build messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def reply(train_msg, rnd, frames, rejected=(), out=None, metrics=None) -> Message:
