@@ -73,6 +73,13 @@ def test_the_validation_split_chooses_and_the_goal_reads_the_test_accuracy_of_th
     assert goal["met"] is False and goal["reduction_vs_sgp"] == pytest.approx(500)
     b = next(r for r in rows if r["name"] == "b")
     assert b["seeds"] == [0, 1, 2] and b["acc_consensus_std"] == 0.0
+    # a candidate run on one seed does not displace one run on three, however well its seed went
+    one_seed = claims_report.aggregate([*runs, _run("d", "466x", 0, 0.95, 0.95, 2.0)])
+    assert [r["name"] for r in one_seed if r.get("chosen") == "466x"] == ["b"]
+    alone = claims_report.aggregate(
+        [_run("sgp", "baseline", 0, 0.92, 0.92, 1000.0), _run("d", "466x", 0, 0.95, 0.95, 2.0)]
+    )
+    assert [r["name"] for r in alone if r.get("chosen") == "466x"] == ["d"]  # among one-seed rows it still counts
     md = claims_report.render_md({"command": "c", "rows": rows, "goals": claims_report.goals(rows)})
     assert "- >= 466x within 1 point(s) of SGP (iid): not met (row b, preset none, 500x" in md
     assert md.endswith("- `sgp`: Sparse-Push, H = 1\n") and "\n\n### Row names\n\nA row's name abbreviates" in md
