@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from flower_sparsepush.core.bounds import message_excess
 from flower_sparsepush.core.codec import CodecError, decode, max_size
 from flower_sparsepush.core.compression import Compressed
 from flower_sparsepush.core.guard import BadReply
@@ -69,18 +68,9 @@ class MergeRelay:
     """The relay's bookkeeping of merges among ``n`` nodes of a model with tensor sizes ``segments``, merged at
     ``bits`` (32: exact; values of ``value_dtype``) in push-sum ``form`` (see the module)."""
 
-    def __init__(
-        self,
-        n: int,
-        segments: list[int],
-        bits: int,
-        form: str,
-        value_dtype=np.float32,
-        value_bound: float | None = None,
-    ) -> None:
+    def __init__(self, n: int, segments: list[int], bits: int, form: str, value_dtype=np.float32) -> None:
         check_bits(bits)
         self.n, self.segments, self.bits, self.form = n, list(segments), bits, form
-        self.value_bound = value_bound  # no merge message value (or quantization scale) beyond it (core/bounds.py)
         self._sizes = [self._size(s, value_dtype) for s in self.segments]
         self.owed: dict[int, list[Outcome]] = {}  # node -> outcomes it has not been handed (or not acknowledged)
         self.open(-1, [])
@@ -125,9 +115,6 @@ class MergeRelay:
                 raise BadReply("sender", f"merge message of segment {k} says it is from node {msg.sender}")
             if msg.round != self.round:
                 raise BadReply("round", f"merge message says round {msg.round}, the merge is after round {self.round}")
-            excess = message_excess(msg.payload, self.value_bound)
-            if excess:
-                raise BadReply("bound", f"merge message of segment {k}: {excess}")
             weights.append(msg.y)
         return weights
 

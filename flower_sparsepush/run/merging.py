@@ -35,7 +35,7 @@ def merge_relay(setup: Setup | MergeSetup) -> MergeRelay:
     """The relay's bookkeeping of this run's merges."""
     cfg = setup.cfg
     dtype = np.dtype(str(setup.x0.dtype).removeprefix("torch."))
-    return MergeRelay(setup.n, setup.segments, cfg.merge_bits, cfg.form, dtype, cfg.value_bound)
+    return MergeRelay(setup.n, setup.segments, cfg.merge_bits, cfg.form, dtype)
 
 
 def drift_mode(cfg: RunConfig, t: int) -> str:
