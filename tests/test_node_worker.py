@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -68,10 +69,15 @@ def test_worker_answers_a_query_and_stops_on_sigterm(tmp_path):
 
 @pytest.mark.skipif(not HAS_FLOWER, reason="flower-superlink is not installed")
 @pytest.mark.parametrize("mode", ["link", "executor"])
-def test_a_killed_worker_is_started_again_and_the_run_continues(tmp_path, mode):
-    """The worker of node 1 is killed (SIGKILL) after round 1, while idle: `sparsepush node` starts it again (link
-    mode: the next per-message ClientApp waits for its socket; executor mode: the SuperNode's next task waits to be
-    acquired), the node continues from its stored state (mass exact), and no PID is left."""
+def test_a_killed_worker_is_started_again_and_the_run_continues(tmp_path, mode, monkeypatch):
+    """Node 1's worker is killed (SIGKILL) and `sparsepush node` starts it again; the node continues from its
+    stored state, mass stays exact, and no PID is left.
+
+    link mode: killed after round 1, while idle (the next per-message ClientApp waits for the new worker's socket).
+    executor mode: killed while it holds a task, at a known point: after pulling its round-2 train message and
+    before running it (``$SPARSEPUSH_WORKER_FAULT``). The next worker finds the claim the killed one left, answers
+    that message with an error reply and finishes the task as failed: node 1 is a straggler in round 2 only, and
+    trains again in round 3 (before, its SuperNode waited on the task until Flower expired its token)."""
     cfg = validate(
         {
             "strategy": "sparse-push",
@@ -92,9 +98,7 @@ def test_a_killed_worker_is_started_again_and_the_run_continues(tmp_path, mode):
     killed = []
 
     def idle(dep) -> bool:
-        """Node 1's worker holds no task: its last message was answered and the next not yet received. (Executor
-        mode: a worker killed while it holds an acquired task leaves its SuperNode waiting on that task for good,
-        a limitation in docs/deployment.md; this test is about a worker that dies between messages.)"""
+        """Node 1's worker holds no task: its last message was answered and the next not yet received."""
         log = (tmp_path / "logs" / "supernode-1.log").read_text()
         return log.rfind("Sending:") > log.rfind("Receiving:")
 
@@ -108,18 +112,27 @@ def test_a_killed_worker_is_started_again_and_the_run_continues(tmp_path, mode):
             os.kill(workers[0], signal.SIGKILL)
             killed.append(workers[0])
 
+    if mode == "executor":
+        monkeypatch.setenv("SPARSEPUSH_WORKER_FAULT", "1:train:2")
     dep = LocalDeployment(2, log_dir=tmp_path / "logs", worker_mode=mode)
     with dep:
-        assert dep.run(cfg.as_dict(), timeout=600, on_poll=kill_worker_after_round_1) == 0
-    assert killed and [p for p in dep.seen_pids if pid_alive(p)] == []
-    assert "starting it again" in (tmp_path / "logs" / "supernode-1.log").read_text()
+        assert dep.run(cfg.as_dict(), timeout=600, on_poll=kill_worker_after_round_1 if mode == "link" else None) == 0
+    assert [p for p in dep.seen_pids if pid_alive(p)] == []
+    worker_log = (tmp_path / "logs" / "supernode-1.log").read_text()
+    assert "starting it again" in worker_log
     summary = json.loads((tmp_path / "wk" / "summary.json").read_text())
     assert summary["final"]["round"] == 3 and summary["nodes_not_returned"] == []
     rows = read_metrics(tmp_path / "wk" / "metrics.jsonl")
     assert rows[-1]["num_evaluated"] == 2
-    worker_log = (tmp_path / "logs" / "supernode-1.log").read_text()
     assert ("its ClientApp process had started" in worker_log) == (mode == "link")  # link mode: one per message
     assert ("task train:" in worker_log) == (mode == "executor")
+    if mode == "link":
+        assert killed
+    else:
+        assert re.search(r"killed running train message \w+: reported failed", worker_log)
+        events = [(e["round"], e["node"]) for e in summary["straggler_events"]]
+        assert events == [(2, 1)], summary["straggler_events"]
+        assert "killed while it ran this message" in summary["straggler_events"][0]["reason"]
     for r in rows:
         if r["num_evaluated"] == 2:
             assert r["y_nodes"] + r.get("y_pending", 0.0) + r["y_mailboxes"] == pytest.approx(2, abs=1e-9)
@@ -158,3 +171,23 @@ def test_sparsepush_node_stops_supernode_and_worker_on_a_signal(tmp_path, sig):
     while [p for p in kids if pid_alive(p)] and time.time() < end:
         time.sleep(0.2)
     assert [p for p in kids if pid_alive(p)] == []
+
+
+def test_task_claim_round_trip_and_a_broken_claim_counts_as_none(tmp_path):
+    """The claim a worker leaves for the next: fields come back as written (protos as bytes), clear removes it, and
+    a claim file that cannot be read (a worker killed mid-write leaves only the .tmp; garbage) counts as none, so
+    a broken claim can never stop the next worker."""
+    from flower_sparsepush.deploy.node_executor import TaskClaim, recover
+
+    claim = TaskClaim(tmp_path / "task.claim")
+    assert claim.read() is None
+    claim.write(token="abc", task_id=7, context=b"\x00\x01ctx", metadata=b"\xffmeta")
+    assert claim.read() == {"token": "abc", "task_id": 7, "context": b"\x00\x01ctx", "metadata": b"\xffmeta"}
+    assert not (tmp_path / "task.claim.tmp").exists()
+    claim.clear()
+    assert claim.read() is None and not (tmp_path / "task.claim").exists()
+    (tmp_path / "task.claim").write_text("{not json")
+    assert claim.read() is None
+    assert recover(app=None, runtime_address="127.0.0.1:1", claim=claim, log=lambda _m: None) == "none"
+    assert not (tmp_path / "task.claim").exists()
+    assert TaskClaim(None).read() is None  # no claim file: nothing recorded, nothing recovered

@@ -110,8 +110,9 @@ def serve_link(path: str) -> None:
             pass
 
 
-def serve_executor(runtime_address: str) -> None:
-    """Acquire and run the SuperNode's ClientApp tasks in this process until SIGTERM/SIGINT (node_executor.py)."""
+def serve_executor(runtime_address: str, claim_file: str | None = None) -> None:
+    """Acquire and run the SuperNode's ClientApp tasks in this process until SIGTERM/SIGINT (node_executor.py); the
+    task held is recorded in ``claim_file``, for the next worker if this one is killed."""
     import threading
 
     t0 = time.perf_counter()
@@ -126,7 +127,7 @@ def serve_executor(runtime_address: str) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    serve_tasks(runtime_address, stop, log=_log)
+    serve_tasks(runtime_address, stop, log=_log, claim_file=claim_file)
 
 
 # --------------------------------------------------------------------------- worker + SuperNode
@@ -156,12 +157,9 @@ class NodeHost:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.tmp = None
-        if args.socket:
-            self.socket = str(Path(args.socket).resolve())
-        else:
-            self.tmp = tempfile.mkdtemp(prefix="sparsepush-node-")  # mode 0700
-            self.socket = os.path.join(self.tmp, "worker.sock")
+        self.tmp = tempfile.mkdtemp(prefix="sparsepush-node-")  # mode 0700: the socket and the executor's task claim
+        self.socket = str(Path(args.socket).resolve()) if args.socket else os.path.join(self.tmp, "worker.sock")
+        self.claim = os.path.join(self.tmp, "task.claim")  # outlives a killed worker (node_executor.TaskClaim)
         self.worker: subprocess.Popen | None = None
         self.supernode: subprocess.Popen | None = None
         self.restarts: list[float] = []
@@ -169,7 +167,7 @@ class NodeHost:
     def start_worker(self) -> None:
         cmd = [sys.executable, "-m", "flower_sparsepush.deploy.node_worker"]
         if self.args.mode == "executor":
-            cmd += ["--runtime-api", f"{self.args.host}:{self.args.port}"]
+            cmd += ["--runtime-api", f"{self.args.host}:{self.args.port}", "--claim-file", self.claim]
         else:
             cmd += ["--socket", self.socket]
         self.worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
@@ -305,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--socket", help="link mode: the worker link's Unix socket path to listen on")
     how.add_argument("--runtime-api", help="executor mode: the SuperNode's runtime API address, HOST:PORT")
+    parser.add_argument("--claim-file", help="executor mode: where the task held is recorded for the next worker")
     args = parser.parse_args(argv)
     try:
         if args.runtime_api:
-            serve_executor(args.runtime_api)
+            serve_executor(args.runtime_api, args.claim_file)
         else:
             serve_link(args.socket)
     except SystemExit as stop:
