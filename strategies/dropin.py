@@ -331,6 +331,7 @@ class DecentralizedFedAvg(DropinStates, PushSumStrategy):
         self.router = Router(n, self.network, bounce=True)
         self.merge_cfg = merge_config(self.merge_opts | {"form": self.form}, self.num_rounds_planned)
         if self.merge_cfg is not None:
+            self.merge_cfg = self.merge_cfg.replace(value_bound=self.value_bound)  # merges bounded as gossip is
             self.merges = merge_relay(MergeSetup(self.merge_cfg, self.n, self.segments, self.x0))
         self.num_nodes = n
         self.bits_sent = [0] * n

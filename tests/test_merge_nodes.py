@@ -9,7 +9,7 @@ import torch
 
 from flower_sparsepush.core.guard import BadReply
 from flower_sparsepush.core.merge import merge, merge_traffic
-from flower_sparsepush.core.merge_nodes import apply, catch_up, contribute, owners, reduce
+from flower_sparsepush.core.merge_nodes import DEVIATION, apply, catch_up, contribute, owners, reduce
 from flower_sparsepush.core.merge_relay import MergeRelay, count
 from flower_sparsepush.core.pushsum import NodeState
 
@@ -160,3 +160,86 @@ def test_a_give_batch_handed_again_is_absorbed_once_and_a_train_batch_is_not_mis
     assert absorbs(MERGE_BATCH + t, done=t, absorbed=t - 2)  # it never ran that give: absorbed now
     assert absorbs(t + 1, done=t, absorbed=t)  # round 6's batch, handed again after a lost train reply
     assert not absorbs(t, done=t, absorbed=-1)  # a round it finished
+
+
+# --------------------------------------------------------------------------- the value bound on merge messages
+
+
+def _bounded_merge(states, base, bits, bound, feedback=False):
+    relay = MergeRelay(len(states), SEGMENTS, bits, "ref", bound=bound)
+    relay.open(0, list(range(len(states))))
+    for i, s in enumerate(states):
+        relay.give(i, contribute(s, base, bits, SEGMENTS, i, 0, "ref", feedback, bound), s.y)
+    orders, _ = relay.assign()
+    for owner, segs in orders.items():
+        avgs = [(k, reduce(states[owner], k, SEGMENTS, bits, c, owner, 0, "ref", feedback, bound)) for k, c in segs]
+        relay.take_average(owner, avgs)
+    outcome = relay.close()
+    for i in range(len(states)):
+        apply(states[i], outcome.averages, base, bits, SEGMENTS, "ref", outcome.participants)
+    return outcome
+
+
+@pytest.mark.parametrize("bits, feedback", [(32, False), (8, False), (4, True)])
+def test_a_bound_that_binds_clips_honest_merges_and_the_relay_accepts_them(bits, feedback):
+    """With a bound far below the nodes' values (segment 2 holds values up to ~100, the bound is 0.5), every honest
+    node clips what it sends to merge_nodes.value_limit, so the relay refuses nothing, and the merged model is
+    within the bound (exact) or within the deviation limit of the base (quantized); a bound that never binds is bit
+    for bit the merge without one."""
+    bound = 0.5
+    states, base = _states(), torch.zeros(D)
+    for _ in range(2):  # the second merge starts from a clipped base and fed-back residuals
+        _bounded_merge(states, base, bits, bound, feedback)
+        m = states[0].z
+        limit = bound if bits == 32 else DEVIATION * bound
+        assert float(m.abs().max()) <= limit * (1 + 1e-5) and torch.isfinite(m).all()
+        base = states[0].merge_base.float()
+    free, loose = _states(), _states()
+    _bounded_merge(free, torch.zeros(D), bits, None, feedback)
+    _bounded_merge(loose, torch.zeros(D), bits, 1e6, feedback)
+    assert all(torch.equal(a.x, b.x) and a.y == b.y for a, b in zip(free, loose))
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("value", [1e30, 3e38, float("nan")])
+def test_the_relay_refuses_merge_messages_beyond_the_bound(bits, value):
+    """A contribution or an average whose values are beyond its limit (of the weight it carries) is refused as kind
+    "bound" (NaN already by the codec, as "message") before the relay keeps anything of it; the same contribution
+    within the limit is taken."""
+    kind = "message" if math.isnan(value) else "bound"
+    bound, states, base = 10.0, _states(), torch.zeros(D)
+    relay = MergeRelay(5, SEGMENTS, bits, "ref", bound=bound)
+    relay.open(0, [0, 1, 2, 3, 4])
+    honest = contribute(states[0], base, bits, SEGMENTS, 0, 0, "ref", False, bound)
+    forged = list(honest)
+    forged[1] = (1, _forge(honest[1][1], value, bits))
+    with pytest.raises(BadReply) as err:
+        relay.give(0, forged, states[0].y)
+    assert err.value.kind == kind and 0 not in relay.given
+    relay.give(0, honest, states[0].y)
+    for i in range(1, 5):
+        relay.give(i, contribute(states[i], base, bits, SEGMENTS, i, 0, "ref", False, bound), states[i].y)
+    orders, _ = relay.assign()
+    owner, segs = next(iter(orders.items()))
+    avgs = [(k, reduce(states[owner], k, SEGMENTS, bits, c, owner, 0, "ref", False, bound)) for k, c in segs]
+    bad = [(avgs[0][0], _forge(avgs[0][1], value, bits))] + avgs[1:]
+    with pytest.raises(BadReply) as err:
+        relay.take_average(owner, bad)
+    assert err.value.kind == kind
+    relay.take_average(owner, avgs)
+
+
+def _forge(data: bytes, value: float, bits: int) -> bytes:
+    """A merge message re-encoded with every value ``value`` (exact) or its quantization scale ``value``."""
+    import numpy as np
+
+    from flower_sparsepush.core.codec import Message, decode, encode
+    from flower_sparsepush.core.compression import Compressed
+
+    m = decode(data)
+    c = m.payload
+    if bits == 32:
+        p = Compressed(c.dim, None, values=np.full(c.dim, value, np.float32))
+    else:
+        p = Compressed(c.dim, None, codes=c.codes, scale=value, bits=c.bits)
+    return encode(Message(m.sender, m.round, m.a, m.y, p, form=m.form))

@@ -16,6 +16,13 @@ tensor of the model (a *segment*, one quantization scale each) has one *owner* a
 
 A merge's messages carry ``a = 1`` and the merge's round; their ``y`` is the sender's weight (a contribution) or
 the mean weight (an average). They are never mixed with push-sum messages, so they move no push-sum mass.
+
+Value bound (core/bounds.py, run-config ``value-bound`` ``B``): a merge message's values are within
+:func:`value_limit` of its weight, which an honest node guarantees by clipping what it sends (the identity when
+nothing is beyond it, so a run the bound never binds is unchanged), and the relay refuses a message beyond it
+(core/merge_relay.py, kind ``"bound"``). An exact merge carries numerators ``x = y z`` with ``|z| <= B``: at most
+``y B``; a quantized one carries deviations from the shared base, ``y (z - base)`` plus fed-back rounding: at most
+``DEVIATION y B`` (twice ``y B``, with room for the feedback).
 """
 
 from __future__ import annotations
@@ -23,12 +30,30 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from flower_sparsepush.core import bounds as value_bounds
 from flower_sparsepush.core.codec import Message, decode, encode
 from flower_sparsepush.core.compression import Compressed, Identity, dequantize, quantize
 from flower_sparsepush.core.merge import EXACT, check_bits
 from flower_sparsepush.core.pushsum import NodeState
 
 Frames = list[tuple[int, bytes]]
+DEVIATION = 4.0  # a quantized merge message's values: at most DEVIATION * y * B (honest: 2 y B plus feedback)
+
+
+def value_limit(bits: int, y: float, bound: float | None) -> float | None:
+    """The largest magnitude a merge message of weight ``y`` may carry under the value bound ``bound`` (None: no
+    bound): ``y B`` for an exact merge's numerators; ``DEVIATION y B`` for a quantized merge's deviations (an
+    average carries the de-biased deviation: pass ``y = 1``)."""
+    if bound is None:
+        return None
+    return (y if bits == EXACT else DEVIATION * y) * bound
+
+
+def _clip64(v: np.ndarray, limit: float | None) -> np.ndarray:
+    """``v`` itself when within ``limit`` (or there is none), else clipped to ``[-limit, limit]``."""
+    if limit is None or not len(v) or float(np.abs(v).max()) <= limit:
+        return v
+    return np.clip(np.nan_to_num(v, nan=0.0, posinf=limit, neginf=-limit), -limit, limit)
 
 
 def bounds(segments: list[int]) -> list[tuple[int, int]]:
@@ -77,13 +102,16 @@ def contribute(
     rnd: int,
     form: str,
     feedback: bool = False,
+    bound: float | None = None,
 ) -> Frames:
     """This node's contribution to the merge of round ``rnd``: ``[(segment, encoded message)]``. With ``feedback``
-    (a quantized merge) what the rounding drops is kept in ``state.merge_err`` for the next merge."""
+    (a quantized merge) what the rounding drops is kept in ``state.merge_err`` for the next merge. Values are
+    clipped to :func:`value_limit` of the node's weight (``bound``: the run's value bound, None: none)."""
     check_bits(bits)
     y = float(state.y)
+    limit = value_limit(bits, y, bound)
     if bits == EXACT:
-        x = state.x.detach()
+        x = value_bounds.clip(state.x.detach(), limit)
         return [
             (k, encode(Message(node, rnd, 1.0, y, Identity()(x[a:b]), form)))
             for k, (a, b) in enumerate(bounds(segments))
@@ -91,6 +119,7 @@ def contribute(
     v = state.x.detach().to(torch.float64).numpy() - y * base.detach().to(torch.float64).numpy()
     if feedback and state.merge_err is not None:
         v = v + state.merge_err.numpy()
+    v = _clip64(v, limit)
     q = np.empty_like(v)
     out = []
     for k, (a, b) in enumerate(bounds(segments)):
@@ -111,10 +140,12 @@ def reduce(
     rnd: int,
     form: str,
     feedback: bool = False,
+    bound: float | None = None,
 ) -> bytes:
     """The owner's average of one segment from the participants' ``(sender, message)`` contributions, encoded. With
     ``feedback`` (quantized) the owner adds what its earlier averages of this segment dropped (``state.owner_err``)
-    and keeps what this one drops."""
+    and keeps what this one drops. The average is clipped to :func:`value_limit` (``bound``: the run's value
+    bound; contributions within their limits give an average within its own, so this binds only on rounding)."""
     check_bits(bits)
     a, b = bounds(segments)[segment]
     msgs = [decode(d, expected_dim=b - a) for _, d in sorted(contributions, key=lambda f: f[0])]
@@ -123,13 +154,15 @@ def reduce(
     if bits == EXACT:
         values = msgs[0].payload.values
         total = np.stack([m.payload.values.astype(np.float64) for m in msgs]).sum(0)
-        payload = Compressed(b - a, None, values=(total / n).astype(values.dtype))
+        avg = _clip64(total / n, value_limit(bits, ybar, bound))
+        payload = Compressed(b - a, None, values=avg.astype(values.dtype))
         return encode(Message(owner, rnd, 1.0, ybar, payload, form))
     avg = np.sum([m.payload.decoded_values().astype(np.float64) for m in msgs], axis=0) / (ybar * n)
     if feedback:
         if state.owner_err is None:
             state.owner_err = torch.zeros(sum(segments), dtype=torch.float64)
         avg = avg + state.owner_err.numpy()[a:b]
+    avg = _clip64(avg, value_limit(bits, 1.0, bound))
     payload, q = _quantized(avg, bits)
     if feedback:
         state.owner_err.numpy()[a:b] = avg - q

@@ -27,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from flower_sparsepush.core.bounds import SLACK, largest
 from flower_sparsepush.core.codec import CodecError, decode, max_size
 from flower_sparsepush.core.compression import Compressed
 from flower_sparsepush.core.guard import BadReply
 from flower_sparsepush.core.merge import EXACT, check_bits
-from flower_sparsepush.core.merge_nodes import owners
+from flower_sparsepush.core.merge_nodes import owners, value_limit
 
 Frames = list[tuple[int, bytes]]
 Transfer = tuple[int, int, int]  # (sender, receiver, bytes)
@@ -68,9 +69,18 @@ class MergeRelay:
     """The relay's bookkeeping of merges among ``n`` nodes of a model with tensor sizes ``segments``, merged at
     ``bits`` (32: exact; values of ``value_dtype``) in push-sum ``form`` (see the module)."""
 
-    def __init__(self, n: int, segments: list[int], bits: int, form: str, value_dtype=np.float32) -> None:
+    def __init__(
+        self,
+        n: int,
+        segments: list[int],
+        bits: int,
+        form: str,
+        value_dtype=np.float32,
+        bound: float | None = None,
+    ) -> None:
         check_bits(bits)
         self.n, self.segments, self.bits, self.form = n, list(segments), bits, form
+        self.bound = bound  # the run's value bound (core/bounds.py); None: values unchecked
         self._sizes = [self._size(s, value_dtype) for s in self.segments]
         self.owed: dict[int, list[Outcome]] = {}  # node -> outcomes it has not been handed (or not acknowledged)
         self.open(-1, [])
@@ -91,7 +101,7 @@ class MergeRelay:
 
     # -- checks ---------------------------------------------------------------------------------------------------
 
-    def _check_messages(self, node: int, frames: Frames, want: list[int]) -> list[float]:
+    def _check_messages(self, node: int, frames: Frames, want: list[int], average: bool = False) -> list[float]:
         """Raise :class:`BadReply` unless ``frames`` are one message from ``node`` for each segment of ``want``,
         of the merge's round, form, precision and exact size; returns their weights."""
         segs = [k for k, _ in frames]
@@ -115,8 +125,22 @@ class MergeRelay:
                 raise BadReply("sender", f"merge message of segment {k} says it is from node {msg.sender}")
             if msg.round != self.round:
                 raise BadReply("round", f"merge message says round {msg.round}, the merge is after round {self.round}")
+            self._check_values(k, msg, average)
             weights.append(msg.y)
         return weights
+
+    def _check_values(self, k: int, msg, average: bool) -> None:
+        """Raise :class:`BadReply` (kind ``"bound"``) when the values of the merge message ``msg`` of segment ``k``
+        are beyond what an honest node can send under the run's value bound (merge_nodes.value_limit, of the
+        message's weight; a quantized average is a de-biased deviation)."""
+        if self.bound is None or not (math.isfinite(msg.y) and msg.y > 0):
+            return  # no bound; a bad weight is the weight check's
+        y = 1.0 if (average and self.bits != EXACT) else msg.y
+        limit = value_limit(self.bits, y, self.bound)
+        m = largest(msg.payload)
+        if not (m <= limit * (1 + SLACK)):
+            what = "quantization scale" if msg.payload.codes is not None else "largest value"
+            raise BadReply("bound", f"merge message of segment {k}: {what} {m:.3g} is beyond its limit {limit:.3g}")
 
     def check_give(self, node: int, frames: Frames, y: float) -> None:
         """Raise :class:`BadReply` unless ``frames`` is ``node``'s contribution to every segment with the weight
@@ -133,7 +157,7 @@ class MergeRelay:
         mine = [k for k, o in enumerate(self.owners) if o == owner]
         if not mine or owner in {self.owners[k] for k in self.averages}:
             raise BadReply("unexpected", f"merge averages from node {owner}, which owns no open segment")
-        weights = self._check_messages(owner, frames, mine)
+        weights = self._check_messages(owner, frames, mine, average=True)
         ybar = self.mean_weight()
         if any(w != ybar for w in weights):
             raise BadReply("weight", f"merge averages carry weights {sorted(set(weights))[:3]}, the mean is {ybar!r}")

@@ -35,7 +35,7 @@ def merge_relay(setup: Setup | MergeSetup) -> MergeRelay:
     """The relay's bookkeeping of this run's merges."""
     cfg = setup.cfg
     dtype = np.dtype(str(setup.x0.dtype).removeprefix("torch."))
-    return MergeRelay(setup.n, setup.segments, cfg.merge_bits, cfg.form, dtype)
+    return MergeRelay(setup.n, setup.segments, cfg.merge_bits, cfg.form, dtype, cfg.value_bound)
 
 
 def drift_mode(cfg: RunConfig, t: int) -> str:
@@ -55,7 +55,9 @@ def node_contribute(setup: Setup | MergeSetup, state: NodeState, node: int, t: i
     """``node``'s contribution to the merge after round ``t``: ``[(segment, message)]``."""
     cfg = setup.cfg
     base = base_of(state, setup.x0)
-    return contribute(state, base, cfg.merge_bits, setup.segments, node, t, cfg.form, cfg.merge_feedback)
+    return contribute(
+        state, base, cfg.merge_bits, setup.segments, node, t, cfg.form, cfg.merge_feedback, cfg.value_bound
+    )
 
 
 def node_reduce(
@@ -64,7 +66,21 @@ def node_reduce(
     """The owner ``node``'s averages of its segments: ``[(segment, message)]`` from ``[(segment, contributions)]``."""
     cfg = setup.cfg
     return [
-        (k, reduce(state, k, setup.segments, cfg.merge_bits, contribs, node, t, cfg.form, cfg.merge_feedback))
+        (
+            k,
+            reduce(
+                state,
+                k,
+                setup.segments,
+                cfg.merge_bits,
+                contribs,
+                node,
+                t,
+                cfg.form,
+                cfg.merge_feedback,
+                cfg.value_bound,
+            ),
+        )
         for k, contribs in orders
     ]
 
