@@ -48,7 +48,7 @@ def test_bad_values_rejected_with_clear_message(raw, words):
         assert w in msg, (w, msg)
 
 
-def test_rejected_before_ray_starts(tmp_path):
+def test_rejected_before_ray_starts(tmp_path, fresh_ray):
     with pytest.raises(ConfigError):
         simulate({"graph": "nope", "out-dir": str(tmp_path)})
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
@@ -152,7 +152,7 @@ def test_preflight_accepts_and_checks_out_dir(tmp_path):
     preflight(validate(SYN | {"out-dir": str(tmp_path), "final-merge": True}), flower=True)  # the nodes merge
 
 
-def test_cli_train_exit_2_before_anything_starts(capsys, tmp_path):
+def test_cli_train_exit_2_before_anything_starts(capsys, tmp_path, fresh_ray):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="cmd"))
     for argv, word in (

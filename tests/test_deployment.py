@@ -154,7 +154,7 @@ def test_a_supernode_killed_and_restarted_mid_run_continues_with_its_state(tmp_p
     exact in every row (a node that started again from x0 and y = 1 would change the total weight: after round 1
     it holds 1 - a, its fresh self 1)."""
     cfg = validate(
-        TINY | {"num-nodes": 2, "num-rounds": 4, "round-timeout": 30.0, "out-dir": str(tmp_path), "run-name": "re"}
+        TINY | {"num-nodes": 2, "num-rounds": 4, "round-timeout": 15.0, "out-dir": str(tmp_path), "run-name": "re"}
     )
     restarted = []
 

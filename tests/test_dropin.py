@@ -268,7 +268,7 @@ def test_setup_rejects_mismatches():
         s._flatten(ArrayRecord({"w": Array(bad), "steps": Array(np.zeros(1, np.int64))}))
 
 
-def test_example_app_one_line_and_runs(tmp_path, monkeypatch):
+def test_example_app_one_line_and_runs(tmp_path, monkeypatch, fresh_ray):
     server_file = EXAMPLE / "dropin_example" / "server_app.py"
     fedavg_file = EXAMPLE / "dropin_example" / "server_app_fedavg.py"
     diff = [

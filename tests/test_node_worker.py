@@ -86,7 +86,7 @@ def test_a_killed_worker_is_started_again_and_the_run_continues(tmp_path, mode, 
             "dataset": "synthetic",
             "model": "mlp",
             "num-nodes": 2,
-            "num-rounds": 3,
+            "num-rounds": 3 if mode == "executor" else 2,  # executor: killed in round 2, trains again in round 3
             "local-steps": 2,
             "batch-size": 16,
             "eval-every": 1,
@@ -121,7 +121,7 @@ def test_a_killed_worker_is_started_again_and_the_run_continues(tmp_path, mode, 
     worker_log = (tmp_path / "logs" / "supernode-1.log").read_text()
     assert "starting it again" in worker_log
     summary = json.loads((tmp_path / "wk" / "summary.json").read_text())
-    assert summary["final"]["round"] == 3 and summary["nodes_not_returned"] == []
+    assert summary["final"]["round"] == cfg.num_rounds and summary["nodes_not_returned"] == []
     rows = read_metrics(tmp_path / "wk" / "metrics.jsonl")
     assert rows[-1]["num_evaluated"] == 2
     assert ("its ClientApp process had started" in worker_log) == (mode == "link")  # link mode: one per message

@@ -87,19 +87,20 @@ def test_identity_compression_with_gamma_one_is_sgp(form, graph):
         np.testing.assert_allclose([s.y for s in states], y, rtol=1e-6)
 
 
-# Documented round budgets (docs/algorithm.md), d = 200, top-1% (2 entries per message), gamma = 0.02:
-# 16 nodes on the exponential graph reach relative error 1e-6 within 7000 rounds; 8 nodes on random-out:2
-# (redrawn every round, uneven in-degrees) within 5000 rounds, with and without 4-bit values.
+# Documented round budgets (docs/results.md), d = 200, top-5% (10 entries per message), gamma = 0.05: 16 nodes on the
+# exponential graph reach relative error 1e-6 within 1250 rounds (9e-8 measured); 8 nodes on random-out:2 (redrawn
+# every round, uneven in-degrees) within 750 rounds (7e-8), with and without 4-bit values. The top-1% budgets
+# (7000 / 5000 rounds at gamma 0.02) are measured traces in docs/results.md, not pinned here: they cost 100 s.
 @pytest.mark.parametrize(
     "nodes,graph,compressor,rounds",
     [
-        (16, "exponential", "topk:0.01", 7000),
-        (8, "random-out:2", "topk:0.01", 5000),
-        (8, "random-out:2", "topk:0.01+q:4", 5000),
+        (16, "exponential", "topk:0.05", 1250),
+        (8, "random-out:2", "topk:0.05", 750),
+        (8, "random-out:2", "topk:0.05+q:4", 750),
     ],
 )
 def test_reference_form_reaches_the_exact_average(nodes, graph, compressor, rounds):
-    r = run_consensus(nodes, graph, compressor, gamma=0.02, rounds=rounds, dim=200, seed=0)
+    r = run_consensus(nodes, graph, compressor, gamma=0.05, rounds=rounds, dim=200, seed=0)
     assert r["consensus_error"] < 1e-6
     assert r["mass_error"] < 1e-12 and r["weight_mass_error"] < 1e-12
 
@@ -125,8 +126,8 @@ def test_error_feedback_form_stalls_where_the_reference_form_converges():
 
 def test_numerator_references_lag_where_weights_keep_changing():
     """Why the references live in de-biased space: on a redrawn random graph, x-space references lag."""
-    common = dict(nodes=16, graph="random-out:2", compressor="topk:0.05", gamma=0.05, rounds=1500, dim=200, seed=0)
-    ref_x, ref = run_consensus(form="ref-x", **common), run_consensus(form="ref", **common)
+    common = dict(nodes=8, graph="random-out:2", compressor="topk:0.05", gamma=0.05, rounds=750, dim=200, seed=0)
+    ref_x, ref = run_consensus(form="ref-x", **common), run_consensus(form="ref", **common)  # 0.059 and 6.7e-8
     assert ref_x["consensus_error"] > 1e-2
     assert ref["consensus_error"] < 1e-5
 

@@ -153,7 +153,7 @@ def _ray_start_available() -> bool:
 
 
 @pytest.mark.skipif(not _ray_start_available(), reason="the ray CLI is not installed next to this Python")
-def test_two_ray_nodes_host_client_apps_and_metrics_equal_one_machine(tmp_path):
+def test_two_ray_nodes_host_client_apps_and_metrics_equal_one_machine(tmp_path, fresh_ray):
     """The real thing, small: 4 virtual nodes, 2 rounds. Both Ray nodes run ClientApp calls, the metrics equal the
     single-machine run's, and no process of it is left."""
     rep = rc.run(
