@@ -113,17 +113,6 @@ def pull_message(task, context):
     return message
 
 
-def pull_input(task):
-    """(message, context) of the task behind ``task``'s token: what Flower's ``run_clientapp.pull_task_input`` does,
-    without the run and FAB."""
-    context, task_id = pull_context(task)
-    _set_identity(task_id, context)
-    message = pull_message(task, context)
-    if message is None:
-        raise RuntimeError("the SuperNode's runtime API gave a task without a message")
-    return message, context
-
-
 def _inject_fault(context, message, claim: TaskClaim) -> None:
     """Tests only: with ``$SPARSEPUSH_WORKER_FAULT`` = ``P:TYPE:ROUND``, the worker of partition P kills itself
     (SIGKILL) once, after pulling its TYPE message of ROUND and before running it: a worker killed while it holds a
@@ -190,11 +179,12 @@ def run_task(
     try:
         if held is None:
             context, task_id = pull_context(task)
-            claim.write(token=token, task_id=task_id, context=context_to_proto(context).SerializeToString())
+            context_bytes = context_to_proto(context).SerializeToString()
+            claim.write(token=token, task_id=task_id, context=context_bytes)
         else:
             proto = ProtoContext()
             proto.ParseFromString(held["context"])
-            context, task_id = context_from_proto(proto), held["task_id"]
+            context, task_id, context_bytes = context_from_proto(proto), held["task_id"], held["context"]
         _set_identity(task_id, context)
         message = pull_message(task, context)
         if message is None:
@@ -202,7 +192,7 @@ def run_task(
         claim.write(
             token=token,
             task_id=task_id,
-            context=context_to_proto(context).SerializeToString(),
+            context=context_bytes,
             metadata=metadata_to_proto(message.metadata).SerializeToString(),
         )
         _inject_fault(context, message, claim)
