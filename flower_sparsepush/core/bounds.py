@@ -53,14 +53,14 @@ def largest(c: Compressed) -> float:
     return float("nan") if np.isnan(v).any() else float(v.max())
 
 
-def message_excess(c: Compressed, bound: float | None) -> str | None:
-    """Why payload ``c`` is beyond ``bound`` (None: within it, or no bound)."""
+def message_excess(c: Compressed, bound: float | None, name: str = "the run's value bound") -> str | None:
+    """Why payload ``c`` is beyond ``bound`` (None: within it, or no bound); ``name`` says what the bound is."""
     if bound is None:
         return None
     m = largest(c)
     if not (m <= _limit(bound)):  # NaN is beyond too
         what = "quantization scale" if c.codes is not None else "largest value"
-        return f"{what} {m:.3g} is beyond the run's value bound {bound:g}"
+        return f"{what} {m:.3g} is beyond {name} {bound:g}"
     return None
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from flower_sparsepush.core.bounds import SLACK, largest
+from flower_sparsepush.core.bounds import message_excess
 from flower_sparsepush.core.codec import CodecError, decode, max_size
 from flower_sparsepush.core.compression import Compressed
 from flower_sparsepush.core.guard import BadReply
@@ -136,11 +136,9 @@ class MergeRelay:
         if self.bound is None or not (math.isfinite(msg.y) and msg.y > 0):
             return  # no bound; a bad weight is the weight check's
         y = 1.0 if (average and self.bits != EXACT) else msg.y
-        limit = value_limit(self.bits, y, self.bound)
-        m = largest(msg.payload)
-        if not (m <= limit * (1 + SLACK)):
-            what = "quantization scale" if msg.payload.codes is not None else "largest value"
-            raise BadReply("bound", f"merge message of segment {k}: {what} {m:.3g} is beyond its limit {limit:.3g}")
+        excess = message_excess(msg.payload, value_limit(self.bits, y, self.bound), "its limit")
+        if excess is not None:
+            raise BadReply("bound", f"merge message of segment {k}: {excess}")
 
     def check_give(self, node: int, frames: Frames, y: float) -> None:
         """Raise :class:`BadReply` unless ``frames`` is ``node``'s contribution to every segment with the weight
