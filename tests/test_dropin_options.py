@@ -104,13 +104,15 @@ def test_presets_apply_their_gossip_keys_refuse_the_others_and_explicit_argument
     assert (s.compressor, s.gamma) == ("none", 1.0)
     s = DecentralizedFedAvg(preset="sgp", gamma=0.5)
     assert (s.compressor, s.gamma) == ("none", 0.5)
-    # the goal presets: sp-466x and sp-1000x with their merges; scsp-400x's drift correction needs the node's SGD
+    # the goal presets, merges included; paper's 50 final gossip-only rounds have no drop-in counterpart
     s = DecentralizedFedAvg(preset="sp-466x")
     assert s.merge_opts == {"final_merge": True, "merge_every": 0, "merge_bits": 32, "merge_feedback": False}
     assert DecentralizedFedAvg(preset="sp-1000x").merge_opts["merge_bits"] == 8
-    with pytest.raises(ValueError, match="drift-correction='displacement' \\(it corrects") as err:
-        DecentralizedFedAvg(preset="scsp-400x")
-    assert str(err.value).count("\n") == 0 and "scsp-400x" in str(err.value)
+    s = DecentralizedFedAvg(preset="scsp-400x")
+    assert (s.compressor, s.gamma, s.merge_opts["merge_bits"]) == ("topk:0.0042+q:4", 0.05, 8)
+    with pytest.raises(ValueError, match="final-gossip-rounds=50") as err:
+        DecentralizedFedAvg(preset="paper")
+    assert str(err.value).count("\n") == 0 and "paper" in str(err.value)
     with pytest.raises(ValueError, match="preset must be one of"):
         DecentralizedFedAvg(preset="nope")
     # every gossip and merge switch of sp-466x lands on its argument

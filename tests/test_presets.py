@@ -105,7 +105,7 @@ def test_preset_reaches_every_entry_point(tmp_path, capsys):
 # each preset on a small model: the preset's switches, the small problem's size (and a schedule short enough to
 # reach the presets' periodic merge and final gossip rounds)
 SMALL = {"dataset": "synthetic", "model": "mlp", "num-nodes": 4, "num-rounds": 4, "batch-size": 16, "seed": 3}
-SHRINK = {"scsp-400x": {"merge-every": 2}, "paper": {"final-gossip-rounds": 2}}
+SHRINK = {"paper": {"final-gossip-rounds": 2}}
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -74,16 +74,17 @@ PRESETS: dict[str, Preset] = {
         _SP | {"compressor": "topk:0.0072+q:4", "merge-bits": 8},
     ),
     "scsp-400x": Preset(
-        "scsp-h4-m8e88-dc-la5",
+        "scsp-h1-q8m-klr-la5",
         "scsp",
         "label skew (skew:0.8, dirichlet:0.1; set partition), SCSP at >= 400x (goal not met: docs/results.md)",
         _SP
         | {
             "strategy": "scsp",
-            "compressor": "topk:0.01+q:4",
-            "merge-every": 88,
+            "local-steps": 1,
+            "gamma": 0.05,
+            "compressor": "topk:0.0042+q:4",
             "merge-bits": 8,
-            "drift-correction": "displacement",
+            "sparsity-schedule": "lr",
             "qgm": False,
             "final-gossip-rounds": 0,
         },
