@@ -240,6 +240,35 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         SKEWED,
         _sp(1, "topk:0.0042+q:4", 0.05, merge_bits=8, sparsity_schedule="lr", gradient_lookahead=0.5) | _MERGE | _SCSP,
     ),
+    # scsp-h1-q8m-klr-la5 with update tracking (core/tracking.py): after its SGD step each node moves by mu times its
+    # neighbourhood's move (read from the changes of its copies) less its own SGD move, so it moves with the others
+    # instead of where its own labels pull it; no bits
+    **{
+        f"scsp-h1-q8m-klr-la5-ut{tag}": (
+            "scsp",
+            SKEWED,
+            _sp(
+                1,
+                "topk:0.0042+q:4",
+                0.05,
+                merge_bits=8,
+                sparsity_schedule="lr",
+                gradient_lookahead=0.5,
+                update_tracking=mu,
+            )
+            | _MERGE
+            | _SCSP,
+        )
+        for tag, mu in (("5", 0.5), ("8", 0.8))
+    },
+    # and the H = 4 row, whose nodes drift further apart between gossips (scsp-h4-klr-la5: -1.99 / -3.79)
+    "scsp-h4-klr-la5-ut8": (
+        "scsp",
+        SKEWED,
+        _sp(4, "topk:0.012+q:4", 0.1, sparsity_schedule="lr", gradient_lookahead=0.5, update_tracking=0.8)
+        | _MERGE
+        | _SCSP,
+    ),
     # scsp-h2 with quasi-global momentum (its buffer diverges to NaN on this schedule: docs/algorithm.md)
     "abl-scsp-h2-qgm": ("ablation", SKEWED, _sp(2, "topk:0.005+q:4", 0.05, qgm=True) | _MERGE | _SCSP),
 }
@@ -254,7 +283,8 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "sp-h4-klr-la8", "sp-h4-klr-la5", "sp-h4-klr-la3", "sp-h4-klr-la65", "sp-h4-q8m-1000x-la5",
             "abl-dense-g0.1-la5", "scsp-h4-m8e88-dc-la5", "scsp-h4-klr-la5",
             "scsp-h2-q8m-klr-la5", "sp-h4-klr-q8m-2000x-la5", "sp-h8-klr-q8m-2000x-la5",
-            "scsp-h1-q8m-klr-la5"]  # fmt: skip
+            "scsp-h1-q8m-klr-la5", "scsp-h1-q8m-klr-la5-ut5", "scsp-h1-q8m-klr-la5-ut8",
+            "scsp-h4-klr-la5-ut8"]  # fmt: skip
 # SGP against the 466x preset's row first (issue: the trade on the paper's own setting), then earlier comparisons
 CIFAR_ROWS = ["sgp", "sp-h4-klr-la5", "sp-h4-merge", "sp-h8-fg100"]
 
@@ -318,6 +348,7 @@ NAME_PARTS = (
     ("klr", "the kept fraction follows the learning rate"),
     ("layer", "top-k taken per tensor"),
     ("laC", "gradient lookahead 0.C"),
+    ("utM", "update tracking 0.M"),
     ("dc / gc", "drift correction from the displacement / from the gradient"),
     ("gX", "gamma X"),
     ("dense", "no compression"),
@@ -374,6 +405,7 @@ def _switch_words(key: str, value: Any, sw: dict[str, Any]) -> str | None:
     words = {
         "qgm": "quasi-global momentum" if value else None,
         "gradient-lookahead": f"gradient lookahead {value:g}" if isinstance(value, float) else None,
+        "update-tracking": f"update tracking {value:g}" if isinstance(value, float) else None,
         "drift-correction": f"drift correction ({value})",
         "gamma-warmup": f"gamma warming up over {value} rounds",
         "lr": f"lr {value:g}" if isinstance(value, float) else None,

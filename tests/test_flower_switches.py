@@ -55,6 +55,7 @@ SETS = {
         "lr-schedule": "step:0.5",
         "partition": "dirichlet:0.5",
         "churn": 0.25,
+        "update-tracking": 0.5,
         "weight-decay": 0.01,
         "nesterov": False,
         "momentum": 0.5,

@@ -66,7 +66,7 @@ EVERY_KEY = {
     "form": "ef", "lr": 0.02, "lr-schedule": "step:0.5,0.8", "momentum": 0.5, "nesterov": False,
     "weight-decay": 0.001, "batch-size": 8, "local-steps": 3, "qgm": True, "final-gossip-rounds": 2,
     "final-merge": True, "merge-every": 2, "merge-bits": 6, "merge-feedback": True, "drift-correction": "gradient",
-    "gradient-lookahead": 0.0, "sparsity-warmup": 2, "sparsity-schedule": "constant", "sparsity-warmup-start": 0.5,
+    "gradient-lookahead": 0.0, "update-tracking": 0.0, "sparsity-warmup": 2, "sparsity-schedule": "constant", "sparsity-warmup-start": 0.5,
     "gamma-warmup": 2, "val-split": 0.2, "device": "auto", "num-rounds": 7, "dataset": "synthetic",
     "data-dir": "/data/x y", "image-column": "", "label-column": "", "partition": "dirichlet:0.5", "model": "mlp",
     "norm": "group", "seed": 11, "eval-every": 3, "eval-node-samples": 50, "out-dir": "/tmp/some where",
@@ -93,7 +93,15 @@ def test_every_key_reaches_the_deployed_apps_unchanged():
     assert validate(arrived) == cfg
     changed = [k for k in KEYS if getattr(cfg, k.replace("-", "_")) != KEYS[k].default]
     at_default = sorted(set(KEYS) - set(changed))  # keys the sample cannot move beside the others
-    assert at_default == ["gradient-lookahead", "image-column", "label-column", "norm", "preset", "sparsity-schedule"]
+    assert at_default == [
+        "gradient-lookahead",
+        "image-column",
+        "label-column",
+        "norm",
+        "preset",
+        "sparsity-schedule",
+        "update-tracking",
+    ]
 
 
 def test_docs_show_the_table():

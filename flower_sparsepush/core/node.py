@@ -111,6 +111,10 @@ _OPTIONAL = {
     "a": "anchor",
     "c": "drift",
     "g": "grad_sum",
+    "tk": "track_keys",
+    "tm": "track_sum",
+    "tv": "track_v",
+    "ts": "track_s",
     "r": "merge_err",
     "b": "merge_base",
     "o": "owner_err",
@@ -118,9 +122,10 @@ _OPTIONAL = {
 
 
 def state_to_flat(state: NodeState) -> dict[str, torch.Tensor]:
-    """``{name: tensor}``: ``x``; ``y`` (float64, shape (1,)); ``m``, ``e``, ``a``, ``c``, ``g``, ``r``, ``b``, ``o``
-    when present (momentum, error memory, previous-round model, drift correction, gradient sum since the last merge,
-    merge error feedback, the last merge's model, the merge owner's error feedback); ``ro.<j>`` / ``ri.<j>`` per-edge references (out-edge to j, in-edge from j).
+    """``{name: tensor}``: ``x``; ``y`` (float64, shape (1,)); ``m``, ``e``, ``a``, ``c``, ``g``, ``tk``, ``tm``,
+    ``tv``, ``ts``, ``r``, ``b``, ``o`` when present (momentum, error memory, previous-round model, drift correction,
+    gradient sum since the last merge, update tracking's copies and moves, merge error feedback, the last merge's
+    model, the merge owner's error feedback); ``ro.<j>`` / ``ri.<j>`` per-edge references (out-edge to j, in-edge from j).
     The tensors are the state's own (no copy)."""
     out = {"x": state.x, "y": torch.tensor([float(state.y)], dtype=torch.float64)}
     for key, attr in _OPTIONAL.items():

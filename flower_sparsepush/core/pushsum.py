@@ -50,6 +50,12 @@ class NodeState:
     anchor: torch.Tensor | None = None  # the training layer's previous-round model (quasi-global momentum)
     drift: torch.Tensor | None = None  # this node's gradient bias, measured at periodic merges (drift-correction)
     grad_sum: torch.Tensor | None = None  # sum of lr * gradient since the last merge (drift-correction=gradient)
+    # update-tracking (core/tracking.py): the copies' senders and sum at the last local SGD, the averaged moves of
+    # the neighbourhood (v) and of the node's own SGD (s)
+    track_keys: torch.Tensor | None = None
+    track_sum: torch.Tensor | None = None
+    track_v: torch.Tensor | None = None
+    track_s: torch.Tensor | None = None
     # what this node's quantized merge messages have not carried yet (merge-feedback)
     merge_err: torch.Tensor | None = None
     merge_base: torch.Tensor | None = None  # the last merge's model this node knows (None: the initial model)

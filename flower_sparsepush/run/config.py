@@ -262,6 +262,11 @@ def _check_merges(out: dict[str, Any]) -> None:
             "run-config merge-feedback=true: an exact merge (merge-bits=32) rounds nothing away; set merge-bits to "
             "1..8 or drop merge-feedback"
         )
+    if out["drift-correction"] != "off" and out["update-tracking"]:
+        raise ConfigError(
+            f"run-config update-tracking={out['update-tracking']}: it and drift-correction={out['drift-correction']} "
+            "both set the correction a node subtracts from its gradients; use one of them"
+        )
     if out["drift-correction"] != "off" and not out["merge-every"]:
         raise ConfigError(
             f"run-config drift-correction={out['drift-correction']}: the drift is measured at periodic merges; set "
@@ -271,6 +276,11 @@ def _check_merges(out: dict[str, Any]) -> None:
 
 def _check_gossip_switches(out: dict[str, Any]) -> None:
     """gradient-lookahead needs the ref form; the gossip-only switches are refused for fedavg."""
+    if out["update-tracking"] and out["form"] != "ref":
+        raise ConfigError(
+            f"run-config update-tracking={out['update-tracking']}: it reads the de-biased copies of the ref form, "
+            f"and form={out['form']} keeps none; use form=ref or update-tracking=0"
+        )
     if out["gradient-lookahead"] and out["form"] != "ref":
         raise ConfigError(
             f"run-config gradient-lookahead={out['gradient-lookahead']}: it reads the de-biased copies of the ref "
@@ -284,6 +294,7 @@ def _check_gossip_switches(out: dict[str, Any]) -> None:
         "sparsity-warmup",
         "gamma-warmup",
         "gradient-lookahead",
+        "update-tracking",
     )
     if out["strategy"] == "fedavg" and out["sparsity-schedule"] != "constant":
         raise ConfigError("run-config sparsity-schedule: this belongs to the gossip strategies, not fedavg")

@@ -80,6 +80,12 @@ WHERE: dict[str, tuple[str, str, str, str]] = {
         "missing:it corrects the node's SGD steps, which the user's ClientApp runs",
     ),
     "gradient-lookahead": (FLOWER_EQ, FLOWER_EQ, CARRIED, "arg:gradient_lookahead"),
+    "update-tracking": (
+        "test:tests/test_tracking.py::test_tracking_keeps_label_skewed_nodes_closer",
+        SWITCHES,
+        CARRIED,
+        "missing:it corrects the node's SGD steps, which the user's ClientApp runs",
+    ),
     "sparsity-warmup": _switch(),
     "sparsity-schedule": _switch("arg:sparsity_schedule"),
     "sparsity-warmup-start": _switch(),

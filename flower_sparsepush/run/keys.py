@@ -92,6 +92,14 @@ KEYS: dict[str, Key] = {
         0.0,
         1.0,
     ),
+    "update-tracking": Key(
+        0.0,
+        float,
+        "mu in [0, 1): after local SGD each node moves by mu times (its neighbourhood's move per round, read from the changes of its copies of their models, less its own SGD move), both averaged over about 10 rounds, so a node whose data pull it away from the others moves with them (global update tracking, core/tracking.py); 0 = off; form ref only; no extra bits",
+        0.0,
+        1.0,
+        hi_open=True,
+    ),
     "sparsity-warmup": Key(
         0, int, "rounds over which the kept fraction ramps exponentially from sparsity-warmup-start (0 = off)", 0, 10**7
     ),

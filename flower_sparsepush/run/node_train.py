@@ -1,5 +1,5 @@
 """One node's training in a round, the same code on every path: its batches, local SGD (with quasi-global
-momentum, drift correction and gradient-lookahead), the node round around it (:func:`node_round`, called by the
+momentum, drift correction, update tracking and gradient-lookahead), the node round around it (:func:`node_round`, called by the
 ClientApp and the in-process loop alike), and the batched form that trains many nodes at once on a GPU.
 
 Everything random is a pure function of ``(seed, node, round)`` or ``(seed, node, epoch)``:
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from flower_sparsepush.core.node import Node, RoundOut
 from flower_sparsepush.core.pushsum import NodeState, PushSum
+from flower_sparsepush.core.tracking import corrected, observe
 from flower_sparsepush.learn.evaluate import load_flat
 from flower_sparsepush.learn.seeds import generator
 from flower_sparsepush.learn.sgd import SGDParams, sgd_steps
@@ -159,11 +160,14 @@ def train(setup: Setup, state: NodeState, node: int, rnd: int) -> float:
         qgm_update(setup, state, rnd)
     if setup.cfg.drift_correction == "gradient" and state.grad_sum is None:
         state.grad_sum = torch.zeros_like(state.x, dtype=torch.float32)
+    mu = setup.cfg.update_tracking
+    observe(state, mu)
     offset = PushSum.lookahead_offset(state, setup.cfg.gradient_lookahead)
+    z_before = state.z
     z_new, state.momentum, loss = local_sgd(
-        setup, state.z, state.momentum, node, rnd, qgm=qgm, drift=state.drift, grad_sum=state.grad_sum, offset=offset
+        setup, z_before, state.momentum, node, rnd, qgm=qgm, drift=state.drift, grad_sum=state.grad_sum, offset=offset
     )
-    PushSum.local_update(state, z_new, setup.cfg.value_bound)
+    PushSum.local_update(state, corrected(state, mu, z_before, z_new), setup.cfg.value_bound)
     return loss
 
 
@@ -187,6 +191,8 @@ def train_batched(setup: Setup, engine, states: list[NodeState], nodes: list[int
     if cfg.qgm:
         for state in states:
             qgm_update(setup, state, rnd)
+    for state in states:
+        observe(state, cfg.update_tracking)
     augs = [generator(cfg.seed, i, "aug", rnd) for i in nodes]
     batches = []
     for step in range(cfg.local_steps):
@@ -215,7 +221,7 @@ def train_batched(setup: Setup, engine, states: list[NodeState], nodes: list[int
     mom_new = None if mom_new is None else mom_new.cpu()
     for k, state in enumerate(states):
         state.momentum = None if mom_new is None else mom_new[k].clone()
-        PushSum.local_update(state, z_new[k], cfg.value_bound)
+        PushSum.local_update(state, corrected(state, cfg.update_tracking, z[k], z_new[k]), cfg.value_bound)
     return losses.cpu().tolist()
 
 
