@@ -270,3 +270,42 @@ def test_huge_values_through_flower_are_refused_at_the_attacker(tmp_path):
             assert np.array_equal(a[f"z{i}"], b[f"z{i}"]) and np.isfinite(a[f"z{i}"]).all()
     ya, yb = summary["mass"]["y_by_node"], silent["mass"]["y_by_node"]
     assert {p: y for p, y in ya.items() if int(p) != HOSTILE} == {p: y for p, y in yb.items() if int(p) != HOSTILE}
+
+
+def merge_poison_mod(msg, context, call_next):
+    """Flower client mod: node HOSTILE gossips honestly and gives a final-merge contribution of 1e30 everywhere."""
+    reply = call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN or int(context.node_config["partition-id"]) != HOSTILE:
+        return reply
+    if "merge" not in reply.content or reply.content["merge"]["phase"] != "give":
+        return reply
+    m = dict(reply.content["merge"])
+    m["frames"] = pack_frames([(k, _huge(d, 1e30, quantized=False)) for k, d in unpack_frames(m["frames"])])
+    return Message(RecordDict({"merge": ConfigRecord(m), "metrics": reply.content["metrics"]}), reply_to=msg)
+
+
+def test_a_huge_merge_contribution_through_flower_is_refused_at_the_attacker(tmp_path):
+    """Through Flower with the real ServerApp: node 5's final-merge contribution of 1e30 is refused as kind "bound"
+    in the give phase (Flower round 3 after 2 training rounds) and charged to it (merge_nodes.value_limit); the
+    seven honest nodes merge among themselves to one finite model within the bound, mass stays exact, nobody is
+    excluded. (The bit-for-bit comparison with a run where node 5's give reply is an error held in 3 of 3 runs
+    here and failed once in 4 fresh-clone runs of an earlier session, cause unknown, so it is not asserted:
+    docs/reliability.md.)"""
+    import sys
+
+    import ray.cloudpickle
+
+    from flower_sparsepush.flower.launch import simulate
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this module
+    cfg = RUN | {"out-dir": str(tmp_path), "run-name": "merge", "num-rounds": 2, "eval-every": 2, "final-merge": True}
+    out = simulate(validate(cfg), client_mods=[merge_poison_mod])
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["round"], r["node"], r["kind"]) for r in summary["rejected_replies"]] == [(3, HOSTILE, "bound")]
+    assert "merge message" in summary["rejected_replies"][0]["reason"]
+    assert summary["replies_rejected_by_node"] == {str(HOSTILE): 1} and summary["excluded_nodes"] == []
+    z = np.load(out / "nodes.npz")
+    honest = [z[f"z{i}"] for i in range(RUN["num-nodes"]) if i != HOSTILE]
+    assert all(np.array_equal(honest[0], h) for h in honest)  # one merged model among the honest nodes
+    assert np.isfinite(honest[0]).all() and np.abs(honest[0]).max() <= RUN["value-bound"]
+    assert sum(summary["mass"]["y_by_node"].values()) == pytest.approx(RUN["num-nodes"], abs=1e-9)
