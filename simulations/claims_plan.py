@@ -261,6 +261,15 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         )
         for tag, mu in (("5", 0.5), ("8", 0.8))
     },
+    # scsp-h1-q8m-klr-la5 with quasi-global momentum (the issue's "qgm on top of H = 1"; at H = 2 it diverged)
+    "scsp-h1-q8m-klr-la5-qgm": (
+        "scsp",
+        SKEWED,
+        _sp(1, "topk:0.0042+q:4", 0.05, merge_bits=8, sparsity_schedule="lr", gradient_lookahead=0.5)
+        | _MERGE
+        | _SCSP
+        | {"qgm": True},
+    ),
     # and the H = 4 row, whose nodes drift further apart between gossips (scsp-h4-klr-la5: -1.99 / -3.79)
     "scsp-h4-klr-la5-ut8": (
         "scsp",
@@ -284,7 +293,7 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "abl-dense-g0.1-la5", "scsp-h4-m8e88-dc-la5", "scsp-h4-klr-la5",
             "scsp-h2-q8m-klr-la5", "sp-h4-klr-q8m-2000x-la5", "sp-h8-klr-q8m-2000x-la5",
             "scsp-h1-q8m-klr-la5", "scsp-h1-q8m-klr-la5-ut5", "scsp-h1-q8m-klr-la5-ut8",
-            "scsp-h4-klr-la5-ut8"]  # fmt: skip
+            "scsp-h4-klr-la5-ut8", "scsp-h1-q8m-klr-la5-qgm"]  # fmt: skip
 # SGP against the 466x preset's row first (issue: the trade on the paper's own setting), then earlier comparisons
 CIFAR_ROWS = ["sgp", "sp-h4-klr-la5", "sp-h4-merge", "sp-h8-fg100"]
 
@@ -348,7 +357,8 @@ NAME_PARTS = (
     ("klr", "the kept fraction follows the learning rate"),
     ("layer", "top-k taken per tensor"),
     ("laC", "gradient lookahead 0.C"),
-    ("utM", "update tracking 0.M"),
+    ("utN", "update tracking 0.N"),
+    ("qgm", "quasi-global momentum"),
     ("dc / gc", "drift correction from the displacement / from the gradient"),
     ("gX", "gamma X"),
     ("dense", "no compression"),
