@@ -110,6 +110,8 @@ def test_presets_apply_their_gossip_keys_refuse_the_others_and_explicit_argument
     assert DecentralizedFedAvg(preset="sp-1000x").merge_opts["merge_bits"] == 8
     s = DecentralizedFedAvg(preset="scsp-400x")
     assert (s.compressor, s.gamma, s.merge_opts["merge_bits"]) == ("topk:0.0042+q:4", 0.05, 8)
+    with pytest.raises(ValueError, match="update-tracking=0.5 \\(it corrects the gradients"):
+        DecentralizedFedAvg(preset="scsp-400x-ut")
     with pytest.raises(ValueError, match="final-gossip-rounds=50") as err:
         DecentralizedFedAvg(preset="paper")
     assert str(err.value).count("\n") == 0 and "paper" in str(err.value)
