@@ -50,6 +50,16 @@ def _sp(h: int, comp: str, gamma: float, **extra: Any) -> dict[str, Any]:
     )
 
 
+def _scsp_h1(gamma: float = 0.05, **extra: Any) -> dict[str, Any]:
+    """The H = 1 SCSP row (scsp-h1-q8m-klr-la5): top-0.42% + 4-bit following the lr, the lookahead, an 8-bit final
+    merge; ``extra`` switches go beside the lookahead."""
+    return (
+        _sp(1, "topk:0.0042+q:4", gamma, merge_bits=8, sparsity_schedule="lr", gradient_lookahead=0.5, **extra)
+        | _MERGE
+        | _SCSP
+    )
+
+
 # name -> (group, partitions, run-config switches). Candidates of one group compete on the validation split.
 ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "sgp": ("baseline", PARTITIONS, {"strategy": "sgp"}),
@@ -235,52 +245,20 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     ),
     # H = 1 (one SGD step between gossips, the paper's own setting) with the lookahead: the IID H = 1 row
     # (sp-h1-q8m-klr, gamma 0.05 for stability at 2,110 gossip rounds) with gradient-lookahead 0.5 under label skew
-    "scsp-h1-q8m-klr-la5": (
-        "scsp",
-        SKEWED,
-        _sp(1, "topk:0.0042+q:4", 0.05, merge_bits=8, sparsity_schedule="lr", gradient_lookahead=0.5) | _MERGE | _SCSP,
-    ),
+    "scsp-h1-q8m-klr-la5": ("scsp", SKEWED, _scsp_h1()),
     # scsp-h1-q8m-klr-la5 with update tracking (core/tracking.py): after its SGD step each node moves by mu times its
     # neighbourhood's move (read from the changes of its copies) less its own SGD move, so it moves with the others
     # instead of where its own labels pull it; no bits
     **{
-        f"scsp-h1-q8m-klr-la5-ut{tag}": (
-            "scsp",
-            SKEWED,
-            _sp(
-                1,
-                "topk:0.0042+q:4",
-                0.05,
-                merge_bits=8,
-                sparsity_schedule="lr",
-                gradient_lookahead=0.5,
-                update_tracking=mu,
-            )
-            | _MERGE
-            | _SCSP,
-        )
+        f"scsp-h1-q8m-klr-la5-ut{tag}": ("scsp", SKEWED, _scsp_h1(update_tracking=mu))
         for tag, mu in (("5", 0.5), ("8", 0.8))
     },
     # scsp-h1-q8m-klr-la5 with quasi-global momentum (the issue's "qgm on top of H = 1"; at H = 2 it diverged)
-    "scsp-h1-q8m-klr-la5-qgm": (
-        "scsp",
-        SKEWED,
-        _sp(1, "topk:0.0042+q:4", 0.05, merge_bits=8, sparsity_schedule="lr", gradient_lookahead=0.5)
-        | _MERGE
-        | _SCSP
-        | {"qgm": True},
-    ),
+    "scsp-h1-q8m-klr-la5-qgm": ("scsp", SKEWED, _scsp_h1() | {"qgm": True}),
     # and with gamma 0.01: in steady state the buffer re-applies the gossip's move, so qgm multiplies the consensus
     # step by about 1 / (1 - momentum) = 10, which took gamma 0.05 beyond the stability limit (synthetic: the
     # nodes' distance grew 10x in 200 rounds at 0.05, fell at 0.01)
-    "scsp-h1-q8m-klr-la5-qgm-g0.01": (
-        "scsp",
-        SKEWED,
-        _sp(1, "topk:0.0042+q:4", 0.01, merge_bits=8, sparsity_schedule="lr", gradient_lookahead=0.5)
-        | _MERGE
-        | _SCSP
-        | {"qgm": True},
-    ),
+    "scsp-h1-q8m-klr-la5-qgm-g0.01": ("scsp", SKEWED, _scsp_h1(0.01) | {"qgm": True}),
     # and the H = 4 row, whose nodes drift further apart between gossips (scsp-h4-klr-la5: -1.99 / -3.79)
     "scsp-h4-klr-la5-ut8": (
         "scsp",

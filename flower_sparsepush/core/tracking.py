@@ -39,16 +39,18 @@ def observe(state: NodeState, mu: float) -> None:
     (over the copies it held then; a copy that appeared since moved from nothing) and remember where they are now."""
     if not mu or not state.refs_in:
         return
-    if state.track_keys is not None:
-        keys = [int(j) for j in state.track_keys.tolist()]
-        if keys and all(j in state.refs_in for j in keys):
-            change = (_sum(state, keys) - state.track_sum) / len(keys)
-            state.track_v = (
-                change * (1 - RHO) if state.track_v is None else state.track_v.mul_(RHO).add_(change, alpha=1 - RHO)
-            )
     now = sorted(state.refs_in)
-    state.track_keys = torch.tensor(now, dtype=torch.int64)
-    state.track_sum = _sum(state, now)
+    total = _sum(state, now)
+    keys = None if state.track_keys is None else state.track_keys.tolist()
+    if keys and all(j in state.refs_in for j in keys):
+        held = total if keys == now else _sum(state, keys)  # the same copies as last time: one sum, not two
+        change = (held - state.track_sum) / len(keys)
+        state.track_v = (
+            change * (1 - RHO) if state.track_v is None else state.track_v.mul_(RHO).add_(change, alpha=1 - RHO)
+        )
+    if keys != now:
+        state.track_keys = torch.tensor(now, dtype=torch.int64)
+    state.track_sum = total
 
 
 def corrected(state: NodeState, mu: float, z_before: torch.Tensor, z_new: torch.Tensor) -> torch.Tensor:

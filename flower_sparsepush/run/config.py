@@ -275,17 +275,13 @@ def _check_merges(out: dict[str, Any]) -> None:
 
 
 def _check_gossip_switches(out: dict[str, Any]) -> None:
-    """gradient-lookahead needs the ref form; the gossip-only switches are refused for fedavg."""
-    if out["update-tracking"] and out["form"] != "ref":
-        raise ConfigError(
-            f"run-config update-tracking={out['update-tracking']}: it reads the de-biased copies of the ref form, "
-            f"and form={out['form']} keeps none; use form=ref or update-tracking=0"
-        )
-    if out["gradient-lookahead"] and out["form"] != "ref":
-        raise ConfigError(
-            f"run-config gradient-lookahead={out['gradient-lookahead']}: it reads the de-biased copies of the ref "
-            f"form, and form={out['form']} keeps none; use form=ref or gradient-lookahead=0"
-        )
+    """gradient-lookahead and update-tracking need the ref form; the gossip-only switches are refused for fedavg."""
+    for key in ("gradient-lookahead", "update-tracking"):  # both read the ref form's copies of the in-neighbours
+        if out[key] and out["form"] != "ref":
+            raise ConfigError(
+                f"run-config {key}={out[key]}: it reads the de-biased copies of the ref form, and form={out['form']} "
+                f"keeps none; use form=ref or {key}=0"
+            )
     gossip_only = (
         "qgm",
         "final-gossip-rounds",

@@ -1,6 +1,6 @@
 """One node's training in a round, the same code on every path: its batches, local SGD (with quasi-global
-momentum, drift correction, update tracking and gradient-lookahead), the node round around it (:func:`node_round`, called by the
-ClientApp and the in-process loop alike), and the batched form that trains many nodes at once on a GPU.
+momentum, drift correction, update tracking and gradient-lookahead), the node round around it (:func:`node_round`,
+called by the ClientApp and the in-process loop alike), and the batched form that trains many nodes at once on a GPU.
 
 Everything random is a pure function of ``(seed, node, round)`` or ``(seed, node, epoch)``:
 
