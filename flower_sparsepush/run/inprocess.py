@@ -5,7 +5,7 @@ reply checks as the Flower paths, which are tested against it. Also the in-proce
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,14 +27,27 @@ from flower_sparsepush.run.schedule import merge_due
 from flower_sparsepush.run.setup import Setup, get_setup, make_router, reply_checks
 
 
-def check_and_post(guard: Guard, node: int, rnd: int, messages: dict[int, bytes]) -> int:
+def check_and_post(guard: Guard, node: int, rnd: int, messages: dict[int, bytes], taken=((), ())) -> int:
     """Check ``node``'s messages of round ``rnd`` as the ServerApp does and post them to the router; a refused
-    outbox is recorded and nothing of it is routed. Returns the bits routed."""
+    outbox is recorded and nothing of it is routed. ``taken`` is the ``(inbox, bounced)`` the node took this round:
+    the weight ledger (weights.py) adds it to the node's weight before it checks the shares. A refused outbox is
+    lost here (the in-process loop does not resend it), so the ledger then keeps what the rule lets the node keep,
+    as the node itself does. Returns the bits routed."""
+    frames = sorted(messages.items())
+    inbox, bounced = taken
+    ledger = guard.weights
     try:
-        guard.check(node, rnd, Outbox(rnd, list(messages.items())), 0)
+        guard.check(node, rnd, Outbox(rnd, frames), 0)
+        y = guard.check_weights(node, [(rnd, frames)], [(rnd, inbox, bounced)])
     except BadReply as err:
         guard.reject(rnd + 1, node, err.kind, str(err))
+        if ledger is not None:  # what an honest node keeps after sending its share to each out-neighbour
+            d = len(guard.out_neighbours(rnd, node)) if guard.graph is not None else len(frames)
+            y = ledger.absorb(ledger.y[node], bounced, inbox)
+            ledger.commit(node, y - ledger.share(rnd, d) * y * d if d else y)
         return 0
+    if ledger is not None:
+        ledger.commit(node, y)
     guard.router.post(node, rnd, messages)
     return sum(8 * len(d) for d in messages.values())
 
@@ -71,9 +84,8 @@ class _Loop:
         self.setup = setup = get_setup(cfg)
         n = setup.n
         self.router = make_router(cfg)
-        # the ServerApp's checks: a bad outbox is refused here; the weight ledger is the Flower relay's only (its
-        # nodes here are this loop's own code, and a refused outbox's mass is lost here, not resent)
-        self.guard = Guard(self.router, replace(reply_checks(setup), gamma=None))
+        # the ServerApp's checks, the weight ledger among them: a bad outbox is refused here (and lost: no resend)
+        self.guard = Guard(self.router, reply_checks(setup))
         self.states = [init_state(setup) for _ in range(n)]
         self.sent = [0] * n
         self.history: list[dict[str, float]] = []
@@ -89,6 +101,8 @@ class _Loop:
             return
         self.start, self.states, self.sent, self.history, base, owner_err, merges = restored
         self.merges.load_state_dict(merges)
+        # the ledger follows each node's own weight exactly (check_and_post), so the restored weights are its own
+        self.guard.weights.y = [float(st.y) for st in self.states]
         for i, s in enumerate(self.states):  # a checkpoint that kept the merge base and owner errors for all nodes
             s.merge_base = base if s.merge_base is None else s.merge_base
             if owner_err is not None and s.owner_err is None:
@@ -115,7 +129,7 @@ class _Loop:
                 res = node_round(setup, states[i], i, t, *boxes[i])
                 if res.rejected:
                     raise RuntimeError(f"node {i} rejected a message in round {t}: {res.rejected[0]}")
-                self.sent[i] += check_and_post(self.guard, i, t, res.messages)
+                self.sent[i] += check_and_post(self.guard, i, t, res.messages, boxes[i])
             return online
         nodes = {i: make_node(setup, i, states[i]) for i in online}  # the same round, one batched local SGD call
         for i in online:
@@ -124,7 +138,7 @@ class _Loop:
                 raise RuntimeError(f"node {i} rejected a message in round {t}: {rejected[0]}")
         train_batched(setup, self.engine, [states[i] for i in online], online, t)
         for i in online:
-            self.sent[i] += check_and_post(self.guard, i, t, nodes[i].finish(t))
+            self.sent[i] += check_and_post(self.guard, i, t, nodes[i].finish(t), boxes[i])
         return online
 
     def merge(self, t: int, online: list[int]) -> None:
@@ -134,10 +148,16 @@ class _Loop:
         setup, states, merges = self.setup, self.states, self.merges
         received = self.router.delivered_bits
 
+        ledger = self.guard.weights
+
         def absorb(i: int) -> None:
-            make_node(setup, i, states[i]).begin(t + 1, *self.router.collect(i))
+            inbox, bounced = self.router.collect(i)
+            make_node(setup, i, states[i]).begin(t + 1, inbox, bounced)
+            ledger.commit(i, ledger.absorb(ledger.y[i], bounced, inbox))
 
         outcome = merge_among(setup, states, online, t, merges, absorb, self.sent, received)
+        if outcome.averages is not None:  # every participant now holds their mean weight
+            ledger.merged(outcome.participants, merges.mean_weight())
         for i in range(setup.n):
             if i not in online and i not in self.router.excluded:
                 merges.owe(i, outcome)
