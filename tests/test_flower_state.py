@@ -87,3 +87,36 @@ def test_a_lost_train_reply_loses_no_mass_and_its_outbox_arrives_later(tmp_path)
         assert row["y_nodes"] + row["y_pending"] + row["y_mailboxes"] == pytest.approx(4, abs=1e-9)
     held = [r for r in read_metrics(out / "metrics.jsonl") if r["round"] == 2][0]
     assert held["y_pending"] > 0  # after the lost reply the node held its unacknowledged outbox
+
+
+def test_a_rejection_in_a_lost_reply_is_reported_again_and_charges_nobody(tmp_path):
+    """A hostile network cuts a message the relay hands node 1 in round 1, node 1 rejects it, and its reply is lost
+    after it saved its round. In round 2 the relay hands that inbox again (node 1 absorbs none of it twice) and node
+    1 reports its rejection again with the outbox it resends: the message goes home to its sender, the weight
+    ledger credits node 1 nothing of it, so nothing of node 1 is refused and the mass is exact in every round."""
+    from flwr.app import ConfigRecord, Error, Message
+
+    from flower_sparsepush.flower import protocol
+
+    def cut_then_lose(msg, context, call_next):
+        mine = msg.metadata.message_type == "train" and int(context.node_config["partition-id"]) == 1
+        if not (mine and int(msg.content["config"]["round"]) == 1):
+            return call_next(msg, context)
+        box = dict(msg.content[protocol.INBOX])
+        frames = protocol.unpack_frames(box["frames"])
+        assert frames, "node 1 is handed messages in round 1"
+        frames[0] = (frames[0][0], frames[0][1][:-3])  # the network cuts the first message
+        box["frames"] = protocol.pack_frames(frames)
+        msg.content[protocol.INBOX] = ConfigRecord(box)
+        reply = call_next(msg, context)
+        assert reply.content["out"]["rejected"], "node 1 rejects the cut message"
+        return Message(Error(code=0, reason="reply lost on the way"), reply_to=msg)
+
+    cfg = validate(RUN | {"out-dir": str(tmp_path), "run-name": "cut"})
+    out = simulate(cfg, client_mods=[cut_then_lose])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rejected_replies"] == []  # the honest node is charged with nothing
+    assert [(e["round"], e["node"]) for e in summary["straggler_events"]] == [(2, 1)]
+    assert summary["messages_rejected"] == 1 and summary["messages_bounced_after_rejection"] >= 1
+    for row in read_metrics(out / "metrics.jsonl"):
+        assert row["y_nodes"] + row["y_pending"] + row["y_mailboxes"] == pytest.approx(4, abs=1e-9)

@@ -240,10 +240,22 @@ def test_pending_outbox_weight_is_what_the_messages_carry():
 
     _, _, nodes = _nodes()
     out = nodes[0].round(0).messages
-    flat = join(state_to_flat(nodes[0].state), {0: sorted(out.items()), 1: []})
-    state_part, pending, _ = split(flat)
-    assert pending == {0: sorted(out.items()), 1: []} and "x" in state_part
+    flat = join(state_to_flat(nodes[0].state), {0: sorted(out.items()), 1: []}, refusals={3: [0, 2]})
+    state_part, pending, _, refusals = split(flat)
+    assert pending == {0: sorted(out.items()), 1: []} and "x" in state_part and refusals == {3: [0, 2]}
     assert pending_weight(pending) == pytest.approx(sum(decode(d).y for d in out.values()))
+
+
+def test_a_rejection_is_reported_again_while_its_batch_is_handed_again():
+    from flower_sparsepush.flower.node_handlers import rejections
+
+    m = [(0, b"a"), (1, b"b"), (2, b"c")]
+    # round 1: it rejects the second message of its inbox
+    assert rejections([(1, m)], {}, [1]) == ([1], {1: [1]})
+    # its reply was lost: round 2 hands batch 1 again first; the rejection comes back at its position there
+    assert rejections([(1, m), (2, m[:2])], {1: [1]}, [3]) == ([1, 3], {1: [1], 2: [0]})
+    # the relay acknowledged batch 1 (not handed again): its rejection is forgotten
+    assert rejections([(3, m)], {1: [1], 2: [0]}, []) == ([], {})
 
 
 def test_store_files_are_safetensors_the_library_reads_back_exactly(tmp_path):

@@ -94,16 +94,25 @@ class NodeHolder:
         return stamp.round, flat
 
 
-def split(flat: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, protocol.Frames], Marks]:
-    """A stored flat dict -> (node state part, pending outboxes by round, merge marks)."""
+REJ = "rej."  # a stored flat dict: what the node rejected of a batch the relay has not acknowledged
+
+
+def split(
+    flat: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[int, protocol.Frames], Marks, dict[int, list[int]]]:
+    """A stored flat dict -> (node state part, pending outboxes by round, merge marks, rejections by batch)."""
     pending = {int(k[4:]): protocol.unpack_frames(v.numpy().tobytes()) for k, v in flat.items() if k[:4] == "out."}
     marks = Marks.from_flat({k: v for k, v in flat.items() if k.startswith(PREFIX)})
-    state = {k: v for k, v in flat.items() if k[:4] != "out." and not k.startswith(PREFIX)}
-    return state, pending, marks
+    refusals = {int(k[len(REJ) :]): v.tolist() for k, v in flat.items() if k.startswith(REJ)}
+    state = {k: v for k, v in flat.items() if k[:4] != "out." and not k.startswith((PREFIX, REJ))}
+    return state, pending, marks, refusals
 
 
 def join(
-    state_flat: dict[str, torch.Tensor], pending: dict[int, protocol.Frames], marks: Marks | None = None
+    state_flat: dict[str, torch.Tensor],
+    pending: dict[int, protocol.Frames],
+    marks: Marks | None = None,
+    refusals: dict[int, list[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     out = dict(state_flat)
     for r, frames in pending.items():
@@ -113,7 +122,32 @@ def join(
         )
     if marks is not None:
         out.update(marks.to_flat())
+    for r, idx in (refusals or {}).items():
+        out[f"{REJ}{r}"] = torch.tensor(idx, dtype=torch.int64)
     return out
+
+
+def rejections(
+    groups: list[tuple[int, protocol.Frames]], earlier: dict[int, list[int]], now: list[int]
+) -> tuple[list[int], dict[int, list[int]]]:
+    """The positions a train reply rejects, and the rejections to keep.
+
+    ``groups`` is what the node was handed, by batch (the batches handed again after a lost reply, then this
+    round's), ``earlier`` what it rejected of earlier batches, by batch and index in it, and ``now`` the positions
+    (into ``groups``, concatenated) it rejects in this round. A rejection is reported again in every reply for as
+    long as the relay hands its batch again: when the reply that carried it was lost, the relay learns it from the
+    next one (otherwise the weight ledger would credit the node with a message it never absorbed, and refuse it).
+    """
+    where, start = [], {}
+    for r, frames in groups:
+        start[r] = len(where)
+        where += [(r, j) for j in range(len(frames))]
+    keep = {r: list(idx) for r, idx in earlier.items() if r in start and r != groups[-1][0]}
+    for p in now:
+        r, j = where[p]
+        keep.setdefault(r, []).append(j)
+    positions = sorted({start[r] + j for r, idx in keep.items() for j in idx})
+    return positions, keep
 
 
 def pending_weight(pending: dict[int, protocol.Frames]) -> float:
@@ -163,10 +197,10 @@ class NodeHandlers:
         """(state, pending outboxes, last finished round, merge marks) of the node, after a restore when asked."""
         got = holder.restore(restore) if restore >= 0 else holder.load()
         if got is None:
-            return init_state(setup), {}, -1, Marks()
+            return init_state(setup), {}, -1, Marks(), {}
         done, flat = got
-        state_flat, pending, marks = split(flat)
-        return state_from_flat(state_flat), pending, done, marks
+        state_flat, pending, marks, refusals = split(flat)
+        return state_from_flat(state_flat), pending, done, marks, refusals
 
     def query(self, content: RecordDict, context: Context) -> RecordDict:
         return protocol.query_reply_content(self.node_id(context))
@@ -182,7 +216,7 @@ class NodeHandlers:
             return self.merge(content, context, cfg, setup, node)
         order = protocol.read_train(content)
         holder = NodeHolder(context, cfg, node, order.token or "run")
-        state, pending, done, marks = self.open_node(holder, setup, order.restore)
+        state, pending, done, marks, refusals = self.open_node(holder, setup, order.restore)
         t = order.round
         if t <= done:
             raise RuntimeError(f"node {node} was asked for round {t} but has already finished round {done}")
@@ -197,23 +231,23 @@ class NodeHandlers:
         again = [*order.redo_bounced, (t, order.bounced)]
         bounced = [f for r, frames in again if protocol.absorbs(r, done, marks.absorbed) for f in frames]
         res = node_round(setup, state, node, t, [handed[i][1] for i in keep], bounced)
-        refused = [keep[r.index] for r in res.rejected]
+        refused, refusals = rejections(groups, refusals, [keep[r.index] for r in res.rejected])
         resent = sorted(pending.items())
         pending[t] = sorted(res.messages.items())
-        holder.save(t, join(state_to_flat(state), pending, marks), order.snapshot)
+        holder.save(t, join(state_to_flat(state), pending, marks, refusals), order.snapshot)
         return protocol.train_reply_content(t, pending[t], refused, resent, res.loss, state.y)
 
     def merge(self, content: RecordDict, context: Context, cfg, setup, node: int) -> RecordDict:
         """A merge phase (node_merge.py): the node's state, its reply, its state saved."""
         order = protocol.read_merge(content)
         holder = NodeHolder(context, cfg, node, order.token or "run")
-        state, pending, done, marks = self.open_node(holder, setup, order.restore)
+        state, pending, done, marks, refusals = self.open_node(holder, setup, order.restore)
         pending = {r: f for r, f in pending.items() if r > order.acked}
         if order.phase == "give":
             reply = node_merge.give(setup, state, node, done, marks, order)
         else:
             reply = node_merge.PHASES[order.phase](setup, state, node, marks, order)
-        holder.save(done, join(state_to_flat(state), pending, marks), order.snapshot)
+        holder.save(done, join(state_to_flat(state), pending, marks, refusals), order.snapshot)
         return reply
 
     def fedavg_train(self, content: RecordDict, context: Context, cfg: dict, setup, node: int) -> RecordDict:
@@ -234,7 +268,7 @@ class NodeHandlers:
         setup = get_setup(cfg)
         conf = content[protocol.CONFIG]
         holder = NodeHolder(context, cfg, self.node_id(context), str(conf.get("token", "run")))
-        state, pending, done, marks = self.open_node(holder, setup, int(conf.get("restore", -1)))
+        state, pending, done, marks, _ = self.open_node(holder, setup, int(conf.get("restore", -1)))
         pending = {r: f for r, f in pending.items() if r > int(conf.get("acked", -1))}  # routed ones are in mailboxes
         z = state.z.to(torch.float32)
         acc, loss = evaluate(setup, z, cfg.eval_node_samples)
