@@ -267,6 +267,29 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         | _MERGE
         | _SCSP,
     ),
+    # what limits scsp-400x on dirichlet:0.1 (-2.29): the same row with one switch changed. Dense messages (no
+    # compression at all: is it the compression or the slow mixing?), twice the bits (top-0.84%, 286x), and
+    # twice the consensus step size
+    "abl-scsp-h1-dense": (
+        "ablation",
+        ("dirichlet:0.1",),
+        _sp(1, "none", 0.05, merge_bits=8, gradient_lookahead=0.5) | _MERGE | _SCSP,
+    ),
+    "abl-scsp-h1-2k": (
+        "ablation",
+        ("dirichlet:0.1",),
+        _scsp_h1() | {"compressor": "topk:0.0084+q:4"},
+    ),
+    "abl-scsp-h1-g0.1": ("ablation", ("dirichlet:0.1",), _scsp_h1(0.1)),
+    # and dense messages at larger consensus steps: how much of SGP's accuracy comes back as the mixing speeds up
+    **{
+        f"abl-scsp-h1-dense-g{g}": (
+            "ablation",
+            ("dirichlet:0.1",),
+            _sp(1, "none", g, merge_bits=8, gradient_lookahead=0.5) | _MERGE | _SCSP,
+        )
+        for g in (0.2, 0.5)
+    },
     # scsp-h2 with quasi-global momentum (its buffer diverges to NaN on this schedule: docs/algorithm.md)
     "abl-scsp-h2-qgm": ("ablation", SKEWED, _sp(2, "topk:0.005+q:4", 0.05, qgm=True) | _MERGE | _SCSP),
 }
@@ -283,7 +306,8 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "scsp-h2-q8m-klr-la5", "sp-h4-klr-q8m-2000x-la5", "sp-h8-klr-q8m-2000x-la5",
             "scsp-h1-q8m-klr-la5", "scsp-h1-q8m-klr-la5-ut5", "scsp-h1-q8m-klr-la5-ut8",
             "scsp-h4-klr-la5-ut8", "scsp-h1-q8m-klr-la5-qgm",
-            "scsp-h1-q8m-klr-la5-qgm-g0.01"]  # fmt: skip
+            "scsp-h1-q8m-klr-la5-qgm-g0.01", "abl-scsp-h1-dense", "abl-scsp-h1-2k", "abl-scsp-h1-g0.1",
+            "abl-scsp-h1-dense-g0.2", "abl-scsp-h1-dense-g0.5"]  # fmt: skip
 # SGP against the 466x preset's row first (issue: the trade on the paper's own setting), then earlier comparisons
 CIFAR_ROWS = ["sgp", "sp-h4-klr-la5", "sp-h4-merge", "sp-h8-fg100"]
 
@@ -352,6 +376,7 @@ NAME_PARTS = (
     ("dc / gc", "drift correction from the displacement / from the gradient"),
     ("gX", "gamma X"),
     ("dense", "no compression"),
+    ("2k", "twice the row's kept fraction"),
     ("466x / 1000x / 2000x", "the bits goal the row is a candidate for"),
 )
 _STRATEGY_WORDS = {
