@@ -163,6 +163,14 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
         )
         for h, comp in ((4, "topk:0.003+q:4"), (8, "topk:0.006+q:4"))
     },
+    # past 2000x: the H = 8 row with a 4-bit final merge (about 0.75 Mbit instead of 1.5), whose savings go to the
+    # gossip (top-0.7% instead of 0.6%); and that row's gossip without compression (what H = 8 at gamma 0.1 costs)
+    "sp-h8-klr-q4m-2000x-la5": (
+        "2000x",
+        ("iid",),
+        _sp(8, "topk:0.007+q:4", 0.1, sparsity_schedule="lr", merge_bits=4, gradient_lookahead=0.5) | _MERGE,
+    ),
+    "abl-dense-h8-la5": ("ablation", ("iid",), _sp(8, "none", 0.1, merge_bits=8, gradient_lookahead=0.5) | _MERGE),
     # ablations of sp-h4-merge: one switch changed each
     "abl-no-merge": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.1)),
     "abl-gamma-0.2": ("ablation", ("iid",), _sp(4, "topk:0.012+q:4", 0.2) | _MERGE),
@@ -307,7 +315,7 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "scsp-h1-q8m-klr-la5", "scsp-h1-q8m-klr-la5-ut5", "scsp-h1-q8m-klr-la5-ut8",
             "scsp-h4-klr-la5-ut8", "scsp-h1-q8m-klr-la5-qgm",
             "scsp-h1-q8m-klr-la5-qgm-g0.01", "abl-scsp-h1-dense", "abl-scsp-h1-2k", "abl-scsp-h1-g0.1",
-            "abl-scsp-h1-dense-g0.2", "abl-scsp-h1-dense-g0.5"]  # fmt: skip
+            "abl-scsp-h1-dense-g0.2", "abl-scsp-h1-dense-g0.5", "sp-h8-klr-q4m-2000x-la5", "abl-dense-h8-la5"]  # fmt: skip
 # SGP against the 466x preset's row first (issue: the trade on the paper's own setting), then earlier comparisons
 CIFAR_ROWS = ["sgp", "sp-h4-klr-la5", "sp-h4-merge", "sp-h8-fg100"]
 
@@ -365,7 +373,7 @@ NAME_PARTS = (
     ("merge", "one exact global merge after the last round"),
     ("no-merge", "no final merge"),
     ("fgN", "N final gossip-only rounds"),
-    ("q8m", "the merge in 8 bits"),
+    ("q8m / q4m", "the merge in 8 / 4 bits"),
     ("mBeE", "B-bit merges every E rounds"),
     ("ef", "error feedback on the merges"),
     ("klr", "the kept fraction follows the learning rate"),
