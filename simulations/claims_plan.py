@@ -278,25 +278,17 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     # what limits scsp-400x on dirichlet:0.1 (-2.29): the same row with one switch changed. Dense messages (no
     # compression at all: is it the compression or the slow mixing?), twice the bits (top-0.84%, 286x), and
     # twice the consensus step size
-    "abl-scsp-h1-dense": (
-        "ablation",
-        ("dirichlet:0.1",),
-        _sp(1, "none", 0.05, merge_bits=8, gradient_lookahead=0.5) | _MERGE | _SCSP,
-    ),
     "abl-scsp-h1-2k": (
         "ablation",
         ("dirichlet:0.1",),
         _scsp_h1() | {"compressor": "topk:0.0084+q:4"},
     ),
     "abl-scsp-h1-g0.1": ("ablation", ("dirichlet:0.1",), _scsp_h1(0.1)),
-    # and dense messages at larger consensus steps: how much of SGP's accuracy comes back as the mixing speeds up
+    # and dense messages at the row's gamma and at larger ones: how much of SGP's accuracy comes back as the mixing
+    # speeds up
     **{
-        f"abl-scsp-h1-dense-g{g}": (
-            "ablation",
-            ("dirichlet:0.1",),
-            _sp(1, "none", g, merge_bits=8, gradient_lookahead=0.5) | _MERGE | _SCSP,
-        )
-        for g in (0.2, 0.5)
+        name: ("ablation", ("dirichlet:0.1",), _sp(1, "none", g, merge_bits=8, gradient_lookahead=0.5) | _MERGE | _SCSP)
+        for name, g in (("abl-scsp-h1-dense", 0.05), ("abl-scsp-h1-dense-g0.2", 0.2), ("abl-scsp-h1-dense-g0.5", 0.5))
     },
     # scsp-h2 with quasi-global momentum (its buffer diverges to NaN on this schedule: docs/algorithm.md)
     "abl-scsp-h2-qgm": ("ablation", SKEWED, _sp(2, "topk:0.005+q:4", 0.05, qgm=True) | _MERGE | _SCSP),

@@ -83,9 +83,13 @@ class WeightLedger:
             y += carried(data)[1]
         return y
 
+    def kept(self, rnd: int, y: float, degree: int) -> float:
+        """What a node holding ``y`` keeps after sending its share to each of ``degree`` out-neighbours."""
+        return y - self.share(rnd, degree) * y * degree if degree else y
+
     def send(self, node: int, rnd: int, y: float, frames: Frames) -> float:
         """Check that every message of ``node``'s outbox of round ``rnd`` carries the share of ``y`` the rule
-        gives; returns the weight the node keeps. :class:`WeightError` otherwise."""
+        gives; returns the weight the node keeps (:meth:`kept`). :class:`WeightError` otherwise."""
         if not frames:
             return y
         a = self.share(rnd, len(frames))
@@ -99,7 +103,7 @@ class WeightLedger:
                     f"message to node {dest} of round {rnd} carries y={got_y!r}; node {node} holds {y!r} by the "
                     f"ledger, its share is {y_sent!r}",
                 )
-        return y - y_sent * len(frames)
+        return self.kept(rnd, y, len(frames))
 
     def replay(
         self, node: int, outboxes: Sequence[tuple[int, Frames]], batches: Sequence[Batch], rejected: Sequence[int] = ()

@@ -142,7 +142,7 @@ def rejections(
     for r, frames in groups:
         start[r] = len(where)
         where += [(r, j) for j in range(len(frames))]
-    keep = {r: list(idx) for r, idx in earlier.items() if r in start and r != groups[-1][0]}
+    keep = {r: list(idx) for r, idx in earlier.items() if r in start}
     for p in now:
         r, j = where[p]
         keep.setdefault(r, []).append(j)

@@ -43,8 +43,7 @@ def check_and_post(guard: Guard, node: int, rnd: int, messages: dict[int, bytes]
         guard.reject(rnd + 1, node, err.kind, str(err))
         if ledger is not None:  # what an honest node keeps after sending its share to each out-neighbour
             d = len(guard.out_neighbours(rnd, node)) if guard.graph is not None else len(frames)
-            y = ledger.absorb(ledger.y[node], bounced, inbox)
-            ledger.commit(node, y - ledger.share(rnd, d) * y * d if d else y)
+            ledger.commit(node, ledger.kept(rnd, ledger.absorb(ledger.y[node], bounced, inbox), d))
         return 0
     if ledger is not None:
         ledger.commit(node, y)
