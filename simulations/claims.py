@@ -156,6 +156,13 @@ def _selected(args: argparse.Namespace, datasets: list[str], seeds: tuple[int, .
     if getattr(args, "epochs", 0):  # another schedule length (e.g. the paper's 200 on a GPU): use its own --out
         for s in specs:
             s["epochs"] = args.epochs
+    if getattr(args, "model", ""):  # another model on the same rows (e.g. the paper's VGG-11): its own --out too
+        from flower_sparsepush.learn.models import MODEL_NAMES
+
+        if args.model not in MODEL_NAMES:
+            raise ValueError(f"--model {args.model!r}: choose one of {', '.join(MODEL_NAMES)}")
+        for s in specs:
+            s["cfg"] = s["cfg"] | {"model": args.model}
     if args.rows:
         want = set(args.rows.split(","))
         unknown = want - set(ROWS)
@@ -163,6 +170,23 @@ def _selected(args: argparse.Namespace, datasets: list[str], seeds: tuple[int, .
             raise ValueError(f"unknown claims row(s) {sorted(unknown)}; rows are: {', '.join(ROWS)}")
         specs = [s for s in specs if s["name"] in want]
     return specs
+
+
+def check_journal_schedule(journal: Path, done: dict[str, dict[str, Any]], specs: list[dict[str, Any]]) -> None:
+    """Refuse a call whose runs the journal holds under another model or number of epochs: run ids name neither,
+    so such a run would be taken as done, and the table would mix two schedules."""
+    for s in specs:
+        r = done.get(s["id"])
+        if r is None:
+            continue
+        held = (r.get("model"), float(r.get("epochs", s["epochs"])))
+        asked = (s["cfg"]["model"], float(s["epochs"]))
+        if held != asked:
+            raise ValueError(
+                f"{journal} holds {s['id']} with model {held[0]} at {held[1]:g} epochs, but this call asks for "
+                f"{asked[0]} at {asked[1]:g} epochs: give this schedule its own --out (e.g. --out "
+                f"results/{s['cfg']['dataset']}_{asked[0]}_{asked[1]:g}ep)"
+            )
 
 
 def _past(deadline: float | None) -> bool:
@@ -219,8 +243,14 @@ def main(args: argparse.Namespace) -> int:
     specs = _selected(args, datasets, seeds)
     journal = out / f"{name}_rows.jsonl"
     done = read_journal(journal)
+    if not args.rerun:
+        check_journal_schedule(journal, done, specs)
     todo = [s for s in specs if s["id"] not in done or args.rerun]
-    quick = " --quick" if args.quick else ""
+    flags = " --quick" if args.quick else ""
+    if getattr(args, "model", ""):
+        flags += f" --model {args.model}"
+    if getattr(args, "epochs", 0):
+        flags += f" --epochs {args.epochs:g}"
     prog = Progress(len(specs), out / f"{name}.status.json", "claims", unit="runs", initial=len(specs) - len(todo))
     deadline = time.monotonic() + 3600 * args.max_hours if args.max_hours else None
 
@@ -235,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
         return checkpoint_dir(out, spec["id"])
 
     def cmd(spec: dict[str, Any]) -> str:
-        return f"sparsepush claims{quick} --datasets {spec['cfg']['dataset']} --rows {spec['name']}"
+        return f"sparsepush claims{flags} --datasets {spec['cfg']['dataset']} --rows {spec['name']}"
 
     if args.jobs <= 1:
         _run_serial(todo, record, cmd, args.device, deadline, ckpt)
@@ -246,7 +276,7 @@ def main(args: argparse.Namespace) -> int:
     order = {s["id"]: k for k, s in enumerate(plan(datasets, args.quick, SEEDS + seeds))}
     runs = sorted((r for r in done.values() if r["id"] in order), key=lambda r: order[r["id"]])
     if runs:
-        finish(runs, out, name, f"sparsepush claims{quick} --datasets {','.join(datasets)}")
+        finish(runs, out, name, f"sparsepush claims{flags} --datasets {','.join(datasets)}")
         print((out / f"{name}.md").read_text())
     return 0
 
@@ -264,6 +294,9 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=float, default=0.0,
                    help="epochs of every run (0 = the schedule's: Fashion-MNIST 20, CIFAR-10 20); journal ids do not "
                    "name the epochs, so give another schedule its own --out")  # fmt: skip
+    p.add_argument("--model", default="",
+                   help="the model of every run ('' = the schedule's: Fashion-MNIST cnn, CIFAR-10 resnet20; e.g. "
+                   "vgg11, the paper's other model); journal ids do not name the model, so give it its own --out")  # fmt: skip
     p.add_argument("--max-hours", type=float, default=0.0, help="start no new run after this many hours (0 = no limit)")
     p.add_argument("--out", default="results", help="output folder")
     p.set_defaults(func=main)

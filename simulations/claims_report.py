@@ -40,7 +40,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["val_score"] = statistics.fmean(
             min(r["val_acc_consensus"], r["val_acc_node_mean"], r["val_acc_node_min"]) for r in rs
         )
-        row["command"] = f"sparsepush claims --datasets {ds} --rows {name}"
+        row["command"] = rs[0].get("command") or f"sparsepush claims --datasets {ds} --rows {name}"  # its flags
         row["per_seed"] = {
             r["seed"]: {k: r[k] for k in ("acc_consensus", "acc_node_mean", "acc_node_min", "bits_per_node")}
             for r in rs

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The headline claims runs on one GPU machine: Fashion-MNIST (every row, 3 seeds, as many as fit) and CIFAR-10
-# ResNet-20 (SGP, the 466x preset's row and two earlier Sparse-Push rows, seed 0) at EPOCHS_CIFAR epochs (default
+# ResNet-20 (SGP, the 466x preset's row, its dense ablation and two earlier Sparse-Push rows, seed 0), then VGG-11
+# (SGP and the 466x preset's row) at EPOCHS_CIFAR epochs (default
 # 200, the paper's schedule; the CPU runs of results/cifar10_cpu use 20), all nodes' local SGD batched on the GPU
 # (batched.py), many runs at once. Each finished run is journaled and each run checkpoints, so a second call
 # continues where this one stopped.
@@ -49,6 +50,13 @@ $PY -c "from flower_sparsepush.learn.data import load_dataset; load_dataset('cif
 $PY -m flower_sparsepush.simulations.claims $QUICK_FLAG $ROWS_FLAG --datasets cifar10 --seeds 0 --jobs "$JOBS_CIFAR" \
   $EPOCHS_FLAG \
   --device "$DEVICE" --max-hours "$MAX_HOURS" --out "$OUT_DIR/cifar10" > "$OUT_DIR/cifar10/log.txt" 2>&1 || true
+# then the paper's other model, VGG-11, on the same CIFAR-10 rows (SGP and the 466x preset's row first); VGG=0 skips it
+if [ "${VGG:-1}" = 1 ]; then
+  mkdir -p "$OUT_DIR/cifar10_vgg11"
+  $PY -m flower_sparsepush.simulations.claims $QUICK_FLAG --rows "${VGG_ROWS:-sgp,sp-h4-klr-la5}" --model vgg11 \
+    --datasets cifar10 --seeds 0 --jobs "$JOBS_CIFAR" $EPOCHS_FLAG --device "$DEVICE" --max-hours "$MAX_HOURS" \
+    --out "$OUT_DIR/cifar10_vgg11" > "$OUT_DIR/cifar10_vgg11/log.txt" 2>&1 || true
+fi
 wait "$fmnist" || echo "the Fashion-MNIST runs failed: see $OUT_DIR/fashion_mnist/log.txt"
 grep -E "run .* failed|Error|error" "$OUT_DIR"/*/log.txt | head -20 || true
-tail -n 25 "$OUT_DIR/fashion_mnist/log.txt" "$OUT_DIR/cifar10/log.txt"
+tail -n 25 "$OUT_DIR"/*/log.txt

@@ -123,7 +123,7 @@ def test_main_journals_each_run_once_and_resumes_without_running_again(tmp_path,
         calls.append(spec["id"])
         acc = 0.9 if spec["name"] == "sgp" else 0.89
         return _run(spec["name"], spec["group"], spec["cfg"]["seed"], acc, acc, 100.0, spec["cfg"]["partition"]) | {
-            "id": spec["id"], "switches": spec["switches"], "command": command}  # fmt: skip
+            "id": spec["id"], "switches": spec["switches"], "epochs": spec["epochs"], "command": command}  # fmt: skip
 
     monkeypatch.setattr(claims, "run_row", fake_run)
     args = argparse.Namespace(quick=True, datasets="fashion_mnist", rows="sgp,sp-h4-merge", seeds="0,1", rerun=False,
@@ -137,6 +137,34 @@ def test_main_journals_each_run_once_and_resumes_without_running_again(tmp_path,
     assert "| iid | sp-h4-merge | 466x |" in md and "- `sp-h4-merge`: Sparse-Push, H = 4, top-1.2%" in md
     with pytest.raises(ValueError, match="unknown claims row"):
         claims.main(argparse.Namespace(**(vars(args) | {"rows": "nope"})))
+
+
+def test_another_model_or_schedule_needs_its_own_out_and_its_command_says_so(tmp_path, monkeypatch):
+    """--model runs the same rows on another model (the paper's VGG-11); run ids name neither model nor epochs, so a
+    journal that holds a run under another model or schedule refuses the call instead of taking it as done."""
+    seen = []
+
+    def fake_run(spec, command, device="cpu", ckpt=None):
+        seen.append((spec["cfg"]["model"], spec["epochs"], command))
+        return _run(spec["name"], spec["group"], 0, 0.5, 0.5, 100.0, spec["cfg"]["partition"]) | {
+            "id": spec["id"], "model": spec["cfg"]["model"], "epochs": spec["epochs"], "command": command}  # fmt: skip
+
+    monkeypatch.setattr(claims, "run_row", fake_run)
+    base = dict(quick=True, datasets="fashion_mnist", rows="sgp", seeds="0", rerun=False, jobs=1, device="cpu",
+                max_hours=0.0, evals=0, epochs=0.0, model="", out=str(tmp_path / "cnn"))  # fmt: skip
+    assert claims.main(argparse.Namespace(**base)) == 0
+    assert {m for m, _, _ in seen} == {"cnn"} and len(seen) == 3
+    for change in ({"model": "mlp"}, {"epochs": 0.3}):
+        with pytest.raises(ValueError, match="holds fashion_mnist/iid/sgp/s0 with model cnn at 0.1 epochs.*own --out"):
+            claims.main(argparse.Namespace(**(base | change)))
+    assert len(seen) == 3  # refused before anything ran
+    with pytest.raises(ValueError, match="--model 'vgg'"):
+        claims.main(argparse.Namespace(**(base | {"model": "vgg", "out": str(tmp_path / "x")})))
+    assert claims.main(argparse.Namespace(**(base | {"model": "mlp", "out": str(tmp_path / "mlp")}))) == 0
+    assert seen[3:] == [("mlp", 0.1, "sparsepush claims --quick --model mlp --datasets fashion_mnist --rows sgp")] * 3
+    table = json.loads((tmp_path / "mlp" / "claims_quick.json").read_text())
+    assert {r["model"] for r in table["rows"]} == {"mlp"}
+    assert table["rows"][0]["command"] == seen[3][2]  # the table's command regenerates this model's row
 
 
 def test_a_run_cut_off_midway_resumes_to_the_journal_entry_of_an_uninterrupted_run(tmp_path, monkeypatch):
