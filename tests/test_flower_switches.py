@@ -40,6 +40,7 @@ SETS = {
         "final-gossip-rounds": 2,
         "sparsity-schedule": "lr",
         "gamma-warmup": 2,
+        "gamma-schedule": "kept",
         "lr-schedule": "cosine",
         "partition": "skew:0.5",
         "link-down": 0.3,
@@ -62,6 +63,7 @@ SETS = {
     },
 }
 PARTNERS = {
+    "sparsity-schedule": ("gamma-schedule",),
     "link-down": ("down-span", "bounce"),
     "drop": ("bounce",),
     "sparsity-warmup": ("sparsity-warmup-start",),

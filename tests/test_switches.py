@@ -63,6 +63,26 @@ def test_gamma_warmup_is_linear_then_constant():
     assert gamma_at(_cfg(), 0) == 0.2
 
 
+def test_gamma_schedule_kept_scales_gamma_with_the_kept_fraction_and_conserves_mass():
+    common = {"lr-schedule": "cosine", "num-rounds": 20, "sparsity-schedule": "lr", "gamma-warmup": 2}
+    cfg = _cfg(**common | {"gamma-schedule": "kept", "final-gossip-rounds": 2})
+    for t in range(22):
+        frac = float(compressor_at(cfg, t).split("+")[0].split(":")[1])
+        warm = min(1.0, (t + 1) / 2)  # the warm-up ramp first, then the kept fraction's share of F
+        assert gamma_at(cfg, t) == pytest.approx(0.2 * warm * frac / 0.02, rel=1e-9)
+    assert gamma_at(cfg, 0) < gamma_at(cfg, 2) > gamma_at(cfg, 19)  # largest where the kept fraction is
+    assert gamma_at(cfg, 20) == 0.2  # gossip-only final rounds: F, so gamma itself
+    assert gamma_at(_cfg(**common | {"gamma-schedule": "kept", "gamma": 0.9}), 2) == 1.0  # capped at 1
+    plain = run_inprocess(_cfg(**common), eval_every=10)
+    kept = run_inprocess(cfg.replace(final_gossip_rounds=0), eval_every=10)
+    # the same number of entries per message (only the step changes); the index coding's size follows the positions
+    assert sum(kept.bits_sent) == pytest.approx(sum(plain.bits_sent), rel=0.01)
+    assert any(torch.any(a.z != b.z) for a, b in zip(kept.states, plain.states))
+    for res in (plain, kept):
+        last = res.history[-1]
+        assert last["y_nodes"] + last["y_in_transit"] == pytest.approx(8.0, abs=1e-9)
+
+
 def test_sparsity_warmup_costs_more_bits_early_and_conserves_mass():
     plain = run_inprocess(_cfg(), eval_every=20)
     warm = run_inprocess(_cfg(**{"sparsity-warmup": 10, "sparsity-warmup-start": 0.3}), eval_every=20)
@@ -154,6 +174,9 @@ def test_gradient_lookahead_conserves_mass_and_trains():
         ({"sparsity-schedule": "lr", "sparsity-warmup": 5}, "not both"),
         ({"sparsity-schedule": "step"}, "sparsity-schedule"),
         ({"gamma-warmup": -2}, "gamma-warmup"),
+        ({"gamma-schedule": "kept"}, "gamma-schedule=kept: gamma follows the kept fraction"),
+        ({"gamma-schedule": "lr"}, "gamma-schedule"),
+        ({"strategy": "fedavg", "gamma-schedule": "kept", "sparsity-schedule": "lr"}, "not fedavg"),
         ({"val-split": 0.6}, "val-split"),
         ({"device": "tpu"}, "device"),
         ({"strategy": "fedavg", "final-merge": True}, "not fedavg"),

@@ -292,15 +292,23 @@ def _check_gossip_switches(out: dict[str, Any]) -> None:
         "gradient-lookahead",
         "update-tracking",
     )
-    if out["strategy"] == "fedavg" and out["sparsity-schedule"] != "constant":
-        raise ConfigError("run-config sparsity-schedule: this belongs to the gossip strategies, not fedavg")
+    for key in ("sparsity-schedule", "gamma-schedule"):
+        if out["strategy"] == "fedavg" and out[key] != "constant":
+            raise ConfigError(f"run-config {key}: this belongs to the gossip strategies, not fedavg")
     if out["strategy"] == "fedavg" and any(out[k] for k in gossip_only):
         bad = next(k for k in gossip_only if out[k])
         raise ConfigError(f"run-config {bad}={out[bad]!r}: this belongs to the gossip strategies, not fedavg")
 
 
 def _check_sparsity(out: dict[str, Any]) -> None:
-    """sparsity-warmup and sparsity-schedule: one of them, with a compressor that keeps a fraction."""
+    """sparsity-warmup and sparsity-schedule: one of them, with a compressor that keeps a fraction; gamma-schedule
+    follows what they give."""
+    if out["gamma-schedule"] == "kept" and not (out["sparsity-warmup"] or out["sparsity-schedule"] != "constant"):
+        raise ConfigError(
+            "run-config gamma-schedule=kept: gamma follows the kept fraction that sparsity-schedule or "
+            "sparsity-warmup changes, and both are off here; set one (e.g. sparsity-schedule=lr) or gamma-schedule="
+            "constant"
+        )
     if out["sparsity-warmup"] and out["sparsity-schedule"] != "constant":
         raise ConfigError(
             f"run-config sparsity-schedule={out['sparsity-schedule']}: set either it or sparsity-warmup, not both "

@@ -90,6 +90,7 @@ WHERE: dict[str, tuple[str, str, str, str]] = {
     "sparsity-schedule": _switch("arg:sparsity_schedule"),
     "sparsity-warmup-start": _switch(),
     "gamma-warmup": _switch(),
+    "gamma-schedule": _switch(),
     "val-split": (
         "test:tests/test_flower.py::test_validation_metrics_through_flower",
         "test:tests/test_flower.py::test_validation_metrics_through_flower",

@@ -113,6 +113,14 @@ KEYS: dict[str, Key] = {
         0.05, float, "kept fraction at round 0 of the sparsity warm-up, in (0, 1]", 0.0, 1.0, lo_open=True
     ),
     "gamma-warmup": Key(0, int, "rounds over which gamma ramps linearly up from gamma/R (0 = off)", 0, 10**7),
+    "gamma-schedule": Key(
+        "constant",
+        str,
+        "constant | kept; kept: gamma of round t is gamma * f_t / F, f_t the kept fraction sparsity-schedule or "
+        "sparsity-warmup gives round t and F the compressor's own, so gamma stays in the same ratio to the kept "
+        "fraction (the stability limit of compressed gossip grows with it)",
+        choices=("constant", "kept"),
+    ),
     "val-split": Key(
         0.0,
         float,

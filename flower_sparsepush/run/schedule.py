@@ -61,11 +61,20 @@ def _mean_lr(schedule: str, lr: float, total: int) -> float:
 
 def gamma_at(cfg: RunConfig, rnd: int) -> float:
     """The consensus step size of round ``rnd``: ``gamma``, ramped linearly from ``gamma / gamma-warmup`` over the
-    first ``gamma-warmup`` rounds when that is > 0 (``gamma * (t + 1) / R``)."""
+    first ``gamma-warmup`` rounds when that is > 0 (``gamma * (t + 1) / R``). With ``gamma-schedule=kept`` it is
+    then scaled by ``f_t / F``, the kept fraction of the round (:func:`compressor_at`) over the compressor's own, and
+    capped at 1: compressed gossip stays stable up to a gamma that grows with the kept fraction (docs/algorithm.md,
+    the stability limit), so the step keeps its ratio to that limit, and mixes fastest where the nodes move most."""
     warm = cfg.gamma_warmup
-    if warm and rnd < warm:
-        return cfg.gamma * (rnd + 1) / warm
-    return cfg.gamma
+    gamma = cfg.gamma * (rnd + 1) / warm if warm and rnd < warm else cfg.gamma
+    if cfg.gamma_schedule == "kept":
+        gamma = min(1.0, gamma * kept_fraction(compressor_at(cfg, rnd)) / kept_fraction(cfg.compressor))
+    return gamma
+
+
+def kept_fraction(spec: str) -> float:
+    """The kept fraction F of a ``topk:F`` / ``topk-layer:F`` / ``randk:F`` spec (``+q:B`` ignored)."""
+    return float(spec.partition("+")[0].partition(":")[2])
 
 
 def merge_due(cfg: RunConfig, done: int, rounds: int) -> bool:
