@@ -181,9 +181,17 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
         run_inprocess(cfg.replace(resume=True, drop=0.1))
     # no checkpoint yet: resume starts from round 0
     assert run_inprocess(cfg.replace(run_name="fresh", resume=True)).start_round == 0
-    # a checkpoint of an older format (version 2: torch.save node copies on Flower) is refused with what to do
+    # a checkpoint written before a key existed resumes where the key is at its default (the code that wrote it ran
+    # so), and is another run's where it is not
     path = tmp_path / "x" / "checkpoint.pt"
     ck = torch.load(path, weights_only=True)
+    older = ck | {"config": {k: v for k, v in ck["config"].items() if k != "gamma-warmup"}}
+    torch.save(older, path)
+    assert run_inprocess(cfg.replace(resume=True)).start_round == 2
+    torch.save(older, path)
+    with pytest.raises(ConfigError, match=r"belongs to another run \(gamma-warmup=0 there, 1 now\)"):
+        run_inprocess(cfg.replace(resume=True, gamma_warmup=1))
+    # a checkpoint of an older format (version 2: torch.save node copies on Flower) is refused with what to do
     torch.save(ck | {"version": 2}, path)
     with pytest.raises(
         ConfigError, match="checkpoint version 2, this code reads 3; start the run again without resume"

@@ -12,7 +12,7 @@ import torch
 from flower_sparsepush.core.node import state_from_flat, state_to_flat
 from flower_sparsepush.core.pushsum import NodeState
 from flower_sparsepush.core.router import Router
-from flower_sparsepush.run.config import ConfigError, RunConfig
+from flower_sparsepush.run.config import KEYS, ConfigError, RunConfig
 from flower_sparsepush.run.results import run_dir
 
 # the layout this code writes and reads: node states in the flat form of node.state_to_flat; on Flower the nodes'
@@ -68,12 +68,14 @@ def read_checkpoint(cfg: RunConfig, engine: str) -> dict[str, Any] | None:
             f"{path}: checkpoint version {ck.get('version')!r}, this code reads {CHECKPOINT_VERSION}; start the run "
             f"again without resume (or use another run-name), or resume it with the version that wrote it"
         )
-    mine = checkpoint_identity(cfg)
-    diff = sorted(k for k in set(mine) | set(ck["config"]) if mine.get(k) != ck["config"].get(k))
+    mine, held = checkpoint_identity(cfg), ck["config"]
+    # a key the checkpoint does not name came after it was written: the code that wrote it ran as that key's default
+    held = {k: KEYS[k].default for k in mine if k not in held and k in KEYS} | held
+    diff = sorted(k for k in set(mine) | set(held) if mine.get(k) != held.get(k))
     if diff:
         k = diff[0]
         raise ConfigError(
-            f"run-config resume: {path} belongs to another run ({k}={ck['config'].get(k)!r} there, "
+            f"run-config resume: {path} belongs to another run ({k}={held.get(k)!r} there, "
             f"{mine.get(k)!r} now); use another run-name or the same settings"
         )
     return ck
