@@ -243,8 +243,7 @@ def main(args: argparse.Namespace) -> int:
     specs = _selected(args, datasets, seeds)
     journal = out / f"{name}_rows.jsonl"
     done = read_journal(journal)
-    if not args.rerun:
-        check_journal_schedule(journal, done, specs)
+    check_journal_schedule(journal, done, specs)  # also with --rerun: the table would mix the two schedules
     todo = [s for s in specs if s["id"] not in done or args.rerun]
     flags = " --quick" if args.quick else ""
     if getattr(args, "model", ""):

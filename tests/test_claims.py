@@ -154,7 +154,7 @@ def test_another_model_or_schedule_needs_its_own_out_and_its_command_says_so(tmp
                 max_hours=0.0, evals=0, epochs=0.0, model="", out=str(tmp_path / "cnn"))  # fmt: skip
     assert claims.main(argparse.Namespace(**base)) == 0
     assert {m for m, _, _ in seen} == {"cnn"} and len(seen) == 3
-    for change in ({"model": "mlp"}, {"epochs": 0.3}):
+    for change in ({"model": "mlp"}, {"epochs": 0.3}, {"model": "mlp", "rerun": True}):
         with pytest.raises(ValueError, match="holds fashion_mnist/iid/sgp/s0 with model cnn at 0.1 epochs.*own --out"):
             claims.main(argparse.Namespace(**(base | change)))
     assert len(seen) == 3  # refused before anything ran
