@@ -70,7 +70,7 @@ def read_checkpoint(cfg: RunConfig, engine: str) -> dict[str, Any] | None:
         )
     mine, held = checkpoint_identity(cfg), ck["config"]
     # a key the checkpoint does not name came after it was written: the code that wrote it ran as that key's default
-    held = {k: KEYS[k].default for k in mine if k not in held and k in KEYS} | held
+    held = {k: KEYS[k].default for k in mine if k not in held} | held
     diff = sorted(k for k in set(mine) | set(held) if mine.get(k) != held.get(k))
     if diff:
         k = diff[0]

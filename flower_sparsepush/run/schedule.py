@@ -32,21 +32,30 @@ def compressor_at(cfg: RunConfig, rnd: int) -> str:
     over the training rounds; floored at F/20, capped at 1; F in the gossip-only final rounds): a node moves in
     proportion to its step size, so that is where its neighbours' copies fall behind. The quantizer (``+q:B``) is
     unchanged. Bits are whatever the messages then take (counted as always)."""
+    frac = kept_fraction_at(cfg, rnd)
+    if frac is None:
+        return cfg.compressor
+    sel, plus, rest = cfg.compressor.partition("+")
+    return f"{sel.partition(':')[0]}:{frac:.6g}{plus}{rest}"
+
+
+def kept_fraction_at(cfg: RunConfig, rnd: int) -> float | None:
+    """The kept fraction :func:`compressor_at` gives round ``rnd`` (to the 6 digits its spec carries), or None where
+    no schedule changes the compressor's own."""
     spec, warm = cfg.compressor, cfg.sparsity_warmup
     by_lr = cfg.sparsity_schedule == "lr" and rnd < cfg.num_rounds
     if spec == "none" or not (by_lr or (warm and rnd < warm)):
-        return spec
-    sel, plus, rest = spec.partition("+")
-    name, _, arg = sel.partition(":")
+        return None
+    name, _, arg = spec.partition("+")[0].partition(":")
     if name not in ("topk", "topk-layer", "randk"):
-        return spec
+        return None
     target = float(arg)
     if by_lr:
         frac = min(1.0, max(target / 20, target * lr_at(cfg, rnd) / mean_lr(cfg)))
     else:
         start = cfg.sparsity_warmup_start
         frac = start * (target / start) ** (rnd / warm)
-    return f"{name}:{frac:.6g}{plus}{rest}"
+    return float(f"{frac:.6g}")
 
 
 def mean_lr(cfg: RunConfig) -> float:
@@ -62,19 +71,15 @@ def _mean_lr(schedule: str, lr: float, total: int) -> float:
 def gamma_at(cfg: RunConfig, rnd: int) -> float:
     """The consensus step size of round ``rnd``: ``gamma``, ramped linearly from ``gamma / gamma-warmup`` over the
     first ``gamma-warmup`` rounds when that is > 0 (``gamma * (t + 1) / R``). With ``gamma-schedule=kept`` it is
-    then scaled by ``f_t / F``, the kept fraction of the round (:func:`compressor_at`) over the compressor's own, and
+    then scaled by ``f_t / F``, the kept fraction of the round (:func:`kept_fraction_at`) over the compressor's own, and
     capped at 1: compressed gossip stays stable up to a gamma that grows with the kept fraction (docs/algorithm.md,
     the stability limit), so the step keeps its ratio to that limit, and mixes fastest where the nodes move most."""
     warm = cfg.gamma_warmup
     gamma = cfg.gamma * (rnd + 1) / warm if warm and rnd < warm else cfg.gamma
-    if cfg.gamma_schedule == "kept":
-        gamma = min(1.0, gamma * kept_fraction(compressor_at(cfg, rnd)) / kept_fraction(cfg.compressor))
+    frac = kept_fraction_at(cfg, rnd) if cfg.gamma_schedule == "kept" else None
+    if frac is not None:
+        gamma = min(1.0, gamma * frac / float(cfg.compressor.partition("+")[0].partition(":")[2]))
     return gamma
-
-
-def kept_fraction(spec: str) -> float:
-    """The kept fraction F of a ``topk:F`` / ``topk-layer:F`` / ``randk:F`` spec (``+q:B`` ignored)."""
-    return float(spec.partition("+")[0].partition(":")[2])
 
 
 def merge_due(cfg: RunConfig, done: int, rounds: int) -> bool:
