@@ -20,12 +20,11 @@ mean norm of the nodes' models; a setting *diverges* when a model's norm passes 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
+from flower_sparsepush.simulations.report_files import write_report
 
 ROW, PARTITION, SEED = "scsp-h1-q8m-klr-la5", "dirichlet:0.1", 0
 # (label, tracker mixing gt (0: no tracking), run-config changes of the model gossip)
@@ -160,12 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--rounds: at least 25 (the norms are read every 25 rounds)")
     torch.set_num_threads(1)
     rows = measure(args.rounds)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = f"python -m flower_sparsepush.simulations.gradient_tracking_probe --rounds {args.rounds} --out {args.out}"
-    (out / "gradient_tracking_probe.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
-    (out / "gradient_tracking_probe.md").write_text(to_markdown(rows, command))
-    print(f"wrote {out / 'gradient_tracking_probe.md'}")
+    write_report(args.out, "gradient_tracking_probe", command, rows, to_markdown(rows, command))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ writes ``lookahead_distance.json`` and ``lookahead_distance.md``.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
+from flower_sparsepush.simulations.report_files import write_report
 
 from flower_sparsepush.core.pushsum import NodeState, PushSum
 
@@ -91,15 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     from flower_sparsepush.simulations.claims import parse_rounds
 
     rows = measure(args.row, parse_rounds(args.rounds))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = (
         f"python -m flower_sparsepush.simulations.lookahead_distance --row {args.row} --rounds {args.rounds} "
         f"--out {args.out}"
     )
-    (out / "lookahead_distance.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
-    (out / "lookahead_distance.md").write_text(to_markdown(rows, command))
-    print(f"wrote {out / 'lookahead_distance.md'}")
+    write_report(args.out, "lookahead_distance", command, rows, to_markdown(rows, command))
 
 
 if __name__ == "__main__":

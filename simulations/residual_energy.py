@@ -18,12 +18,11 @@ the row's) and measures, on node 0's out-edge residual:
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
+from flower_sparsepush.simulations.report_files import write_report
 
 FRACTIONS = (0.0025, 0.005, 0.012, 0.02, 0.05)
 RANKS = (1, 2, 4)
@@ -136,12 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     if max(rounds) > 528:
         raise SystemExit(f"--rounds {args.rounds!r}: every round must be in 1..528 (the row's rounds)")
     rows = measure(rounds)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = f"python -m flower_sparsepush.simulations.residual_energy --rounds {args.rounds} --out {args.out}"
-    (out / "residual_energy.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
-    (out / "residual_energy.md").write_text(to_markdown(rows, command))
-    print(f"wrote {out / 'residual_energy.md'}")
+    write_report(args.out, "residual_energy", command, rows, to_markdown(rows, command))
 
 
 if __name__ == "__main__":
