@@ -10,7 +10,7 @@ to ``learn.sgd.sgd_steps``, in this process only, and runs the full 20-epoch ``s
 (``scsp-h1-q8m-klr-la5``) on ``dirichlet:0.1``. The model gossip, its bits and the final merge are the row's.
 
 ``python -m flower_sparsepush.simulations.cross_gradient_probe [--seeds 0] [--out results]`` writes
-``cross_gradient_probe.json`` and ``.md`` (about 23 minutes a seed on one thread).
+``cross_gradient_probe_s<seeds>.json`` and ``.md`` (seeds joined by ``-``; about 23 minutes a seed on one thread).
 """
 
 from __future__ import annotations
@@ -19,72 +19,36 @@ import argparse
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from flower_sparsepush.simulations.gradient_swap import in_neighbour, swapped_gradient
 from flower_sparsepush.simulations.report_files import write_report
 
 ROW, PARTITION = "scsp-h1-q8m-klr-la5", "dirichlet:0.1"
 
 
-def in_neighbour(graph, rnd: int, i: int) -> int:
-    """The node that sends to ``i`` in round ``rnd`` (graphs with one in-neighbour per round)."""
-    senders = [j for j in range(graph.n) if i in graph.out_of(rnd, j)]
-    if len(senders) != 1:
-        raise SystemExit(f"graph {graph.name}: node {i} has {len(senders)} in-neighbours in round {rnd}; need one")
-    return senders[0]
-
-
 def run_seed(seed: int) -> dict[str, Any]:
     from flower_sparsepush.simulations.claims import plan, run_row
 
-    from flower_sparsepush.learn.evaluate import load_flat
     from flower_sparsepush.learn.seeds import generator
-    from flower_sparsepush.run import node_train
+    from flower_sparsepush.run.node_train import node_gradient
 
-    now: dict[str, Any] = {}
-    local_sgd, sgd_steps = node_train.local_sgd, node_train.sgd_steps
-
-    def local_sgd_here(setup, z, momentum, node, rnd, **kw):
-        now.update(setup=setup, node=node, rnd=rnd)
-        return local_sgd(setup, z, momentum, node, rnd, **kw)
-
-    def sgd_steps_here(z, buf, steps, gradient, hp, *rest):
-        setup, node, rnd = now["setup"], now["node"], now["rnd"]
+    def wrap(gradient, setup, node, rnd):
         j = in_neighbour(setup.graph, rnd, node)
         aug = generator(setup.schedule.seed, j, "aug", rnd + 10**6)  # the neighbour's batch, its own augmentation
 
         def cross(point, k):
             g, loss = gradient(point, k)
-            model = setup.model
-            load_flat(model, point)
-            xb, yb = node_train.node_batch(setup, j, rnd, k, aug)
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb).backward()
-            gj = torch.cat(
-                [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters()]
-            )
+            gj, _ = node_gradient(setup, point, j, rnd, k, aug)
             return 0.5 * (g + gj), loss
 
-        return sgd_steps(z, buf, steps, cross, hp, *rest)
+        return cross
 
     spec = next(
         s for s in plan(["fashion_mnist"], False, (seed,)) if s["id"] == f"fashion_mnist/{PARTITION}/{ROW}/s{seed}"
     )
-    node_train.local_sgd, node_train.sgd_steps = local_sgd_here, sgd_steps_here
-    try:
+    with swapped_gradient(wrap):
         r = run_row(spec | {"evals": 4}, "cross_gradient_probe")
-    finally:
-        node_train.local_sgd, node_train.sgd_steps = local_sgd, sgd_steps
-    keep = (
-        "id",
-        "seed",
-        "acc_consensus",
-        "acc_node_mean",
-        "acc_node_min",
-        "val_acc_consensus",
-        "bits_per_node",
-        "wall_s",
-    )
-    return {k: r[k] for k in keep} | {"history": r["history"]}
+    keep = ("id", "seed", "acc_consensus", "acc_node_mean", "acc_node_min", "val_acc_consensus", "bits_per_node")
+    return {k: r[k] for k in keep + ("wall_s",)} | {"history": r["history"]}
 
 
 def to_markdown(rows: list[dict[str, Any]], command: str) -> str:

@@ -24,6 +24,7 @@ import math
 from typing import Any
 
 import torch
+from flower_sparsepush.simulations.gradient_swap import in_neighbour, swapped_gradient
 from flower_sparsepush.simulations.report_files import write_report
 
 ROW, PARTITION, SEED = "scsp-h1-q8m-klr-la5", "dirichlet:0.1", 0
@@ -48,17 +49,13 @@ class Tracker:
         self.g_prev: dict[int, torch.Tensor] = {}
         self.start: dict[int, torch.Tensor] = {}
         self.round = -1
-        self.trace: list[dict[str, Any]] = []
-
-    def in_peer(self, rnd: int, i: int) -> int:
-        return next(j for j in range(self.graph.n) if i in self.graph.out_of(rnd, j))
 
     def track(self, node: int, rnd: int, g: torch.Tensor) -> torch.Tensor:
         if rnd != self.round:  # first node of a round: freeze the trackers the mixing reads
             self.start = {k: v.clone() for k, v in self.t.items()}
             self.round = rnd
         if node in self.start:
-            j = self.in_peer(rnd - 1, node)
+            j = in_neighbour(self.graph, rnd - 1, node)
             t = (1 - self.gt) * self.start[node] + self.gt * self.start[j] + g - self.g_prev[node]
         else:
             t = g.clone()
@@ -78,38 +75,29 @@ class Tracker:
 
 def run_setting(cfg, gt: float, rounds: int) -> dict[str, Any]:
     """The first ``rounds`` rounds of ``cfg`` with the gradient tracked at mixing ``gt`` (0: the plain gradient)."""
-    from flower_sparsepush.run import node_train
     from flower_sparsepush.run.inprocess import run_inprocess
     from flower_sparsepush.run.setup import get_setup
 
     tracker = Tracker(get_setup(cfg).graph, gt)
-    now: dict[str, int] = {}
     norms: dict[int, float] = {}  # each node's model after its local SGD this round
     trace: list[dict[str, Any]] = []
-    local_sgd, sgd_steps = node_train.local_sgd, node_train.sgd_steps
 
-    def local_sgd_here(setup, z, momentum, node, rnd, **kw):
-        now.update(node=node, rnd=rnd)
-        out = local_sgd(setup, z, momentum, node, rnd, **kw)
-        norms[node] = float(out[0].norm())
+    def after(setup, node, rnd, z_new):
+        norms[node] = float(z_new.norm())
         if node == setup.cfg.num_nodes - 1 and rnd % 25 == 24:
             zn = sum(norms.values()) / len(norms)
             trace.append(tracker.snapshot(rnd + 1, zn) if gt else {"round": rnd + 1, "model_norm": zn})
             print(f"  round {rnd + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in trace[-1].items() if k != "round"))
-        return out
 
-    def sgd_steps_here(z, buf, steps, gradient, hp, *rest):
+    def wrap(gradient, setup, node, rnd):
         def tracked(point, k):
             g, loss = gradient(point, k)
-            return tracker.track(now["node"], now["rnd"], g), loss
+            return tracker.track(node, rnd, g), loss
 
-        return sgd_steps(z, buf, steps, tracked if gt else gradient, hp, *rest)
+        return tracked if gt else gradient
 
-    node_train.local_sgd, node_train.sgd_steps = local_sgd_here, sgd_steps_here
-    try:
+    with swapped_gradient(wrap, after):
         run_inprocess(cfg, num_rounds=rounds)
-    finally:
-        node_train.local_sgd, node_train.sgd_steps = local_sgd, sgd_steps
     diverged = any(not math.isfinite(p["model_norm"]) or p["model_norm"] > 1e4 for p in trace)
     return {"trace": trace, "diverged": diverged}
 

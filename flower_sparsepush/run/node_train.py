@@ -117,16 +117,24 @@ def local_sgd(
         buf = torch.zeros_like(z) if momentum is None else momentum.to(torch.float32).clone()
 
     def gradient(point: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
-        load_flat(model, point)
-        xb, yb = node_batch(setup, node, rnd, step, aug)
-        model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters()]
-        return torch.cat(grads), float(loss.detach())
+        return node_gradient(setup, point, node, rnd, step, aug)
 
     losses = sgd_steps(z, buf, setup.schedule.local_steps, gradient, hp, drift, grad_sum, offset)
     return z, buf, float(np.mean(losses))
+
+
+def node_gradient(
+    setup: Setup, point: torch.Tensor, node: int, rnd: int, step: int, aug: torch.Generator
+) -> tuple[torch.Tensor, float]:
+    """The flat gradient and loss of ``node``'s batch ``step`` of round ``rnd`` (:func:`node_batch`) at ``point``."""
+    model = setup.model
+    load_flat(model, point)
+    xb, yb = node_batch(setup, node, rnd, step, aug)
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(xb), yb)
+    loss.backward()
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters()]
+    return torch.cat(grads), float(loss.detach())
 
 
 def qgm_update(setup: Setup, state: NodeState, rnd: int) -> None:
