@@ -9,13 +9,26 @@ cross-gradient could do. It is not a run-config switch; this module swaps the gr
 to ``learn.sgd.sgd_steps``, in this process only, and runs the full 20-epoch ``scsp-400x`` claims row
 (``scsp-h1-q8m-klr-la5``) on ``dirichlet:0.1``. The model gossip, its bits and the final merge are the row's.
 
-``python -m flower_sparsepush.simulations.cross_gradient_probe [--seeds 0] [--out results]`` writes
-``cross_gradient_probe_s<seeds>.json`` and ``.md`` (seeds joined by ``-``; about 23 minutes a seed on one thread).
+``--mix self`` is the control: the second gradient is of a second batch of the node's own data (another permutation
+stream of its shard) at the same point, so each step sees twice the data and twice the compute as with
+``--mix neighbour``, but nothing of the neighbour's label mix. If the control gains as much, the gain is the larger
+batch, not the skew averaged out.
+
+``--mix relay`` is what a real node can afford: no extra compute and no model copies. Each node sends, with its
+model message of round t, the gradient it stepped along in round t (at its own point); the receiver steps in round
+t+1 along the mean of its own gradient and that relayed one (one round stale, at the sender's point).
+``--grad-compressor`` compresses the relayed gradient with error feedback at the sender (``none`` = exact) and counts
+its encoded bits per node (``extra_bits_per_node``), on top of the row's.
+
+``python -m flower_sparsepush.simulations.cross_gradient_probe [--seeds 0] [--mix neighbour] [--grad-compressor none]
+[--out results]`` writes ``cross_gradient_probe_s<seeds>.json`` and ``.md`` (seeds joined by ``-``; the mix and the
+gradient compressor appended when not the default; about 23 minutes a seed on one thread, 12 with ``relay``).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,21 +36,83 @@ from flower_sparsepush.simulations.gradient_swap import in_neighbour, swapped_gr
 from flower_sparsepush.simulations.report_files import write_report
 
 ROW, PARTITION = "scsp-h1-q8m-klr-la5", "dirichlet:0.1"
+MIXES = ("neighbour", "self", "relay")
+SECOND_STREAM = 10**6  # offset of the seed whose permutation stream draws the control's second own batch
 
 
-def run_seed(seed: int) -> dict[str, Any]:
+def second_source(setup, node: int, rnd: int, mix: str):
+    """Whose batch the second gradient of ``node`` in round ``rnd`` is, and the setup that draws it: the in-neighbour's
+    (``neighbour``), or the node's own from a second permutation stream of its shard (``self``, the control)."""
+    if mix == "neighbour":
+        return in_neighbour(setup.graph, rnd, node), setup
+    if mix == "self":
+        return node, replace(setup, schedule=replace(setup.schedule, seed=setup.schedule.seed + SECOND_STREAM))
+    raise SystemExit(f"--mix {mix!r}: one of {', '.join(MIXES)}")
+
+
+class Relay:
+    """The relayed gradients of ``--mix relay``: what node i receives in round t is the gradient its round t-1
+    in-neighbour j stepped along in round t-1, compressed with error feedback at j (``compressor``; ``none`` =
+    exact); ``bits[j]`` counts the encoded payloads j sent (codec.encode of the compressed vector)."""
+
+    def __init__(self, n: int, compressor: str = "none"):
+        from flower_sparsepush.core.compression import make_compressor
+
+        self.compress = make_compressor(compressor)
+        self.own: dict[tuple[int, int], torch.Tensor] = {}  # (node, round) -> the gradient it stepped along
+        self.sent: dict[tuple[int, int], torch.Tensor] = {}  # (node, round) -> what its out-neighbour decodes
+        self.error: list[torch.Tensor | None] = [None] * n
+        self.bits = [0] * n
+
+    def record(self, node: int, rnd: int, g: torch.Tensor) -> None:
+        self.own[(node, rnd)] = g.detach().clone()
+        for key in [k for k in self.own if k[1] < rnd - 1]:
+            del self.own[key]
+
+    def received(self, graph, node: int, rnd: int) -> torch.Tensor | None:
+        """The relayed gradient node ``node`` steps along in round ``rnd`` (None in round 0)."""
+        from flower_sparsepush.core.codec import Message, encode
+        from flower_sparsepush.core.compression import compress_with_feedback
+
+        if rnd == 0:
+            return None
+        j = in_neighbour(graph, rnd - 1, node)
+        key = (j, rnd - 1)
+        if key not in self.sent:  # j sends to one node a round: compressed once
+            c, self.error[j] = compress_with_feedback(self.compress, self.own[key].to(torch.float64), self.error[j])
+            self.bits[j] += 8 * len(encode(Message(j, rnd - 1, 0.0, 0.0, c)))
+            self.sent[key] = c.to_dense(torch.float32)
+            for old in [k for k in self.sent if k[1] < rnd - 1]:
+                del self.sent[old]
+        return self.sent[key]
+
+
+def run_seed(seed: int, mix: str = "neighbour", grad_compressor: str = "none") -> dict[str, Any]:
     from flower_sparsepush.simulations.claims import plan, run_row
 
     from flower_sparsepush.learn.seeds import generator
     from flower_sparsepush.run.node_train import node_gradient
 
+    relay = Relay(16, grad_compressor)
+
+    def wrap_relay(gradient, setup, node, rnd):
+        def relayed(point, k):
+            g, loss = gradient(point, k)
+            relay.record(node, rnd, g)
+            gj = relay.received(setup.graph, node, rnd)
+            return (g if gj is None else 0.5 * (g + gj)), loss
+
+        return relayed
+
     def wrap(gradient, setup, node, rnd):
-        j = in_neighbour(setup.graph, rnd, node)
-        aug = generator(setup.schedule.seed, j, "aug", rnd + 10**6)  # the neighbour's batch, its own augmentation
+        if mix == "relay":
+            return wrap_relay(gradient, setup, node, rnd)
+        j, other = second_source(setup, node, rnd, mix)
+        aug = generator(setup.schedule.seed, j, "aug", rnd + 10**6)  # the second batch's own augmentation
 
         def cross(point, k):
             g, loss = gradient(point, k)
-            gj, _ = node_gradient(setup, point, j, rnd, k, aug)
+            gj, _ = node_gradient(other, point, j, rnd, k, aug)
             return 0.5 * (g + gj), loss
 
         return cross
@@ -48,22 +123,36 @@ def run_seed(seed: int) -> dict[str, Any]:
     with swapped_gradient(wrap):
         r = run_row(spec | {"evals": 4}, "cross_gradient_probe")
     keep = ("id", "seed", "acc_consensus", "acc_node_mean", "acc_node_min", "val_acc_consensus", "bits_per_node")
-    return {k: r[k] for k in keep + ("wall_s",)} | {"history": r["history"]}
+    extra = sum(relay.bits) / len(relay.bits)
+    return {k: r[k] for k in keep + ("wall_s",)} | {
+        "mix": mix,
+        "grad_compressor": grad_compressor if mix == "relay" else None,
+        "extra_bits_per_node": extra,
+        "history": r["history"],
+    }
 
 
-def to_markdown(rows: list[dict[str, Any]], command: str) -> str:
+SECOND = {
+    "neighbour": "its in-neighbour's data gradient at its own point (free, exact)",
+    "self": "the gradient of a second batch of its own data at its own point (the control)",
+    "relay": "the gradient its previous round's in-neighbour stepped along (relayed, one round stale)",
+}
+
+
+def to_markdown(rows: list[dict[str, Any]], command: str, mix: str = "neighbour") -> str:
     lines = [
         f"Regenerate: `{command}`. `{ROW}` on `{PARTITION}`, 20 epochs, each node stepping along the mean of its own "
-        "gradient and its in-neighbour's data gradient at its own point (free, exact; simulations/cross_gradient_probe.py). "
-        "Test accuracy of the consensus model (= every node's after the final merge), validation in brackets.",
+        f"gradient and {SECOND[mix]} (simulations/cross_gradient_probe.py). "
+        "Test accuracy of the consensus model (= every node's after the final merge), validation in brackets. "
+        "Bits per node: the row's model messages and merge; relayed gradients: their encoded bits on top.",
         "",
-        "| seed | consensus | node min | bits per node |",
-        "|---|---|---|---|",
+        "| seed | consensus | node min | bits per node | relayed gradients |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['seed']} | {100 * r['acc_consensus']:.2f} ({100 * r['val_acc_consensus']:.2f}) | "
-            f"{100 * r['acc_node_min']:.2f} | {r['bits_per_node']:.4g} |"
+            f"{100 * r['acc_node_min']:.2f} | {r['bits_per_node']:.4g} | {r.get('extra_bits_per_node', 0):.4g} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -71,18 +160,44 @@ def to_markdown(rows: list[dict[str, Any]], command: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")
+    ap.add_argument(
+        "--mix",
+        default="neighbour",
+        choices=MIXES,
+        help="the second gradient: the in-neighbour's data, or (the control) a second batch of the node's own",
+    )
+    ap.add_argument(
+        "--grad-compressor",
+        default="none",
+        help="with --mix relay: compressor spec of the relayed gradient (error feedback at the sender), "
+        "e.g. topk:0.001+q:4",
+    )
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         ap.error(f"--seeds {args.seeds!r}: comma-separated whole numbers, e.g. 0,1,2")
+    if args.grad_compressor != "none":
+        if args.mix != "relay":
+            ap.error("--grad-compressor compresses relayed gradients: use it with --mix relay")
+        from flower_sparsepush.core.compression import CompressionError, make_compressor
+
+        try:
+            make_compressor(args.grad_compressor)
+        except CompressionError as e:
+            ap.error(f"--grad-compressor: {e}")
     torch.set_num_threads(1)
-    rows = [run_seed(s) for s in seeds]
-    command = f"python -m flower_sparsepush.simulations.cross_gradient_probe --seeds {args.seeds} --out {args.out}"
-    write_report(
-        args.out, f"cross_gradient_probe_s{args.seeds.replace(',', '-')}", command, rows, to_markdown(rows, command)
+    rows = [run_seed(s, args.mix, args.grad_compressor) for s in seeds]
+    mix_arg = "" if args.mix == "neighbour" else f" --mix {args.mix}"
+    gc_arg = "" if args.grad_compressor == "none" else f" --grad-compressor {args.grad_compressor}"
+    command = (
+        "python -m flower_sparsepush.simulations.cross_gradient_probe "
+        f"--seeds {args.seeds}{mix_arg}{gc_arg} --out {args.out}"
     )
+    name = f"cross_gradient_probe_s{args.seeds.replace(',', '-')}" + ("" if args.mix == "neighbour" else f"_{args.mix}")
+    name += "" if args.grad_compressor == "none" else "_" + args.grad_compressor.replace(":", "").replace("+", "_")
+    write_report(args.out, name, command, rows, to_markdown(rows, command, args.mix))
 
 
 if __name__ == "__main__":

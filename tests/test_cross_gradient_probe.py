@@ -1,11 +1,104 @@
-"""simulations/cross_gradient_probe.py: bad seeds are refused with what to type (its swap and in-neighbour are
-tested in tests/test_gradient_swap.py)."""
+"""simulations/cross_gradient_probe.py: bad input is refused with what to type; the control's second batch is the
+node's own data but another batch; the relayed gradient is the previous round's in-neighbour's, exact with ``none``,
+and with a compressor its error feedback loses nothing (sent + error = the gradients) and its bits are the encoded
+payloads (its swap and in-neighbour are tested in tests/test_gradient_swap.py)."""
 
 import pytest
-from flower_sparsepush.simulations.cross_gradient_probe import main
+import torch
+from flower_sparsepush.simulations.cross_gradient_probe import Relay, main, second_source
+
+from flower_sparsepush.core.codec import Message, encode
+from flower_sparsepush.core.compression import make_compressor
+from flower_sparsepush.core.topology import make_graph
+from flower_sparsepush.learn.transforms import normalize
+from flower_sparsepush.run import node_train
+from flower_sparsepush.run.config import validate
+from flower_sparsepush.run.setup import get_setup
 
 
-def test_bad_seeds_are_refused(capsys):
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--seeds", "zero"], "comma-separated whole numbers"),
+        (["--grad-compressor", "topk:0.001"], "use it with --mix relay"),
+        (["--mix", "relay", "--grad-compressor", "topk:2.5"], "--grad-compressor"),
+        (["--mix", "other"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_refused(capsys, argv, says):
     with pytest.raises(SystemExit):
-        main(["--seeds", "zero"])
-    assert "comma-separated whole numbers" in capsys.readouterr().err
+        main(argv)
+    assert says in capsys.readouterr().err
+
+
+def test_the_controls_second_batch_is_the_nodes_own_data_but_another_batch():
+    setup = get_setup(validate({"dataset": "synthetic", "model": "mlp", "num-nodes": 4, "graph": "exponential",
+                                "num-rounds": 3, "batch-size": 8}))  # fmt: skip
+    aug = torch.Generator()
+    j, other = second_source(setup, 2, 1, "self")
+    assert j == 2 and other.shards is setup.shards and other.schedule.seed != setup.schedule.seed
+    first, second = node_train.node_batch(setup, 2, 1, 0, aug), node_train.node_batch(other, 2, 1, 0, aug)
+    assert not torch.equal(first[0], second[0])
+    x, y = setup.shards[2]
+    rows = normalize(x, setup.ds.mean, setup.ds.std).reshape(len(y), -1)
+    for xb, yb in (first, second):  # every example of either batch is one of node 2's, with its label
+        for xr, yr in zip(xb.reshape(len(yb), -1), yb, strict=True):
+            hits = (rows == xr).all(dim=1)
+            assert hits.any() and bool((y[hits] == yr).all())
+    assert second_source(setup, 2, 1, "neighbour") == (in_neighbour_of(setup, 1, 2), setup)
+
+
+def in_neighbour_of(setup, rnd, i):
+    return next(j for j in range(setup.n) if i in setup.graph.out_of(rnd, j))
+
+
+def test_relayed_gradients_are_the_previous_rounds_in_neighbours_and_exact_without_a_compressor():
+    g, relay = make_graph("exponential", 8), Relay(8)
+    grads = {
+        (n, r): torch.randn(50, generator=torch.Generator().manual_seed(100 * r + n))
+        for n in range(8)
+        for r in range(5)
+    }
+    for r in range(5):
+        for n in range(8):
+            relay.record(n, r, grads[(n, r)])
+        for n in range(8):
+            got = relay.received(g, n, r)
+            if r == 0:
+                assert got is None
+            else:
+                j = in_neighbour_of_graph(g, r - 1, n)
+                assert torch.equal(got, grads[(j, r - 1)])
+    assert all(b > 0 for b in relay.bits)
+
+
+def in_neighbour_of_graph(g, rnd, i):
+    return next(j for j in range(g.n) if i in g.out_of(rnd, j))
+
+
+def test_compressed_relays_lose_nothing_to_error_feedback_and_count_the_encoded_bits():
+    g, spec = make_graph("exponential", 4), "topk:0.1+q:4"
+    relay = Relay(4, spec)
+    total = torch.zeros(4, 200, dtype=torch.float64)
+    sent = torch.zeros(4, 200, dtype=torch.float64)
+    expected_bits = [0] * 4
+    for r in range(6):
+        for n in range(4):
+            v = torch.randn(200, generator=torch.Generator().manual_seed(10 * r + n), dtype=torch.float64)
+            relay.record(n, r, v)
+            if r < 5:  # what round 5 records is never relayed
+                total[n] += v
+        if r == 0:
+            continue
+        for n in range(4):
+            j = in_neighbour_of_graph(g, r - 1, n)
+            before = relay.error[j]
+            got = relay.received(g, n, r)
+            sent[j] += got.to(torch.float64)
+            u = relay.own[(j, r - 1)].to(torch.float64) + (0 if before is None else before)
+            c = make_compressor(spec)(u)
+            expected_bits[j] += 8 * len(encode(Message(j, r - 1, 0.0, 0.0, c)))
+            assert torch.count_nonzero(got) <= 20
+    for n in range(4):
+        assert torch.allclose(sent[n] + relay.error[n], total[n], atol=1e-5)
+    assert relay.bits == expected_bits
