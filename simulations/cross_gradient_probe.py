@@ -17,17 +17,24 @@ batch, not the skew averaged out.
 ``--mix relay`` is what a real node can afford: no extra compute and no model copies. Each node sends, with its
 model message of round t, the gradient it stepped along in round t (at its own point); the receiver steps in round
 t+1 along the mean of its own gradient and that relayed one (one round stale, at the sender's point).
-``--grad-compressor`` compresses the relayed gradient with error feedback at the sender (``none`` = exact) and counts
-its encoded bits per node (``extra_bits_per_node``), on top of the row's.
+``--mix copy`` is the cross-gradient a real node could compute: the node i sends to this round holds a copy of i's
+model (the ref form's per-edge reference, lagging and compressed) and takes its data gradient there; here it reaches
+i at once and free (a directed graph has no edge back).
+
+``--grad-compressor`` compresses the second gradient as the other node would send it (error feedback at the sender:
+one memory per sender for ``relay``, per edge for ``neighbour`` and ``copy``; ``none`` = exact) and counts its encoded
+bits per node (``extra_bits_per_node``), on top of the row's.
 
 ``python -m flower_sparsepush.simulations.cross_gradient_probe [--seeds 0] [--mix neighbour] [--grad-compressor none]
 [--out results]`` writes ``cross_gradient_probe_s<seeds>.json`` and ``.md`` (seeds joined by ``-``; the mix and the
-gradient compressor appended when not the default; about 23 minutes a seed on one thread, 12 with ``relay``).
+gradient compressor appended when not the default; about 23 minutes a seed on one thread, 12 with
+``relay``).
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -36,7 +43,7 @@ from flower_sparsepush.simulations.gradient_swap import in_neighbour, swapped_gr
 from flower_sparsepush.simulations.report_files import write_report
 
 ROW, PARTITION = "scsp-h1-q8m-klr-la5", "dirichlet:0.1"
-MIXES = ("neighbour", "self", "relay")
+MIXES = ("neighbour", "self", "relay", "copy")
 SECOND_STREAM = 10**6  # offset of the seed whose permutation stream draws the control's second own batch
 
 
@@ -50,19 +57,38 @@ def second_source(setup, node: int, rnd: int, mix: str):
     raise SystemExit(f"--mix {mix!r}: one of {', '.join(MIXES)}")
 
 
-class Relay:
-    """The relayed gradients of ``--mix relay``: what node i receives in round t is the gradient its round t-1
-    in-neighbour j stepped along in round t-1, compressed with error feedback at j (``compressor``; ``none`` =
-    exact); ``bits[j]`` counts the encoded payloads j sent (codec.encode of the compressed vector)."""
+class Feedback:
+    """Compressed gradients with error feedback (``compressor``; ``none`` = exact): one error memory per ``key`` (a
+    sender, or an edge), and ``bits[sender]`` the encoded payloads that sender sent (codec.encode)."""
 
     def __init__(self, n: int, compressor: str = "none"):
         from flower_sparsepush.core.compression import make_compressor
 
         self.compress = make_compressor(compressor)
+        self.error: dict[object, torch.Tensor | None] = {}
+        self.bits = [0] * n
+
+    def send(self, key, sender: int, rnd: int, g: torch.Tensor) -> torch.Tensor:
+        """What the receiver decodes of ``g`` (float32), error feedback kept under ``key``."""
+        from flower_sparsepush.core.codec import Message, encode
+        from flower_sparsepush.core.compression import compress_with_feedback
+
+        c, self.error[key] = compress_with_feedback(self.compress, g.to(torch.float64), self.error.get(key))
+        self.bits[sender] += 8 * len(encode(Message(sender, rnd, 0.0, 0.0, c)))
+        return c.to_dense(torch.float32)
+
+
+class Relay:
+    """The relayed gradients of ``--mix relay``: what node i receives in round t is the gradient its round t-1
+    in-neighbour j stepped along in round t-1, compressed with error feedback at j (one memory per sender)."""
+
+    def __init__(self, n: int, compressor: str = "none"):
+        self.feedback = Feedback(n, compressor)
         self.own: dict[tuple[int, int], torch.Tensor] = {}  # (node, round) -> the gradient it stepped along
         self.sent: dict[tuple[int, int], torch.Tensor] = {}  # (node, round) -> what its out-neighbour decodes
-        self.error: list[torch.Tensor | None] = [None] * n
-        self.bits = [0] * n
+
+    bits = property(lambda self: self.feedback.bits)
+    error = property(lambda self: [self.feedback.error.get(j) for j in range(len(self.feedback.bits))])
 
     def record(self, node: int, rnd: int, g: torch.Tensor) -> None:
         self.own[(node, rnd)] = g.detach().clone()
@@ -71,20 +97,41 @@ class Relay:
 
     def received(self, graph, node: int, rnd: int) -> torch.Tensor | None:
         """The relayed gradient node ``node`` steps along in round ``rnd`` (None in round 0)."""
-        from flower_sparsepush.core.codec import Message, encode
-        from flower_sparsepush.core.compression import compress_with_feedback
-
         if rnd == 0:
             return None
         j = in_neighbour(graph, rnd - 1, node)
         key = (j, rnd - 1)
         if key not in self.sent:  # j sends to one node a round: compressed once
-            c, self.error[j] = compress_with_feedback(self.compress, self.own[key].to(torch.float64), self.error[j])
-            self.bits[j] += 8 * len(encode(Message(j, rnd - 1, 0.0, 0.0, c)))
-            self.sent[key] = c.to_dense(torch.float32)
+            self.sent[key] = self.feedback.send(j, j, rnd - 1, self.own[key])
             for old in [k for k in self.sent if k[1] < rnd - 1]:
                 del self.sent[old]
         return self.sent[key]
+
+
+def out_neighbour(graph, rnd: int, i: int) -> int:
+    """The one node ``i`` sends to in round ``rnd`` (it holds i's model copy)."""
+    outs = graph.out_of(rnd, i)
+    if len(outs) != 1:
+        raise SystemExit(f"graph {graph.name}: node {i} has {len(outs)} out-neighbours in round {rnd}; need one")
+    return outs[0]
+
+
+@contextmanager
+def recorded_states(states: dict[int, object]):
+    """Within the block, ``states[node]`` is the state ``run.node_train.train`` last trained for ``node``."""
+    from flower_sparsepush.run import node_train
+
+    train = node_train.train
+
+    def train_here(setup, state, node, rnd):
+        states[node] = state
+        return train(setup, state, node, rnd)
+
+    node_train.train = train_here
+    try:
+        yield
+    finally:
+        node_train.train = train
 
 
 def run_seed(seed: int, mix: str = "neighbour", grad_compressor: str = "none") -> dict[str, Any]:
@@ -93,7 +140,7 @@ def run_seed(seed: int, mix: str = "neighbour", grad_compressor: str = "none") -
     from flower_sparsepush.learn.seeds import generator
     from flower_sparsepush.run.node_train import node_gradient
 
-    relay = Relay(16, grad_compressor)
+    relay, feedback, states = Relay(16, grad_compressor), Feedback(16, grad_compressor), {}
 
     def wrap_relay(gradient, setup, node, rnd):
         def relayed(point, k):
@@ -107,12 +154,20 @@ def run_seed(seed: int, mix: str = "neighbour", grad_compressor: str = "none") -
     def wrap(gradient, setup, node, rnd):
         if mix == "relay":
             return wrap_relay(gradient, setup, node, rnd)
-        j, other = second_source(setup, node, rnd, mix)
+        if mix == "copy":  # the node it sends to, at its copy of this node's model
+            j, other = out_neighbour(setup.graph, rnd, node), setup
+            copy = states[j].refs_in.get(node) if j in states else None
+        else:
+            (j, other), copy = second_source(setup, node, rnd, mix), None
         aug = generator(setup.schedule.seed, j, "aug", rnd + 10**6)  # the second batch's own augmentation
 
         def cross(point, k):
             g, loss = gradient(point, k)
-            gj, _ = node_gradient(other, point, j, rnd, k, aug)
+            if mix == "copy" and copy is None:  # no copy yet: the node's own gradient alone
+                return g, loss
+            gj, _ = node_gradient(other, point if copy is None else copy.to(torch.float32), j, rnd, k, aug)
+            if mix != "self":
+                gj = feedback.send((j, node), j, rnd, gj)
             return 0.5 * (g + gj), loss
 
         return cross
@@ -120,13 +175,14 @@ def run_seed(seed: int, mix: str = "neighbour", grad_compressor: str = "none") -
     spec = next(
         s for s in plan(["fashion_mnist"], False, (seed,)) if s["id"] == f"fashion_mnist/{PARTITION}/{ROW}/s{seed}"
     )
-    with swapped_gradient(wrap):
+    with swapped_gradient(wrap), recorded_states(states):
         r = run_row(spec | {"evals": 4}, "cross_gradient_probe")
     keep = ("id", "seed", "acc_consensus", "acc_node_mean", "acc_node_min", "val_acc_consensus", "bits_per_node")
-    extra = sum(relay.bits) / len(relay.bits)
+    bits = relay.bits if mix == "relay" else feedback.bits
+    extra = sum(bits) / len(bits) if mix != "self" else 0.0
     return {k: r[k] for k in keep + ("wall_s",)} | {
         "mix": mix,
-        "grad_compressor": grad_compressor if mix == "relay" else None,
+        "grad_compressor": grad_compressor if mix != "self" else None,
         "extra_bits_per_node": extra,
         "history": r["history"],
     }
@@ -136,6 +192,7 @@ SECOND = {
     "neighbour": "its in-neighbour's data gradient at its own point (free, exact)",
     "self": "the gradient of a second batch of its own data at its own point (the control)",
     "relay": "the gradient its previous round's in-neighbour stepped along (relayed, one round stale)",
+    "copy": "the data gradient of the node it sends to, at that node's (lagging) copy of its model",
 }
 
 
@@ -169,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--grad-compressor",
         default="none",
-        help="with --mix relay: compressor spec of the relayed gradient (error feedback at the sender), "
+        help="compressor spec of the second gradient as the other node sends it (error feedback at the sender, "
+        "per edge for neighbour and copy), "
         "e.g. topk:0.001+q:4",
     )
     ap.add_argument("--out", default="results")
@@ -179,8 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         ap.error(f"--seeds {args.seeds!r}: comma-separated whole numbers, e.g. 0,1,2")
     if args.grad_compressor != "none":
-        if args.mix != "relay":
-            ap.error("--grad-compressor compresses relayed gradients: use it with --mix relay")
+        if args.mix == "self":
+            ap.error("--grad-compressor compresses what another node sends: not with --mix self")
         from flower_sparsepush.core.compression import CompressionError, make_compressor
 
         try:

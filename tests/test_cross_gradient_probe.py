@@ -20,7 +20,7 @@ from flower_sparsepush.run.setup import get_setup
     ("argv", "says"),
     [
         (["--seeds", "zero"], "comma-separated whole numbers"),
-        (["--grad-compressor", "topk:0.001"], "use it with --mix relay"),
+        (["--mix", "self", "--grad-compressor", "topk:0.001"], "not with --mix self"),
         (["--mix", "relay", "--grad-compressor", "topk:2.5"], "--grad-compressor"),
         (["--mix", "other"], "invalid choice"),
     ],
@@ -102,3 +102,22 @@ def test_compressed_relays_lose_nothing_to_error_feedback_and_count_the_encoded_
     for n in range(4):
         assert torch.allclose(sent[n] + relay.error[n], total[n], atol=1e-5)
     assert relay.bits == expected_bits
+
+
+def test_the_copy_is_held_by_the_node_it_sends_to_and_states_are_recorded_then_restored():
+    from flower_sparsepush.simulations.cross_gradient_probe import out_neighbour, recorded_states
+
+    from flower_sparsepush.run.inprocess import run_inprocess
+
+    g = make_graph("exponential", 16)
+    assert [out_neighbour(g, r, 3) for r in range(4)] == [4, 5, 7, 11]
+    with pytest.raises(SystemExit, match="has 3 out-neighbours"):
+        out_neighbour(make_graph("complete", 4), 0, 0)
+    train, states = node_train.train, {}
+    cfg = validate({"dataset": "synthetic", "model": "mlp", "num-nodes": 4, "graph": "exponential", "num-rounds": 3,
+                    "compressor": "topk:0.2", "gamma": 0.2})  # fmt: skip
+    with recorded_states(states):
+        res = run_inprocess(cfg)
+    assert node_train.train is train and sorted(states) == [0, 1, 2, 3]
+    for i, st in states.items():  # the live states the run ended with (the ref form holds copies of in-neighbours)
+        assert torch.equal(st.x, res.states[i].x) and st.refs_in
