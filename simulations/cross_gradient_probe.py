@@ -21,6 +21,10 @@ t+1 along the mean of its own gradient and that relayed one (one round stale, at
 model (the ref form's per-edge reference, lagging and compressed) and takes its data gradient there; here it reaches
 i at once and free (a directed graph has no edge back).
 
+``--mix partner`` asks whether one fixed partner would do: on the exponential graph node i and node i + n/2 are the
+only pair that send to each other (in every log2(n)-th round), so they are the only return path a real cross-gradient
+has there without new edges; the partner's data gradient is taken at i's point, free, every round.
+
 ``--grad-compressor`` compresses the second gradient as the other node would send it (error feedback at the sender:
 one memory per sender for ``relay``, per edge for ``neighbour`` and ``copy``; ``none`` = exact) and counts its encoded
 bits per node (``extra_bits_per_node``), on top of the row's.
@@ -43,7 +47,7 @@ from flower_sparsepush.simulations.gradient_swap import in_neighbour, swapped_gr
 from flower_sparsepush.simulations.report_files import write_report
 
 ROW, PARTITION = "scsp-h1-q8m-klr-la5", "dirichlet:0.1"
-MIXES = ("neighbour", "self", "relay", "copy")
+MIXES = ("neighbour", "self", "relay", "copy", "partner")
 SECOND_STREAM = 10**6  # offset of the seed whose permutation stream draws the control's second own batch
 
 
@@ -52,6 +56,12 @@ def second_source(setup, node: int, rnd: int, mix: str):
     (``neighbour``), or the node's own from a second permutation stream of its shard (``self``, the control)."""
     if mix == "neighbour":
         return in_neighbour(setup.graph, rnd, node), setup
+    if mix == "partner":  # the one node the exponential graph links both ways (i <-> i + n/2, every log2(n) rounds)
+        if setup.graph.name != "exponential" or setup.n % 2:
+            raise SystemExit(
+                f"--mix partner needs the exponential graph on an even number of nodes, not {setup.graph.name}"
+            )
+        return (node + setup.n // 2) % setup.n, setup
     if mix == "self":
         return node, replace(setup, schedule=replace(setup.schedule, seed=setup.schedule.seed + SECOND_STREAM))
     raise SystemExit(f"--mix {mix!r}: one of {', '.join(MIXES)}")
@@ -193,6 +203,7 @@ SECOND = {
     "self": "the gradient of a second batch of its own data at its own point (the control)",
     "relay": "the gradient its previous round's in-neighbour stepped along (relayed, one round stale)",
     "copy": "the data gradient of the node it sends to, at that node's (lagging) copy of its model",
+    "partner": "the data gradient of its fixed partner i + n/2 (the one edge the exponential graph has both ways)",
 }
 
 

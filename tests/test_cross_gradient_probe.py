@@ -121,3 +121,21 @@ def test_the_copy_is_held_by_the_node_it_sends_to_and_states_are_recorded_then_r
     assert node_train.train is train and sorted(states) == [0, 1, 2, 3]
     for i, st in states.items():  # the live states the run ended with (the ref form holds copies of in-neighbours)
         assert torch.equal(st.x, res.states[i].x) and st.refs_in
+
+
+def test_the_partner_is_the_one_node_the_exponential_graph_links_both_ways():
+    setup = get_setup(validate({"dataset": "synthetic", "model": "mlp", "num-nodes": 8, "graph": "exponential",
+                                "num-rounds": 3}))  # fmt: skip
+    g = setup.graph
+    for i in range(8):
+        j, other = second_source(setup, i, 5, "partner")
+        assert other is setup and j == (i + 4) % 8
+        both_ways = [r for r in range(3) if g.out_of(r, i) == [j] and g.out_of(r, j) == [i]]
+        assert both_ways == [2]  # the round of shift n/2, and no other node shares an edge both ways with i
+        assert all(k == j or not any(i in g.out_of(r, k) and k in g.out_of(r2, i) for r in range(3) for r2 in range(3))
+                   for k in range(8) if k != i)  # fmt: skip
+    ring = get_setup(
+        validate({"dataset": "synthetic", "model": "mlp", "num-nodes": 8, "graph": "ring", "num-rounds": 3})
+    )
+    with pytest.raises(SystemExit, match="needs the exponential graph"):
+        second_source(ring, 0, 0, "partner")
