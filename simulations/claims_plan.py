@@ -297,6 +297,10 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     # or mix faster where the nodes move most: gamma follows the kept fraction (2x at the start, the same mean), so
     # it stays at one ratio to the stability limit of compressed gossip while the lr-following messages shrink
     "scsp-h1-q8m-klr-la5-gk": ("scsp", ("dirichlet:0.1",), _scsp_h1(gamma_schedule="kept")),
+    # logit adjustment (run-config logit-adjust): the loss expects each node's own label prior, no bits; and SGP with
+    # it, to see how much of a gain is the loss rather than the gossip
+    "scsp-h1-q8m-klr-la5-adj1": ("scsp", ("dirichlet:0.1",), _scsp_h1(logit_adjust=1.0)),
+    "abl-sgp-adj1": ("ablation", ("dirichlet:0.1",), {"strategy": "sgp", "logit-adjust": 1.0}),
     # where the lookahead reads the gradients, under dirichlet:0.1 (IID H = 4: c = 0.65 tied 0.5, 0.8 lost 1.05;
     # seed 0 here: c = 0.8 collapses to 79.05, so the sweep goes both ways from 0.5)
     **{
@@ -322,7 +326,7 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "scsp-h1-q8m-klr-la5-qgm-g0.01", "abl-scsp-h1-dense", "abl-scsp-h1-2k", "abl-scsp-h1-g0.1",
             "abl-scsp-h1-dense-g0.2", "abl-scsp-h1-dense-g0.5", "sp-h8-klr-q4m-2000x-la5", "abl-dense-h8-la5",
             "scsp-h1-q8m-klr-la5-lr0.025", "scsp-h1-q8m-klr-la5-gk", "scsp-h1-q8m-klr-la8", "scsp-h1-q8m-klr-la65",
-            "scsp-h1-q8m-klr-la3"]  # fmt: skip
+            "scsp-h1-q8m-klr-la3", "scsp-h1-q8m-klr-la5-adj1", "abl-sgp-adj1"]  # fmt: skip
 # SGP against the 466x preset's row first (issue: the trade on the paper's own setting),
 # then what limits the preset there (-9.03 at 20 epochs): the same row with dense messages (is it the compression?)
 # and SGP with the row's 4 local steps and final merge (is it the damped mixing or the local steps? the local steps:
@@ -390,6 +394,7 @@ NAME_PARTS = (
     ("layer", "top-k taken per tensor"),
     ("laC", "gradient lookahead 0.C"),
     ("utN", "update tracking 0.N"),
+    ("adjT", "logit adjustment T"),
     ("qgm", "quasi-global momentum"),
     ("dc / gc", "drift correction from the displacement / from the gradient"),
     ("gX", "gamma X"),
@@ -451,6 +456,7 @@ def _switch_words(key: str, value: Any, sw: dict[str, Any]) -> str | None:
         "qgm": "quasi-global momentum" if value else None,
         "gradient-lookahead": f"gradient lookahead {value:g}" if isinstance(value, float) else None,
         "update-tracking": f"update tracking {value:g}" if isinstance(value, float) else None,
+        "logit-adjust": f"logit adjustment {value:g}" if isinstance(value, float) and value else None,
         "drift-correction": f"drift correction ({value})",
         "gamma-warmup": f"gamma warming up over {value} rounds",
         "gamma-schedule": "gamma following the kept fraction" if value == "kept" else None,

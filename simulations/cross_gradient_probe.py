@@ -29,6 +29,9 @@ has there without new edges; the partner's data gradient is taken at i's point, 
 one memory per sender for ``relay``, per edge for ``neighbour`` and ``copy``; ``none`` = exact) and counts its encoded
 bits per node (``extra_bits_per_node``), on top of the row's.
 
+``--copy-lag`` measures instead how far those copies are from the models they copy, in the row itself (after 10 to
+400 rounds; writes ``cross_gradient_copy_lag_s<seeds>``).
+
 ``python -m flower_sparsepush.simulations.cross_gradient_probe [--seeds 0] [--mix neighbour] [--grad-compressor none]
 [--out results]`` writes ``cross_gradient_probe_s<seeds>.json`` and ``.md`` (seeds joined by ``-``; the mix and the
 gradient compressor appended when not the default; about 23 minutes a seed on one thread, 12 with
@@ -207,6 +210,48 @@ SECOND = {
 }
 
 
+LAG_ROUNDS = (10, 50, 100, 200, 400)
+
+
+def copy_lag(seed: int, rounds: tuple[int, ...] = LAG_ROUNDS) -> list[dict[str, Any]]:
+    """How far the copy a node's out-neighbour holds of its model is from the model, in the row itself (no swap):
+    after each of ``rounds``, the median and largest ``|copy - z_i| / |z_i|`` over the nodes, and the nodes' mean
+    distance to their average, for scale. Stops after the last of ``rounds``."""
+    from flower_sparsepush.simulations.claims import plan, run_row
+
+    class Done(Exception):
+        pass
+
+    states, out = {}, []
+
+    def after(setup, node, rnd, z):
+        if node != setup.n - 1 or rnd not in rounds:
+            return
+        rel = []
+        for i in range(setup.n):
+            copy = states[out_neighbour(setup.graph, rnd, i)].refs_in.get(i)
+            zi = states[i].z.to(torch.float32)
+            if copy is not None:
+                rel.append(float((copy.to(torch.float32) - zi).norm() / zi.norm()))
+        zs = torch.stack([states[i].z.to(torch.float32) for i in range(setup.n)])
+        spread = float((zs - zs.mean(0)).norm(dim=1).mean())
+        rel.sort()
+        out.append({"round": rnd, "median": rel[len(rel) // 2], "max": rel[-1], "spread": spread})
+        print(f"  copy lag after round {rnd}: median {rel[len(rel) // 2]:.3f}, spread {spread:.3f}", flush=True)
+        if rnd == max(rounds):
+            raise Done
+
+    spec = next(
+        s for s in plan(["fashion_mnist"], False, (seed,)) if s["id"] == f"fashion_mnist/{PARTITION}/{ROW}/s{seed}"
+    )
+    try:
+        with swapped_gradient(lambda g, *a: g, after), recorded_states(states):
+            run_row(spec | {"evals": 1}, "cross_gradient_probe")
+    except Done:
+        pass
+    return out
+
+
 def to_markdown(rows: list[dict[str, Any]], command: str, mix: str = "neighbour") -> str:
     lines = [
         f"Regenerate: `{command}`. `{ROW}` on `{PARTITION}`, 20 epochs, each node stepping along the mean of its own "
@@ -241,6 +286,12 @@ def main(argv: list[str] | None = None) -> None:
         "per edge for neighbour and copy), "
         "e.g. topk:0.001+q:4",
     )
+    ap.add_argument(
+        "--copy-lag",
+        action="store_true",
+        help="instead: measure how far out-neighbours' copies of each model lag it in the row itself "
+        f"(after rounds {', '.join(map(str, LAG_ROUNDS))}; a few minutes)",
+    )
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     try:
@@ -257,6 +308,23 @@ def main(argv: list[str] | None = None) -> None:
         except CompressionError as e:
             ap.error(f"--grad-compressor: {e}")
     torch.set_num_threads(1)
+    if args.copy_lag:
+        lag = [dict(r, seed=s) for s in seeds for r in copy_lag(s)]
+        command = f"python -m flower_sparsepush.simulations.cross_gradient_probe --copy-lag --seeds {args.seeds}"
+        lines = [
+            f"Regenerate: `{command} --out {args.out}`. `{ROW}` on `{PARTITION}`: |copy - z_i| / |z_i| over the "
+            "nodes i, the copy being the one the node i sends to in that round holds (the ref form's per-edge "
+            "reference), and the nodes' mean distance to their average (spread), for scale.",
+            "",
+            "| seed | round | median | max | spread |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['seed']} | {r['round']} | {r['median']:.3f} | {r['max']:.3f} | {r['spread']:.3f} |" for r in lag
+        ]
+        name = f"cross_gradient_copy_lag_s{args.seeds.replace(',', '-')}"
+        write_report(args.out, name, f"{command} --out {args.out}", lag, "\n".join(lines) + "\n")
+        return
     rows = [run_seed(s, args.mix, args.grad_compressor) for s in seeds]
     mix_arg = "" if args.mix == "neighbour" else f" --mix {args.mix}"
     gc_arg = "" if args.grad_compressor == "none" else f" --grad-compressor {args.grad_compressor}"

@@ -56,6 +56,7 @@ WHY_NOT = {
     "drift-correction": "it corrects the local steps with the learning rate and gradients of the node's SGD, which "
     "your ClientApp keeps to itself",
     "update-tracking": "it corrects the gradients of the node's SGD, which your ClientApp keeps to itself",
+    "logit-adjust": "it changes the loss of the node's SGD, which your ClientApp keeps to itself",
     "qgm": "quasi-global momentum replaces the momentum buffer of the node's SGD, which your ClientApp keeps",
     "final-gossip-rounds": "every drop-in round is a training round of your ClientApp; more exchanges per round: "
     "gossip_steps",

@@ -75,6 +75,7 @@ def test_evaluate_many_equals_evaluate():
 @pytest.mark.parametrize(
     "merges",
     [{}, {"gradient-lookahead": 0.8}, {"update-tracking": 0.5, "merge-every": 3, "merge-bits": 8}]
+    + [{"logit-adjust": 1.0, "partition": "dirichlet:0.5"}]
     + [{"merge-every": 3, "merge-bits": 8, "drift-correction": m} for m in ("displacement", "gradient")],
 )
 def test_inprocess_loop_batched_equals_node_by_node(monkeypatch, merges):

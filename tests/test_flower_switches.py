@@ -57,6 +57,7 @@ SETS = {
         "partition": "dirichlet:0.5",
         "churn": 0.25,
         "update-tracking": 0.5,
+        "logit-adjust": 1.0,
         "weight-decay": 0.01,
         "nesterov": False,
         "momentum": 0.5,

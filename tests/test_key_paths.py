@@ -66,7 +66,7 @@ EVERY_KEY = {
     "form": "ef", "lr": 0.02, "lr-schedule": "step:0.5,0.8", "momentum": 0.5, "nesterov": False,
     "weight-decay": 0.001, "batch-size": 8, "local-steps": 3, "qgm": True, "final-gossip-rounds": 2,
     "final-merge": True, "merge-every": 2, "merge-bits": 6, "merge-feedback": True, "drift-correction": "gradient",
-    "gradient-lookahead": 0.0, "update-tracking": 0.0, "sparsity-warmup": 2, "sparsity-schedule": "constant",
+    "gradient-lookahead": 0.0, "update-tracking": 0.0, "logit-adjust": 0.5, "sparsity-warmup": 2, "sparsity-schedule": "constant",
     "sparsity-warmup-start": 0.5, "gamma-warmup": 2, "gamma-schedule": "kept", "val-split": 0.2, "device": "auto", "num-rounds": 7, "dataset": "synthetic",
     "data-dir": "/data/x y", "image-column": "", "label-column": "", "partition": "dirichlet:0.5", "model": "mlp",
     "norm": "group", "seed": 11, "eval-every": 3, "eval-node-samples": 50, "out-dir": "/tmp/some where",

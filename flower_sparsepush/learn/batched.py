@@ -41,6 +41,7 @@ class BatchedSGD:
         self.sizes = [p.numel() for _, p in self.model.named_parameters()]
         self.buffers = {n: b for n, b in self.model.named_buffers()}
         self._grad = vmap(grad_and_value(self._loss))
+        self._grad_shifted = vmap(grad_and_value(self._shifted_loss))
         self._logits = vmap(self._forward, in_dims=(0, None))
 
     def _params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -52,9 +53,17 @@ class BatchedSGD:
     def _loss(self, flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self._forward(flat, xb), yb)
 
-    def gradients(self, z: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-node gradients ``(nodes, d)`` and losses ``(nodes,)`` of models ``z`` on batches ``xb``, ``yb``."""
-        return self._grad(z, xb, yb)
+    def _shifted_loss(self, flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, shift: torch.Tensor):
+        return F.cross_entropy(self._forward(flat, xb) + shift, yb)
+
+    def gradients(
+        self, z: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, shift: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-node gradients ``(nodes, d)`` and losses ``(nodes,)`` of models ``z`` on batches ``xb``, ``yb``;
+        ``shift`` ``(nodes, classes)`` is added to each node's logits (run-config ``logit-adjust``)."""
+        if shift is None:
+            return self._grad(z, xb, yb)
+        return self._grad_shifted(z, xb, yb, shift)
 
     @torch.no_grad()
     def logits(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -74,10 +83,13 @@ class BatchedSGD:
         drift: torch.Tensor | None = None,
         grad_sum: torch.Tensor | None = None,
         offset: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``len(batches)`` SGD steps of every node from ``z`` (``(nodes, d)``, :func:`learn.sgd.sgd_steps`);
         returns (z, momentum, mean losses). ``batches[k]`` holds step k's inputs ``(nodes, b, ...)`` and labels
-        ``(nodes, b)``; ``drift``, ``grad_sum`` (on the CPU, updated in place) and ``offset`` are ``(nodes, d)``."""
+        ``(nodes, b)``; ``drift``, ``grad_sum`` (on the CPU, updated in place) and ``offset`` are ``(nodes, d)``;
+        ``shift`` ``(nodes, classes)`` the logit shift of each node (:meth:`gradients`)."""
+        shift = None if shift is None else shift.to(self.device, torch.float32)
         acc = None if grad_sum is None else grad_sum.to(self.device, torch.float32)
         drift = None if drift is None else drift.to(self.device, torch.float32)
         offset = None if offset is None else offset.to(self.device, torch.float32)
@@ -88,7 +100,7 @@ class BatchedSGD:
 
         def gradient(point: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
             xb, yb = batches[step]
-            g, loss = self.gradients(point, xb.to(self.device), yb.to(self.device))
+            g, loss = self.gradients(point, xb.to(self.device), yb.to(self.device), shift)
             return g, loss.detach()
 
         losses = sgd_steps(z, buf, len(batches), gradient, hp, drift, acc, offset)

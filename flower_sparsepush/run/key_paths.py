@@ -80,6 +80,12 @@ WHERE: dict[str, tuple[str, str, str, str]] = {
         "missing:it corrects the node's SGD steps, which the user's ClientApp runs",
     ),
     "gradient-lookahead": (FLOWER_EQ, FLOWER_EQ, CARRIED, "arg:gradient_lookahead"),
+    "logit-adjust": (
+        "test:tests/test_logit_adjust.py::test_label_skewed_training_with_logit_adjustment",
+        SWITCHES,
+        CARRIED,
+        "missing:it changes the loss of the node's SGD, which the user's ClientApp runs",
+    ),
     "update-tracking": (
         "test:tests/test_tracking.py::test_tracking_keeps_label_skewed_nodes_closer",
         SWITCHES,

@@ -92,6 +92,13 @@ KEYS: dict[str, Key] = {
         0.0,
         1.0,
     ),
+    "logit-adjust": Key(
+        0.0,
+        float,
+        "tau in [0, 2]: local SGD's loss is the cross-entropy of logits + tau * log(the node's own label frequencies) (logit adjustment, Menon et al. 2021; FedLC, Zhang et al. 2022), so a node whose data hold few classes stops pushing the others' logits down; evaluation reads the plain logits; 0 = off; no extra bits",
+        0.0,
+        2.0,
+    ),
     "update-tracking": Key(
         0.0,
         float,

@@ -123,15 +123,34 @@ def local_sgd(
     return z, buf, float(np.mean(losses))
 
 
+def label_shift(setup: Setup, node: int) -> torch.Tensor | None:
+    """Run-config ``logit-adjust`` tau: ``tau * log(p_i)``, added to ``node``'s logits in its training loss, with
+    ``p_i`` its own label frequencies (add-one smoothed, so a class it has no example of is shifted by a large
+    finite amount, not -inf). None when off. Under label skew the plain loss pushes down the logits of the classes a
+    node lacks at every step; with the shift the softmax already expects its own prior, and the model learns
+    scores a uniform prior reads correctly (Menon et al. 2021; FedLC, Zhang et al. 2022). No bits: a node reads only
+    its own labels."""
+    tau = setup.cfg.logit_adjust
+    if not tau:
+        return None
+    y = setup.shards[node][1]
+    k = setup.ds.num_classes
+    counts = torch.bincount(y.to(torch.int64), minlength=k).to(torch.float32)
+    return tau * torch.log((counts + 1) / (counts.sum() + k))
+
+
 def node_gradient(
     setup: Setup, point: torch.Tensor, node: int, rnd: int, step: int, aug: torch.Generator
 ) -> tuple[torch.Tensor, float]:
-    """The flat gradient and loss of ``node``'s batch ``step`` of round ``rnd`` (:func:`node_batch`) at ``point``."""
+    """The flat gradient and loss of ``node``'s batch ``step`` of round ``rnd`` (:func:`node_batch`) at ``point``
+    (the logits shifted by :func:`label_shift` when ``logit-adjust`` is on)."""
     model = setup.model
     load_flat(model, point)
     xb, yb = node_batch(setup, node, rnd, step, aug)
     model.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(xb), yb)
+    logits = model(xb)
+    shift = label_shift(setup, node)
+    loss = F.cross_entropy(logits if shift is None else logits + shift.to(logits.dtype), yb)
     loss.backward()
     grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in model.parameters()]
     return torch.cat(grads), float(loss.detach())
@@ -221,7 +240,10 @@ def train_batched(setup: Setup, engine, states: list[NodeState], nodes: list[int
     offset = None
     if any(o is not None for o in offsets):
         offset = torch.stack([torch.zeros_like(z[0]) if o is None else o for o in offsets])
-    z_new, mom_new, losses = engine.local_sgd(z, mom, batches, hp, drift, gsum, offset)
+    shift = None
+    if cfg.logit_adjust:
+        shift = torch.stack([label_shift(setup, i) for i in nodes])
+    z_new, mom_new, losses = engine.local_sgd(z, mom, batches, hp, drift, gsum, offset, shift)
     if gsum is not None:
         for k, state in enumerate(states):
             state.grad_sum = gsum[k].cpu().clone()
