@@ -299,7 +299,7 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "scsp-h1-q8m-klr-la5-gk": ("scsp", ("dirichlet:0.1",), _scsp_h1(gamma_schedule="kept")),
     # logit adjustment (run-config logit-adjust): the loss expects each node's own label prior, no bits; and SGP with
     # it, to see how much of a gain is the loss rather than the gossip
-    "scsp-h1-q8m-klr-la5-adj1": ("scsp", ("dirichlet:0.1",), _scsp_h1(logit_adjust=1.0)),
+    "scsp-h1-q8m-klr-la5-adj1": ("scsp", SKEWED, _scsp_h1(logit_adjust=1.0)),
     "abl-sgp-adj1": ("ablation", ("dirichlet:0.1",), {"strategy": "sgp", "logit-adjust": 1.0}),
     # where the lookahead reads the gradients, under dirichlet:0.1 (IID H = 4: c = 0.65 tied 0.5, 0.8 lost 1.05;
     # seed 0 here: c = 0.8 collapses to 79.05, so the sweep goes both ways from 0.5)

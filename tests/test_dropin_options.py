@@ -112,6 +112,8 @@ def test_presets_apply_their_gossip_keys_refuse_the_others_and_explicit_argument
     assert (s.compressor, s.gamma, s.merge_opts["merge_bits"]) == ("topk:0.0042+q:4", 0.05, 8)
     with pytest.raises(ValueError, match="update-tracking=0.5 \\(it corrects the gradients"):
         DecentralizedFedAvg(preset="scsp-400x-ut")
+    with pytest.raises(ValueError, match="logit-adjust=1.0 \\(it changes the loss"):
+        DecentralizedFedAvg(preset="scsp-400x-adj")
     with pytest.raises(ValueError, match="final-gossip-rounds=50") as err:
         DecentralizedFedAvg(preset="paper")
     assert str(err.value).count("\n") == 0 and "paper" in str(err.value)
