@@ -6,6 +6,7 @@ payloads (its swap and in-neighbour are tested in tests/test_gradient_swap.py)."
 import pytest
 import torch
 from flower_sparsepush.simulations.cross_gradient_probe import Relay, main, second_source
+from flower_sparsepush.simulations.gradient_swap import in_neighbour
 
 from flower_sparsepush.core.codec import Message, encode
 from flower_sparsepush.core.compression import make_compressor
@@ -45,11 +46,7 @@ def test_the_controls_second_batch_is_the_nodes_own_data_but_another_batch():
         for xr, yr in zip(xb.reshape(len(yb), -1), yb, strict=True):
             hits = (rows == xr).all(dim=1)
             assert hits.any() and bool((y[hits] == yr).all())
-    assert second_source(setup, 2, 1, "neighbour") == (in_neighbour_of(setup, 1, 2), setup)
-
-
-def in_neighbour_of(setup, rnd, i):
-    return next(j for j in range(setup.n) if i in setup.graph.out_of(rnd, j))
+    assert second_source(setup, 2, 1, "neighbour") == (in_neighbour(setup.graph, 1, 2), setup)
 
 
 def test_relayed_gradients_are_the_previous_rounds_in_neighbours_and_exact_without_a_compressor():
@@ -67,13 +64,9 @@ def test_relayed_gradients_are_the_previous_rounds_in_neighbours_and_exact_witho
             if r == 0:
                 assert got is None
             else:
-                j = in_neighbour_of_graph(g, r - 1, n)
+                j = in_neighbour(g, r - 1, n)
                 assert torch.equal(got, grads[(j, r - 1)])
     assert all(b > 0 for b in relay.bits)
-
-
-def in_neighbour_of_graph(g, rnd, i):
-    return next(j for j in range(g.n) if i in g.out_of(rnd, j))
 
 
 def test_compressed_relays_lose_nothing_to_error_feedback_and_count_the_encoded_bits():
@@ -91,7 +84,7 @@ def test_compressed_relays_lose_nothing_to_error_feedback_and_count_the_encoded_
         if r == 0:
             continue
         for n in range(4):
-            j = in_neighbour_of_graph(g, r - 1, n)
+            j = in_neighbour(g, r - 1, n)
             before = relay.error[j]
             got = relay.received(g, n, r)
             sent[j] += got.to(torch.float64)

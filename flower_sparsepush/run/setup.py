@@ -5,6 +5,7 @@ failure model and the reply checks the relay applies."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -81,6 +82,14 @@ class RunData:
     train_size: int
     val: tuple[torch.Tensor, torch.Tensor] | None = None  # the held-out validation split (val-split > 0)
     eval_cache: dict = field(default_factory=dict)
+
+    @cached_property
+    def log_label_freq(self) -> torch.Tensor:
+        """``(nodes, classes)``: the log of each node's label frequencies in its shard, add-one smoothed (a class it
+        has no example of gets a large finite value, not -inf); run-config ``logit-adjust`` reads it every step."""
+        k = self.ds.num_classes
+        counts = torch.stack([torch.bincount(y.to(torch.int64), minlength=k) for _, y in self.shards]).to(torch.float32)
+        return torch.log((counts + 1) / (counts.sum(1, keepdim=True) + k))
 
 
 @dataclass(frozen=True)
