@@ -308,7 +308,10 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "scsp-h1-q8m-klr-la5-ut8-adj1": ("scsp", ("dirichlet:0.1",), _scsp_h1(update_tracking=0.8, logit_adjust=1.0)),
     # and logit adjustment beside a larger lookahead: the lookahead was swept with the plain loss (c = 0.65: -4.47 +-
     # 3.31 over seeds), and with logit adjustment the nodes sit closer together, which may move the best c
-    "scsp-h1-q8m-klr-la65-adj1": ("scsp", ("dirichlet:0.1",), _scsp_h1(lookahead=0.65, logit_adjust=1.0)),
+    **{
+        f"scsp-h1-q8m-klr-la{tag}-adj1": ("scsp", ("dirichlet:0.1",), _scsp_h1(lookahead=c, logit_adjust=1.0))
+        for tag, c in (("65", 0.65), ("8", 0.8))
+    },
     # where the lookahead reads the gradients, under dirichlet:0.1 (IID H = 4: c = 0.65 tied 0.5, 0.8 lost 1.05;
     # seed 0 here: c = 0.8 collapses to 79.05, so the sweep goes both ways from 0.5)
     **{
@@ -336,7 +339,7 @@ PRIORITY = ["sgp", "sp-h4-merge", "sp-h8-merge", "sp-h2-fg100", "sp-h4-fg100", "
             "scsp-h1-q8m-klr-la5-lr0.025", "scsp-h1-q8m-klr-la5-gk", "scsp-h1-q8m-klr-la8", "scsp-h1-q8m-klr-la65",
             "scsp-h1-q8m-klr-la3", "scsp-h1-q8m-klr-la5-adj1", "abl-sgp-adj1",
             "scsp-h1-q8m-klr-la5-adj0.5", "scsp-h1-q8m-klr-la5-adj2", "scsp-h1-q8m-klr-la5-ut8-adj1",
-            "scsp-h1-q8m-klr-la65-adj1"]  # fmt: skip
+            "scsp-h1-q8m-klr-la65-adj1", "scsp-h1-q8m-klr-la8-adj1"]  # fmt: skip
 # SGP against the 466x preset's row first (issue: the trade on the paper's own setting),
 # then what limits the preset there (-9.03 at 20 epochs): the same row with dense messages (is it the compression?)
 # and SGP with the row's 4 local steps and final merge (is it the damped mixing or the local steps? the local steps:
