@@ -92,17 +92,17 @@ PRESETS: dict[str, Preset] = {
         _SCSP_H1,
     ),
     "scsp-400x-adj": Preset(
-        "scsp-h1-q8m-klr-la5-adj1",
+        "scsp-h1-q8m-klr-la65-adj1",
         "scsp",
-        "label skew by Dirichlet (dirichlet:0.1), SCSP with logit adjustment at >= 400x: the choice for dirichlet:0.1 "
-        "(goal not met: docs/results.md)",
-        _SCSP_H1 | {"logit-adjust": 1.0},
+        "label skew by Dirichlet (dirichlet:0.1), SCSP with logit adjustment and lookahead 0.65 at >= 400x within 1.0 "
+        "point",
+        _SCSP_H1 | {"gradient-lookahead": 0.65, "logit-adjust": 1.0},
     ),
     "scsp-400x-ut": Preset(
         "scsp-h1-q8m-klr-la5-ut5",
         "scsp",
         "label skew by shards (skew:0.8), SCSP with update tracking at >= 400x within 1.0 point (on dirichlet:0.1 "
-        "scsp-400x does better: docs/results.md)",
+        "scsp-400x-adj is the choice: docs/results.md)",
         _SCSP_H1 | {"update-tracking": 0.5},
     ),
     "paper": Preset(
