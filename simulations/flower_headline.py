@@ -1,8 +1,10 @@
 """One headline row end to end through Flower: a preset on the claims' 20-epoch Fashion-MNIST schedule, run through
 Flower's simulation engine (``sparsepush train --engine simulation --preset ...``) and through the in-process reference
-loop with the same config, side by side in ``results/flower_headline.json``.
+loop with the same config, side by side in ``results/flower_headline.json`` (another preset:
+``results/flower_headline_<preset>.json``).
 
-Run: ``python -m flower_sparsepush.simulations.flower_headline [--preset sp-466x] [--seed 0] [--out results]``
+Run: ``python -m flower_sparsepush.simulations.flower_headline [--preset sp-466x] [--seed 0] [--out results]
+[--set partition=dirichlet:0.1]``
 (about 15 minutes on 2 cores: the two runs one after the other). Both paths evaluate once, after the last round, every
 node on the whole test set (``eval-node-samples=0``), as the claims do. ``reduction_vs_sgp`` divides SGP's bits per
 node on the same schedule and seed (the claims journal, ``results/claims_rows.jsonl``) by the run's.
@@ -82,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     fl, ip = result["flower"], result["inprocess"]
     result["max_abs_diff_points"] = max(abs(fl[k] - ip[k]) * 100 for k in FIELDS)
     result["bits_equal"] = fl["bits_per_node"] == ip["bits_per_node"]
-    (out / "flower_headline.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"written: {out / 'flower_headline.json'}")
+    path = out / ("flower_headline.json" if args.preset == "sp-466x" else f"flower_headline_{args.preset}.json")
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written: {path}")
     return 0
 
 

@@ -110,8 +110,12 @@ def test_presets_apply_their_gossip_keys_refuse_the_others_and_explicit_argument
     assert DecentralizedFedAvg(preset="sp-1000x").merge_opts["merge_bits"] == 8
     s = DecentralizedFedAvg(preset="scsp-400x")
     assert (s.compressor, s.gamma, s.merge_opts["merge_bits"]) == ("topk:0.0042+q:4", 0.05, 8)
+    tracked = type(PRESETS["scsp-400x"])(
+        "r", "scsp", "", dict(PRESETS["scsp-400x"].switches, **{"update-tracking": 0.5})
+    )
+    monkeypatch.setitem(dropin_options.PRESETS, "scsp-400x-tracked", tracked)
     with pytest.raises(ValueError, match="update-tracking=0.5 \\(it corrects the gradients"):
-        DecentralizedFedAvg(preset="scsp-400x-ut")
+        DecentralizedFedAvg(preset="scsp-400x-tracked")
     with pytest.raises(ValueError, match="logit-adjust=1.0 \\(it changes the loss"):
         DecentralizedFedAvg(preset="scsp-400x-adj")
     with pytest.raises(ValueError, match="final-gossip-rounds=50") as err:

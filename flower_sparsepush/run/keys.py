@@ -229,7 +229,7 @@ KEYS: dict[str, Key] = {
         "",
         str,
         "a named configuration the claims chose on the validation split ('' = none): "
-        "sgp | sp-466x | sp-1000x | scsp-400x | scsp-400x-adj | scsp-400x-ut | paper (run/presets.py, docs/config.md); "
+        "sgp | sp-466x | sp-1000x | scsp-400x | scsp-400x-adj | paper (run/presets.py, docs/config.md); "
         "keys set to other than their default override the preset's",
     ),
 }
