@@ -16,7 +16,7 @@ def test_headline_on_a_tiny_schedule(tmp_path):
     argv = ["--preset", "sgp", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--journal", str(journal)]
     argv += [a for s in sets for a in ("--set", s)]
     assert main(argv) == 0
-    res = json.loads((tmp_path / "flower_headline_sgp.json").read_text())  # the default preset keeps the bare name
+    res = json.loads((tmp_path / "flower_headline_sgp.json").read_text())  # only sp-466x writes the bare name
     fl, ip = res["flower"], res["inprocess"]
     for key in ("acc_consensus", "acc_node_mean", "acc_node_min", "bits_per_node", "reduction_vs_sgp"):
         assert abs(fl[key] - ip[key]) <= 1e-9 * max(1.0, abs(ip[key])), key

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from flower_sparsepush.run.presets import PRESETS
+
 STRATEGIES = ("fedavg", "sgp", "sparse-push", "scsp")
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "synthetic")
 MODELS = ("cnn", "mlp", "logreg", "resnet20", "vgg11")
@@ -229,7 +231,7 @@ KEYS: dict[str, Key] = {
         "",
         str,
         "a named configuration the claims chose on the validation split ('' = none): "
-        "sgp | sp-466x | sp-1000x | scsp-400x | scsp-400x-adj | paper (run/presets.py, docs/config.md); "
+        f"{' | '.join(PRESETS)} (run/presets.py, docs/config.md); "
         "keys set to other than their default override the preset's",
     ),
 }
